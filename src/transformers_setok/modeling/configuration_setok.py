@@ -1,0 +1,219 @@
+"""Configuration of SeTok, the semantic-equivalent vision tokenizer (Wu et al., ICLR 2025)."""
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# SigLIP so400m-patch14-384, the encoder of the paper: a 27 x 27 grid of 1152-wide patch features.
+SO400M_VISION_KWARGS = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+
+
+class SetokConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SetokModel`] and [`SetokForImageReconstruction`].
+
+    Defaults follow the paper's scale: a SigLIP so400m-patch14-384 encoder (729 patches of width 1152), density-peak
+    clustering with the upstream threshold, and a merger that emits 4096-wide tokens.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the patch-grid vision encoder (SigLIP vision by default; CLIP vision and ViT work too).
+        vision_feature_layer (`int`, defaults to -1):
+            Index into the encoder's `hidden_states` whose patch features are clustered. -1 is the last layer, before
+            any post-layernorm.
+        freeze_vision_encoder (`bool`, defaults to `True`):
+            Whether the encoder's parameters are frozen when the model is built.
+        position_embedding_scale (`float`, defaults to 1.0):
+            Multiplier of the fixed 2D sine-cosine position embedding added to the patch features before clustering.
+        cluster_method (`"dpc_knn"` or `"iterative"`):
+            `"dpc_knn"` is the threshold variant of density-peak clustering (upstream code); `"iterative"` is the
+            scope-based seed selection the paper describes.
+        cluster_k (`int`, defaults to 64): neighbours used for the local density.
+        cluster_threshold (`float`, defaults to 0.5): score a patch needs to become a cluster center.
+        cluster_fallback_num_clusters (`int`, defaults to 64): centers taken when no score passes the threshold.
+        max_num_clusters (`int`, *optional*): cap on the number of clusters per image.
+        cluster_chunk_size (`int`, *optional*): images clustered at once, to bound the O(B * N^2) memory.
+        iterative_bandwidth_scale (`float`, defaults to 0.1):
+            Iterative variant: the soft mask bandwidth is this times the image's mean squared patch distance.
+        iterative_stop_mass (`float`, defaults to 0.05):
+            Iterative variant: stop once the unclaimed scope falls below this fraction of the patches.
+        merger_hidden_size, merger_num_attention_heads, merger_intermediate_size (`int`):
+            Width, heads and FFN width of the token merger's transformer layers.
+        merger_num_intra_layers, merger_num_inter_layers (`int`):
+            Layers of the intra-cluster (patches see their own cluster) and inter-cluster (tokens see each other)
+            encoders.
+        merger_dropout (`float`): dropout inside the merger layers.
+        token_dim (`int`, defaults to 4096): width of the emitted SeTok tokens.
+        detokenizer_hidden_size, detokenizer_num_attention_heads, detokenizer_intermediate_size (`int`):
+            Width, heads and FFN width of the detokenizer.
+        detokenizer_num_query_layers (`int`): layers in which the query grid attends to itself and to the tokens.
+        detokenizer_num_decoder_layers (`int`): self-attention layers of the pixel decoder.
+        decoder_patch_size (`int`, *optional*):
+            Pixels per side that each query decodes; defaults to the encoder's patch size. The reconstruction has
+            `grid * decoder_patch_size` pixels per side and targets are resized to it when they differ.
+        reconstruction_loss (`"l1"` or `"mse"`), reconstruction_loss_weight (`float`): the pixel term (alpha).
+        perceptual_loss_weight (`float`): weight of the optional perceptual term (needs a user-supplied network).
+        use_discriminator (`bool`): build a PatchGAN discriminator for the adversarial term.
+        discriminator_num_layers, discriminator_channels (`int`): size of that discriminator.
+        disc_start (`int`): training step from which the adversarial term is applied.
+        disc_weight (`float`): multiplier of the VQGAN-style adaptive weight of the adversarial term.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Frozen text encoder for the concept contrast (any transformers text encoder). `None` disables it.
+        concept_loss_weight (`float`): weight of the concept contrast (beta).
+        concept_pooling (`"concept"` or `"image"`):
+            `"concept"` matches each phrase with its best-matching token of an image (max over tokens);
+            `"image"` matches it with the mean of the image's tokens.
+        contrastive_temperature_init (`float`): starting temperature of the contrast (learned).
+        contrastive_logit_scale_max (`float`): clamp of the learned logit scale.
+    """
+
+    model_type = "setok"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs=SO400M_VISION_KWARGS
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int = -1
+    freeze_vision_encoder: bool = True
+    position_embedding_scale: float = 1.0
+
+    cluster_method: Literal["dpc_knn", "iterative"] = "dpc_knn"
+    cluster_k: int = 64
+    cluster_threshold: float = 0.5
+    cluster_fallback_num_clusters: int = 64
+    max_num_clusters: int | None = None
+    cluster_chunk_size: int | None = None
+    iterative_bandwidth_scale: float = 0.1
+    iterative_stop_mass: float = 0.05
+
+    merger_hidden_size: int = 1152
+    merger_num_attention_heads: int = 16
+    merger_intermediate_size: int = 4304
+    merger_num_intra_layers: int = 2
+    merger_num_inter_layers: int = 2
+    merger_dropout: float = 0.0
+    token_dim: int = 4096
+
+    detokenizer_hidden_size: int = 768
+    detokenizer_num_attention_heads: int = 12
+    detokenizer_intermediate_size: int = 3072
+    detokenizer_num_query_layers: int = 6
+    detokenizer_num_decoder_layers: int = 6
+    decoder_patch_size: int | None = None
+
+    reconstruction_loss: Literal["l1", "mse"] = "l1"
+    reconstruction_loss_weight: float = 1.0
+    perceptual_loss_weight: float = 0.0
+    use_discriminator: bool = False
+    discriminator_num_layers: int = 3
+    discriminator_channels: int = 64
+    disc_start: int = 10000
+    disc_weight: float = 0.8
+
+    text_config: dict | PreTrainedConfig | None = None
+    concept_loss_weight: float = 1.0
+    concept_pooling: Literal["concept", "image"] = "concept"
+    contrastive_temperature_init: float = 0.07
+    contrastive_logit_scale_max: float = 100.0
+
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.decoder_patch_size is None:
+            self.decoder_patch_size = self.patch_size
+        self._validate_setok_fields()
+
+    @property
+    def patch_size(self) -> int:
+        return _as_square(self.vision_config.patch_size, "vision_config.patch_size")
+
+    @property
+    def image_size(self) -> int:
+        return _as_square(self.vision_config.image_size, "vision_config.image_size")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the encoder's grid (27 for so400m-patch14-384: the last 6 pixels are not covered)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def reconstruction_size(self) -> int:
+        return self.grid_size * self.decoder_patch_size
+
+    def _validate_setok_fields(self):
+        choices = {
+            "cluster_method": ("dpc_knn", "iterative"),
+            "reconstruction_loss": ("l1", "mse"),
+            "concept_pooling": ("concept", "image"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        positive = [
+            "cluster_k",
+            "cluster_fallback_num_clusters",
+            "merger_hidden_size",
+            "merger_num_attention_heads",
+            "merger_intermediate_size",
+            "token_dim",
+            "detokenizer_hidden_size",
+            "detokenizer_num_attention_heads",
+            "detokenizer_intermediate_size",
+            "decoder_patch_size",
+            "discriminator_num_layers",
+            "discriminator_channels",
+        ]
+        for name in positive + ["max_num_clusters", "cluster_chunk_size"]:
+            value = getattr(self, name)
+            if name in positive or value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("iterative_bandwidth_scale", "contrastive_temperature_init", "contrastive_logit_scale_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}.")
+        if not 0 < self.iterative_stop_mass < 1:
+            raise ValueError(f"`iterative_stop_mass` must lie in (0, 1), got {self.iterative_stop_mass!r}.")
+        for width, heads in (
+            ("merger_hidden_size", "merger_num_attention_heads"),
+            ("detokenizer_hidden_size", "detokenizer_num_attention_heads"),
+        ):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(
+                    f"`{width}` ({getattr(self, width)}) must be divisible by `{heads}` ({getattr(self, heads)})."
+                )
+        if self.grid_size < 1:
+            raise ValueError(
+                f"`vision_config.image_size` ({self.image_size}) must be at least one patch "
+                f"(`vision_config.patch_size` = {self.patch_size})."
+            )
+
+
+def _as_square(value, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"`{name}` must be square, got {value!r}.")
+        value = value[0]
+    return int(value)
+
+
+__all__ = ["SetokConfig"]

@@ -1,0 +1,456 @@
+"""SeTok: a vision tokenizer that turns an image into a variable number of semantic tokens.
+
+    pixels -> vision encoder -> patch grid (B, N = h * w, C) -> + 2D sine-cosine position embedding
+           -> token cluster (density peaks; L_b clusters per image, hard assignment)
+           -> token merger (attention inside each cluster, mean per cluster, attention across clusters)
+           -> tokens (B, L_max, token_dim) with an attention mask
+    tokens -> detokenizer (query grid cross-attends to the tokens, pixel decoder) -> pixels
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .clustering_setok import dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
+from .configuration_setok import SetokConfig
+from .layers_setok import (
+    SetokTransformerLayer,
+    cross_attention_inputs,
+    padding_attention_kwargs,
+    segment_attention_kwargs,
+)
+from .losses_setok import (
+    SetokConceptContrast,
+    SetokPatchDiscriminator,
+    adaptive_adversarial_weight,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    reconstruction_loss,
+)
+
+
+@dataclass
+class SetokModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, max_num_tokens, token_dim)`):
+        The SeTok tokens of each image, padded to the largest token count of the batch (padding rows are zero).
+    attention_mask (`torch.LongTensor` of shape `(batch_size, max_num_tokens)`):
+        1 for real tokens, 0 for padding.
+    num_tokens (`torch.LongTensor` of shape `(batch_size,)`):
+        Token (cluster) count of each image.
+    cluster_assignment (`torch.LongTensor` of shape `(batch_size, grid_height, grid_width)`):
+        Token index of every encoder patch.
+    patch_features (`torch.FloatTensor` of shape `(batch_size, grid_height * grid_width, hidden_size)`, *optional*):
+        The encoder's patch features (before the position embedding), when `output_patch_features=True`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+    cluster_assignment: torch.LongTensor | None = None
+    patch_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class SetokReconstructionOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): weighted sum of the terms below that were computed.
+    reconstruction_loss, perceptual_loss, generator_loss, concept_loss (`torch.FloatTensor`, *optional*):
+        The unweighted stage-1 loss terms (spec 1.6), each present when computed.
+    reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, size, size)`):
+        Decoded pixels, normalised like the processor's output; `size = grid * decoder_patch_size`.
+    last_hidden_state, attention_mask, num_tokens, cluster_assignment: as in [`SetokModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    perceptual_loss: torch.FloatTensor | None = None
+    generator_loss: torch.FloatTensor | None = None
+    concept_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    num_tokens: torch.LongTensor | None = None
+    cluster_assignment: torch.LongTensor | None = None
+
+
+class SetokPreTrainedModel(PreTrainedModel):
+    config: SetokConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SetokTransformerLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SetokDetokenizer):
+            init.normal_(module.query_embeddings, std=self.config.initializer_range)
+        elif isinstance(module, SetokConceptContrast):
+            init.constant_(module.logit_scale, math.log(1 / self.config.contrastive_temperature_init))
+
+    @classmethod
+    def from_pretrained_encoders(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str | None = None, **config_kwargs
+    ):
+        """Build a SeTok around pretrained encoders; every SeTok part (merger, detokenizer, ...) is freshly initialised.
+
+        `vision_model_name_or_path` may name a vision model (SigLIP/CLIP vision, ViT) or a dual encoder (SigLIP,
+        CLIP), whose vision tower is taken. `text_model_name_or_path` optionally names the frozen text encoder of the
+        concept contrast (for example all-MiniLM-L6-v2, or a SigLIP checkpoint's text tower).
+
+        ```python
+        >>> model = SetokForImageReconstruction.from_pretrained_encoders("google/siglip-so400m-patch14-384")
+        ```
+        """
+        vision_config = _tower_config(vision_model_name_or_path, "vision_config")
+        text_config = _tower_config(text_model_name_or_path, "text_config") if text_model_name_or_path else None
+        model = cls(SetokConfig(vision_config=vision_config, text_config=text_config, **config_kwargs))
+        encoders = [(vision_model_name_or_path, vision_config, model.base_model.vision_model)]
+        if text_model_name_or_path:
+            encoders.append((text_model_name_or_path, text_config, model.concept_contrast.text_encoder))
+        for name_or_path, config, target in encoders:
+            pretrained = AutoModel.from_pretrained(name_or_path, config=config)
+            missing, unexpected = target.load_state_dict(pretrained.state_dict(), strict=False)
+            if missing:
+                raise ValueError(f"{name_or_path!r} lacks weights the encoder needs: {missing[:5]}...")
+        return model
+
+
+def _tower_config(name_or_path: str, key: str):
+    """The config of `name_or_path`, or its `key` sub-config when it names a dual encoder."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    return getattr(config, key, None) or config
+
+
+class SetokTokenMerger(nn.Module):
+    """Merges each cluster of patches into one token, then lets the tokens of an image see each other."""
+
+    def __init__(self, config: SetokConfig):
+        super().__init__()
+        self.config = config
+        width, heads, ffn, drop = (
+            config.merger_hidden_size,
+            config.merger_num_attention_heads,
+            config.merger_intermediate_size,
+            config.merger_dropout,
+        )
+        self.input_proj = nn.Linear(config.vision_config.hidden_size, width)
+        self.intra_layers = nn.ModuleList(
+            [SetokTransformerLayer(config, width, heads, ffn, drop) for _ in range(config.merger_num_intra_layers)]
+        )
+        self.inter_layers = nn.ModuleList(
+            [SetokTransformerLayer(config, width, heads, ffn, drop) for _ in range(config.merger_num_inter_layers)]
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.output_proj = nn.Linear(width, config.token_dim)
+
+    def forward(self, patch_features, assignment, num_clusters):
+        """`patch_features` `(B, N, C)`, `assignment` `(B, N)`, `num_clusters` `(B,)` -> tokens `(B, L, D)`, mask."""
+        hidden = self.input_proj(patch_features)
+        impl = self.config._attn_implementation
+
+        # Intra-cluster encoder. Sorting patches by cluster makes every cluster one contiguous run, which flash
+        # attention needs; eager/sdpa see the same block-diagonal pattern as a mask.
+        segments, order = assignment.sort(dim=-1, stable=True)
+        hidden = hidden.gather(1, order[..., None].expand_as(hidden))
+        intra_kwargs = segment_attention_kwargs(segments, impl, hidden.dtype)
+        for layer in self.intra_layers:
+            hidden = layer(hidden, self_attention_kwargs=intra_kwargs)
+
+        # Mean of each cluster's patches, as one batched matmul (deterministic, unlike scatter_add on GPU).
+        max_tokens = int(num_clusters.max())
+        membership = (segments[:, None, :] == torch.arange(max_tokens, device=segments.device)[None, :, None]).to(
+            hidden.dtype
+        )
+        tokens = membership @ hidden / membership.sum(-1, keepdim=True).clamp_min(1)
+
+        # Inter-cluster encoder over the tokens of each image; padded tokens are masked as keys and zeroed.
+        token_mask = torch.arange(max_tokens, device=segments.device)[None, :] < num_clusters[:, None]
+        inter_kwargs = padding_attention_kwargs(token_mask, impl, tokens.dtype)
+        for layer in self.inter_layers:
+            tokens = layer(tokens, self_attention_kwargs=inter_kwargs)
+        tokens = self.output_proj(self.norm(tokens)) * token_mask[..., None].to(tokens.dtype)
+        return tokens, token_mask.long()
+
+
+class SetokModel(SetokPreTrainedModel):
+    """Vision encoder + position embedding + token cluster + token merger."""
+
+    def __init__(self, config: SetokConfig):
+        super().__init__(config)
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.merger = SetokTokenMerger(config)
+        self.post_init()
+        if config.freeze_vision_encoder:
+            self.vision_model.requires_grad_(False)
+
+    def get_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encoder patch features `(B, h * w, C)` at `config.vision_feature_layer`; leading CLS/register tokens are
+        dropped for encoders that have them (SigLIP has none)."""
+        outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        num_prefix = features.shape[1] - self.config.num_patches
+        if num_prefix < 0:
+            raise ValueError(
+                f"The vision encoder returned {features.shape[1]} tokens, fewer than its "
+                f"{self.config.grid_size}x{self.config.grid_size} patch grid."
+            )
+        return features[:, num_prefix:]
+
+    def cluster_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token cluster on position-embedded features `(B, N, C)` -> assignment `(B, N)`, counts `(B,)`."""
+        config = self.config
+        if config.cluster_method == "iterative":
+            return iterative_cluster(
+                features,
+                k=config.cluster_k,
+                max_num_clusters=config.max_num_clusters or config.cluster_fallback_num_clusters,
+                bandwidth_scale=config.iterative_bandwidth_scale,
+                stop_mass=config.iterative_stop_mass,
+                chunk_size=config.cluster_chunk_size,
+            )
+        return dpc_knn_cluster(
+            features,
+            k=config.cluster_k,
+            threshold=config.cluster_threshold,
+            fallback_num_clusters=config.cluster_fallback_num_clusters,
+            max_num_clusters=config.max_num_clusters,
+            chunk_size=config.cluster_chunk_size,
+        )
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_patch_features: bool = False, return_dict: bool | None = None
+    ) -> SetokModelOutput:
+        """`pixel_values` `(B, 3, H, W)` at the encoder's image size, as the image processor returns them."""
+        _check_pixel_values(pixel_values, self.config.image_size, "pixel_values")
+        pixel_values = pixel_values.to(self.dtype)
+        patch_features = self.get_patch_features(pixel_values)
+        grid = self.config.grid_size
+        position = sincos_position_embedding_2d(grid, grid, patch_features.shape[-1], patch_features.device)
+        features = patch_features + self.config.position_embedding_scale * position.to(patch_features.dtype)
+        assignment, num_clusters = self.cluster_patches(features.detach().float())
+        tokens, token_mask = self.merger(features, assignment, num_clusters)
+        return SetokModelOutput(
+            last_hidden_state=tokens,
+            attention_mask=token_mask,
+            num_tokens=num_clusters,
+            cluster_assignment=assignment.view(-1, grid, grid),
+            patch_features=patch_features if output_patch_features else None,
+        )
+
+
+class SetokDetokenizer(nn.Module):
+    """Decodes tokens back to pixels: a learned query per output patch attends to itself and (cross) to the tokens,
+    a pixel decoder refines the grid, and a linear head emits `p x p x 3` values per patch."""
+
+    def __init__(self, config: SetokConfig):
+        super().__init__()
+        self.config = config
+        width, heads, ffn = (
+            config.detokenizer_hidden_size,
+            config.detokenizer_num_attention_heads,
+            config.detokenizer_intermediate_size,
+        )
+        self.token_proj = nn.Linear(config.token_dim, width)
+        self.query_embeddings = nn.Parameter(torch.empty(config.num_patches, width))
+        self.query_layers = nn.ModuleList(
+            [
+                SetokTransformerLayer(config, width, heads, ffn, cross_attention_size=width)
+                for _ in range(config.detokenizer_num_query_layers)
+            ]
+        )
+        self.decoder_layers = nn.ModuleList(
+            [SetokTransformerLayer(config, width, heads, ffn) for _ in range(config.detokenizer_num_decoder_layers)]
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.pixel_head = nn.Linear(width, config.decoder_patch_size**2 * 3)
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """`tokens` `(B, L, token_dim)`, `token_mask` `(B, L)` -> pixels `(B, 3, g * p, g * p)`."""
+        grid, patch = self.config.grid_size, self.config.decoder_patch_size
+        memory = self.token_proj(tokens)
+        position = sincos_position_embedding_2d(grid, grid, memory.shape[-1], memory.device).to(memory.dtype)
+        queries = (self.query_embeddings.to(memory.dtype) + position).expand(memory.shape[0], -1, -1)
+        memory, cross_kwargs = cross_attention_inputs(
+            memory, token_mask, queries.shape[1], self.config._attn_implementation
+        )
+        for layer in self.query_layers:
+            queries = layer(queries, memory, cross_attention_kwargs=cross_kwargs)
+        for layer in self.decoder_layers:
+            queries = layer(queries)
+        patches = self.pixel_head(self.norm(queries))
+        return _unpatchify(patches, grid, patch)
+
+
+def _unpatchify(patches: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+    """`(B, g * g, p * p * 3)` -> `(B, 3, g * p, g * p)`."""
+    batch = patches.shape[0]
+    pixels = patches.view(batch, grid, grid, patch, patch, 3).permute(0, 5, 1, 3, 2, 4)
+    return pixels.reshape(batch, 3, grid * patch, grid * patch)
+
+
+class SetokForImageReconstruction(SetokPreTrainedModel):
+    """SeTok with its detokenizer and the stage-1 losses: reconstruction (L1/MSE), optional perceptual and PatchGAN
+    terms, and the concept contrast against a frozen text encoder (when `config.text_config` is set).
+
+    The PatchGAN discriminator lives in `self.discriminator`; train it with its own optimiser on
+    [`~SetokForImageReconstruction.discriminator_loss`] and keep its parameters out of the generator's optimiser.
+    A perceptual network (any module mapping images to features) is attached with `set_perceptual_network`; it is
+    not saved with the model.
+    """
+
+    def __init__(self, config: SetokConfig):
+        super().__init__(config)
+        self.model = SetokModel(config)
+        self.detokenizer = SetokDetokenizer(config)
+        self.discriminator = (
+            SetokPatchDiscriminator(config.discriminator_channels, config.discriminator_num_layers)
+            if config.use_discriminator
+            else None
+        )
+        self.concept_contrast = SetokConceptContrast(config) if config.text_config is not None else None
+        self._perceptual = []
+        self.post_init()
+        if config.freeze_vision_encoder:
+            self.model.vision_model.requires_grad_(False)
+        if self.concept_contrast is not None:
+            self.concept_contrast.text_encoder.requires_grad_(False)
+
+    def set_perceptual_network(self, network: nn.Module | None):
+        """Use `network` (images -> features, frozen by you) for the perceptual term, weighted by
+        `config.perceptual_loss_weight`."""
+        self._perceptual = [] if network is None else [network]
+
+    def discriminator_loss(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Hinge loss of the PatchGAN discriminator on real images and (detached) reconstructions."""
+        if self.discriminator is None:
+            raise ValueError("This model has no discriminator: build it with `use_discriminator=True`.")
+        real = self._target(pixel_values, None)
+        return hinge_discriminator_loss(self.discriminator(real), self.discriminator(reconstruction.detach()))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        target_pixel_values: torch.Tensor | None = None,
+        concept_input_ids: torch.Tensor | None = None,
+        concept_attention_mask: torch.Tensor | None = None,
+        concept_targets: torch.Tensor | None = None,
+        global_step: int | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+    ) -> SetokReconstructionOutput:
+        r"""
+        pixel_values (`(B, 3, H, W)`): processed images.
+        target_pixel_values (`(B, 3, H', W')`, *optional*): reconstruction target; defaults to `pixel_values`.
+            Resized to the reconstruction size when it differs.
+        concept_input_ids, concept_attention_mask (`(U, T)`, *optional*): tokenised concept phrases or captions.
+        concept_targets (`(B, U)`, *optional*): 1 where text `u` describes image `b`. Defaults to the identity
+            when `U == B` (one caption per image).
+        global_step (`int`, *optional*): current training step; the adversarial term starts at `config.disc_start`.
+        return_loss (`bool`, defaults to `True`): compute the losses.
+        """
+        config = self.config
+        encoded = self.model(pixel_values)
+        reconstruction = self.detokenizer(encoded.last_hidden_state, encoded.attention_mask)
+        terms = {}
+        if return_loss:
+            target = self._target(pixel_values if target_pixel_values is None else target_pixel_values, "target")
+            reconstruction_f = reconstruction.float()
+            terms["reconstruction_loss"] = reconstruction_loss(reconstruction_f, target, config.reconstruction_loss)
+            weighted = config.reconstruction_loss_weight * terms["reconstruction_loss"]
+            if self._perceptual and config.perceptual_loss_weight > 0:
+                network = self._perceptual[0]
+                terms["perceptual_loss"] = nn.functional.mse_loss(network(reconstruction_f), network(target))
+                weighted = weighted + config.perceptual_loss_weight * terms["perceptual_loss"]
+            if self.discriminator is not None and self.training and (global_step or 0) >= config.disc_start:
+                terms["generator_loss"] = hinge_generator_loss(self.discriminator(reconstruction_f))
+                weight = config.disc_weight
+                if torch.is_grad_enabled():
+                    last = self.detokenizer.pixel_head.weight
+                    weight = weight * adaptive_adversarial_weight(weighted, terms["generator_loss"], last)
+                weighted = weighted + weight * terms["generator_loss"]
+            if concept_input_ids is not None:
+                terms["concept_loss"] = self._concept_loss(
+                    encoded, concept_input_ids, concept_attention_mask, concept_targets
+                )
+                weighted = weighted + config.concept_loss_weight * terms["concept_loss"]
+            terms["loss"] = weighted
+        return SetokReconstructionOutput(
+            **terms,
+            reconstruction=reconstruction,
+            last_hidden_state=encoded.last_hidden_state,
+            attention_mask=encoded.attention_mask,
+            num_tokens=encoded.num_tokens,
+            cluster_assignment=encoded.cluster_assignment,
+        )
+
+    def _target(self, pixels: torch.Tensor, name: str | None) -> torch.Tensor:
+        if name is not None:
+            _check_pixel_values(pixels, None, f"{name}_pixel_values")
+        size = self.config.reconstruction_size
+        pixels = pixels.float()
+        if pixels.shape[-2:] != (size, size):
+            pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
+        return pixels
+
+    def _concept_loss(self, encoded, input_ids, attention_mask, targets):
+        if self.concept_contrast is None:
+            raise ValueError("`concept_input_ids` were given but the model has no text encoder (`text_config`).")
+        batch = encoded.last_hidden_state.shape[0]
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"`concept_input_ids` must be (num_texts, length), got {tuple(input_ids.shape)}.")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError("`concept_attention_mask` must have the shape of `concept_input_ids`.")
+        if targets is None:
+            if input_ids.shape[0] != batch:
+                raise ValueError(
+                    f"`concept_targets` (images x texts) is required when the number of texts ({input_ids.shape[0]}) "
+                    f"differs from the number of images ({batch})."
+                )
+            targets = torch.eye(batch, device=input_ids.device)
+        if targets.shape != (batch, input_ids.shape[0]):
+            raise ValueError(
+                f"`concept_targets` must be (num_images, num_texts) = {(batch, input_ids.shape[0])}, "
+                f"got {tuple(targets.shape)}."
+            )
+        if not (targets.sum(0) > 0).all():
+            raise ValueError("Every concept text needs at least one image in `concept_targets`.")
+        return self.concept_contrast(
+            encoded.last_hidden_state, encoded.attention_mask, input_ids, attention_mask, targets
+        )
+
+
+def _check_pixel_values(pixel_values, image_size: int | None, name: str):
+    """Reject what would otherwise fail deep inside (or silently produce NaN) with an error naming the argument."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor (B, 3, H, W), got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != 3:
+        raise ValueError(f"`{name}` must have shape (B >= 1, 3, H, W), got {tuple(pixel_values.shape)}.")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"`{name}` must be floating point (use the image processor), got {pixel_values.dtype}.")
+    if image_size is not None and pixel_values.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"`{name}` must be {image_size}x{image_size} (the encoder's image size), got "
+            f"{tuple(pixel_values.shape[-2:])}; resize with SetokImageProcessor."
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+
+
+__all__ = [
+    "SetokForImageReconstruction",
+    "SetokModel",
+    "SetokModelOutput",
+    "SetokPreTrainedModel",
+    "SetokReconstructionOutput",
+]

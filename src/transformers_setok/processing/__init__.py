@@ -1,0 +1,3 @@
+from .image_processing_setok import SetokImageProcessor
+
+__all__ = ["SetokImageProcessor"]

@@ -1,0 +1,112 @@
+"""Image processor of SeTok (PIL backend: works without torchvision).
+
+Resize, rescale and normalise with the encoder's values (SigLIP: 384 x 384, mean = std = 0.5). Before that, every
+input is brought to 8-bit RGB explicitly, so that grayscale, RGBA (composited on white), palette, 16-bit and float
+images of any container (PIL, numpy, torch) come out the same way, and anything else is refused with a clear error.
+"""
+
+import numpy as np
+import PIL.Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import PILImageResampling
+
+__all__ = ["SetokImageProcessor"]
+
+
+class SetokImageProcessor(PilBackend):
+    r"""
+    Constructs a SeTok image processor.
+
+    Accepts a PIL image, a numpy array or a torch tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1, 3, 4), or
+    a list of them. Integer arrays are read at their bit depth (uint8: 0-255, uint16: 0-65535); float arrays must lie in
+    [0, 1]. Returns `pixel_values` of shape `(B, 3, size, size)`.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 384, "width": 384}
+    default_to_square = True
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    model_input_names = ["pixel_values"]
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
+        return super().process_image(to_rgb_uint8(image), do_convert_rgb=False, input_data_format="channels_last")
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+            raise ValueError("`images` is empty: pass at least one image.")
+        if isinstance(images, (list, tuple)):
+            return [image for group in images for image in (group if isinstance(group, (list, tuple)) else [group])]
+        if _is_array(images) and images.ndim == 4:
+            return list(images)
+        return [images]
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """Any supported image -> `(H, W, 3)` uint8 RGB."""
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_rgb(image)
+    if type(image).__module__.startswith("torch") and hasattr(image, "numpy"):
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"`images` must be PIL images, numpy arrays or torch tensors, got {type(image).__name__}."
+        )
+    return _array_to_rgb(image)
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return _array_to_rgb(np.asarray(image), sixteen_bit=True)
+    if image.mode == "F":
+        return _array_to_rgb(np.asarray(image))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"))
+
+
+def _array_to_rgb(array: np.ndarray, sixteen_bit: bool | None = None) -> np.ndarray:
+    """Arrays -> uint8 RGB. Integers are 16-bit when their dtype says so (uint16) or their values exceed 255."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise ValueError(
+            f"`images` arrays must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {array.shape}."
+        )
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("`images` contain NaN or infinite values.")
+        if array.min() < 0 or array.max() > 1:
+            raise ValueError(
+                f"float `images` must lie in [0, 1], got values in [{array.min():.3g}, {array.max():.3g}]."
+            )
+        array = np.round(array * 255)
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"`images` must be uint8, uint16 or float in [0, 1], got dtype {array.dtype}.")
+    else:
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"integer `images` must lie in [0, 65535], got [{array.min()}, {array.max()}].")
+        if sixteen_bit or array.dtype == np.uint16 or array.max() > 255:
+            array = np.round(array.astype(np.float64) / 257)  # 65535 -> 255
+    array = array.astype(np.uint8)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:].astype(np.float32) / 255
+        array = np.round(array[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
