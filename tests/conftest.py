@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny SeTok configs built locally (no hub access) and real photos that ship with scikit-image."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import logging
+
+from transformers_setok import SetokConfig
+
+logging.set_verbosity_error()
+
+
+def tiny_config(**overrides) -> SetokConfig:
+    """A SeTok small enough to run in milliseconds: 32 x 32 images, 4 x 4 patches -> an 8 x 8 grid of width 32."""
+    kwargs = dict(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        ),
+        merger_hidden_size=32,
+        merger_num_attention_heads=4,
+        merger_intermediate_size=64,
+        token_dim=48,
+        detokenizer_hidden_size=32,
+        detokenizer_num_attention_heads=4,
+        detokenizer_intermediate_size=64,
+        detokenizer_num_query_layers=1,
+        detokenizer_num_decoder_layers=1,
+        cluster_k=8,
+        cluster_threshold=0.2,
+        cluster_fallback_num_clusters=8,
+    )
+    kwargs.update(overrides)
+    return SetokConfig(**kwargs)
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos (RGB uint8) from scikit-image."""
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")}
