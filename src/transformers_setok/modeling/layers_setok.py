@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -113,7 +114,11 @@ class SetokTransformerLayer(GradientCheckpointingLayer):
 
 
 def _is_flash(attn_implementation: str | None) -> bool:
-    return attn_implementation is not None and "flash" in attn_implementation
+    """Whether the implementation takes flash attention's inputs (2D padding masks, variable-length boundaries).
+
+    Asked of transformers' mask registry, where flash attention, hub kernels and custom functions all declare it.
+    """
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(attn_implementation) is flash_attention_mask
 
 
 def segment_attention_kwargs(segments: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype) -> dict:
