@@ -183,11 +183,12 @@ def run_demo(
         lr_scheduler_type="cosine",
         warmup_steps=max(1, math.ceil(0.03 * steps)),
         weight_decay=0.01,
-        logging_steps=10,
+        logging_steps=max(1, min(10, steps // 10)),
         save_strategy="no",
         report_to=[],
         seed=seed,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
     )
     dataset = AugmentedCrops(list(train.values()), processor, length=steps * batch_size, seed=seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[history])
