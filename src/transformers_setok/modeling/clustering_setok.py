@@ -8,6 +8,7 @@ clusters do not depend on the other images of its batch.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -100,8 +101,8 @@ def assign_to_centers(distances: torch.Tensor, is_center: torch.Tensor, valid: t
     return labels.masked_fill(~valid, -1)
 
 
-def _validate_cluster_inputs(features, padding_mask, **positive_ints):
-    """Check the shared arguments; `None` is allowed for the optional counts. Returns the `(B, N)` real-patch mask."""
+def _validate_cluster_inputs(features, padding_mask, optional=("max_num_clusters", "chunk_size"), **positive_ints):
+    """Check the shared arguments; `None` is allowed for the `optional` counts. Returns the `(B, N)` real-patch mask."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"`features` must be a torch.Tensor of shape (B, N, C), got {type(features).__name__}.")
     if features.ndim != 3 or 0 in features.shape:
@@ -109,7 +110,7 @@ def _validate_cluster_inputs(features, padding_mask, **positive_ints):
     if not features.is_floating_point():
         raise TypeError(f"`features` must be a floating-point tensor, got {features.dtype}.")
     for name, value in positive_ints.items():
-        if value is None and name in ("max_num_clusters", "chunk_size"):
+        if value is None and name in optional:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -179,7 +180,8 @@ def dpc_knn_cluster(
         max_num_clusters=max_num_clusters,
         chunk_size=chunk_size,
     )
-    if not math.isfinite(threshold):
+    # `math.isfinite` alone would reject a string or None with a message that does not name the argument.
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
         raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
 
     def cluster(x, real):
@@ -218,8 +220,9 @@ def iterative_cluster(
         `assignment` (`(B, N)`, -1 on padding) and `num_clusters` (`(B,)`); with `return_soft_assignment`, also the
         masks `(B, L_max, N)` in label order.
     """
+    # Unlike in `dpc_knn_cluster`, `max_num_clusters` is required here: it is the only bound on the seed loop.
     valid = _validate_cluster_inputs(
-        features, padding_mask, k=k, max_num_clusters=max_num_clusters, chunk_size=chunk_size
+        features, padding_mask, optional=("chunk_size",), k=k, max_num_clusters=max_num_clusters, chunk_size=chunk_size
     )
     if not (bandwidth_scale > 0 and 0 < stop_mass < 1):
         raise ValueError(f"need `bandwidth_scale` > 0 and 0 < `stop_mass` < 1, got {bandwidth_scale}, {stop_mass}.")
@@ -275,4 +278,7 @@ def _hard_assignment(masks, seeds, valid):
     assignment = new_label.gather(1, winner).masked_fill(~valid, -1)
     num_clusters = present.sum(-1)
     soft = masks.gather(1, order[:, :, None].expand_as(masks))[:, : int(num_clusters.max())]
+    # Dropped clusters sort last but may still hold some mass: zero every row past an image's own count, so those
+    # rows are padding whatever the other images of the batch (or chunk) are.
+    soft = soft * (positions[:, : soft.shape[1]] < num_clusters[:, None])[:, :, None]
     return assignment, num_clusters, soft

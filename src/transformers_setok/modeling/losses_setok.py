@@ -37,8 +37,9 @@ class SetokPatchDiscriminator(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(B, 3, H, W)` -> patch logits `(B, 1, h, w)`."""
-        return self.layers(pixel_values)
+        """`(B, 3, H, W)` -> patch logits `(B, 1, h, w)`, float32 like the losses."""
+        # The losses hand over float32 images even when the model runs in bf16/fp16.
+        return self.layers(pixel_values.to(self.layers[0].weight.dtype)).float()
 
 
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

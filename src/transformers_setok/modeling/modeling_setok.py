@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .clustering_setok import dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
 from .configuration_setok import SetokConfig
@@ -227,6 +228,7 @@ class SetokModel(SetokPreTrainedModel):
             chunk_size=config.cluster_chunk_size,
         )
 
+    @can_return_tuple
     def forward(
         self, pixel_values: torch.Tensor, output_patch_features: bool = False, return_dict: bool | None = None
     ) -> SetokModelOutput:
@@ -337,6 +339,7 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         real = self._target(pixel_values, None)
         return hinge_discriminator_loss(self.discriminator(real), self.discriminator(reconstruction.detach()))
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,

@@ -1,5 +1,6 @@
-"""The flash-attention path (packed variable-length sequences) checked on the CPU.
+"""Attention paths beyond eager/sdpa: flash attention's inputs, and gradient checkpointing.
 
+The flash-attention path (packed variable-length sequences) is checked on the CPU.
 flash-attn needs CUDA, so this registers an attention function with flash attention's calling convention, written
 independently of the model (a loop over sequences), and declares flash attention's mask format for it, as hub
 kernels do: the model then builds its flash-style inputs (sorted clusters with `cu_seq_lens`, packed keys for cross-attention, 2D padding masks) and the
@@ -59,3 +60,20 @@ def test_flash_style_inputs_match_sdpa(photos):
     assert torch.equal(flash.cluster_assignment, reference.cluster_assignment)
     torch.testing.assert_close(flash.last_hidden_state, reference.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flash.reconstruction, reference.reconstruction, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(photos):
+    model = SetokForImageReconstruction(tiny_config(freeze_vision_encoder=False))
+    pixels = SetokImageProcessor(size=32)(list(photos.values()), return_tensors="pt")["pixel_values"]
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(pixels).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(name.startswith("detokenizer.query_layers") and "cross_attn" in name for name in grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
