@@ -41,7 +41,8 @@ class SetokConfig(PreTrainedConfig):
         cluster_k (`int`, defaults to 64): neighbours used for the local density.
         cluster_threshold (`float`, defaults to 0.5): score a patch needs to become a cluster center.
         cluster_fallback_num_clusters (`int`, defaults to 64): centers taken when no score passes the threshold.
-        max_num_clusters (`int`, *optional*): cap on the number of clusters per image.
+        max_num_clusters (`int`, *optional*): keep at most this many of the centers that pass the threshold
+            (the best scores). The fallback is not capped by it.
         cluster_chunk_size (`int`, *optional*): images clustered at once, to bound the O(B * N^2) memory.
         iterative_bandwidth_scale (`float`, defaults to 0.1):
             Iterative variant: the soft mask bandwidth is this times the image's mean squared patch distance.
