@@ -142,11 +142,11 @@ class SetokConfig(PreTrainedConfig):
 
     @property
     def patch_size(self) -> int:
-        return _as_square(self.vision_config.patch_size, "vision_config.patch_size")
+        return _as_square(getattr(self.vision_config, "patch_size", None), "vision_config.patch_size")
 
     @property
     def image_size(self) -> int:
-        return _as_square(self.vision_config.image_size, "vision_config.image_size")
+        return _as_square(getattr(self.vision_config, "image_size", None), "vision_config.image_size")
 
     @property
     def grid_size(self) -> int:
@@ -210,6 +210,8 @@ class SetokConfig(PreTrainedConfig):
 
 
 def _as_square(value, name: str) -> int:
+    if value is None:  # a text or other non-patch-grid config given as `vision_config`
+        raise ValueError(f"`{name}` is missing: `vision_config` must describe a patch-grid vision encoder.")
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"`{name}` must be square, got {value!r}.")

@@ -4,7 +4,10 @@ import math
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, Siglip2TextModel, SiglipTextModel
+
+# AutoModel maps SigLIP's vision towers but not its text towers, the text encoder of the paper.
+TEXT_TOWERS = {"siglip_text_model": SiglipTextModel, "siglip2_text_model": Siglip2TextModel}
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -89,9 +92,18 @@ class SetokConceptContrast(nn.Module):
         super().__init__()
         self.pooling = config.concept_pooling
         self.logit_scale_max = math.log(config.contrastive_logit_scale_max)
-        self.text_encoder = AutoModel.from_config(config.text_config)
+        tower = TEXT_TOWERS.get(config.text_config.model_type)
+        self.text_encoder = (
+            tower._from_config(config.text_config) if tower else AutoModel.from_config(config.text_config)
+        )
         self.token_projection = nn.Linear(config.token_dim, config.text_config.hidden_size)
         self.logit_scale = nn.Parameter(torch.empty(()))
+
+    def train(self, mode: bool = True):
+        # The frozen text encoder stays in eval mode: its dropout would otherwise make the text targets random.
+        super().train(mode)
+        self.text_encoder.eval()
+        return self
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -26,6 +26,7 @@ from .layers_setok import (
     segment_attention_kwargs,
 )
 from .losses_setok import (
+    TEXT_TOWERS,
     SetokConceptContrast,
     SetokPatchDiscriminator,
     adaptive_adversarial_weight,
@@ -98,6 +99,21 @@ class SetokPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SetokConceptContrast):
             init.constant_(module.logit_scale, math.log(1 / self.config.contrastive_temperature_init))
 
+    def _freeze_encoders(self):
+        """Freeze the vision encoder (when `config.freeze_vision_encoder`) and the concept contrast's text encoder."""
+        for module in self.modules():
+            if isinstance(module, SetokModel) and self.config.freeze_vision_encoder:
+                module.vision_model.requires_grad_(False)
+            elif isinstance(module, SetokConceptContrast):
+                module.text_encoder.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading swaps every parameter for a new trainable one, which would silently unfreeze the encoders.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_encoders()
+        return loaded
+
     @classmethod
     def from_pretrained_encoders(
         cls, vision_model_name_or_path: str, text_model_name_or_path: str | None = None, **config_kwargs
@@ -112,6 +128,8 @@ class SetokPreTrainedModel(PreTrainedModel):
         >>> model = SetokForImageReconstruction.from_pretrained_encoders("google/siglip-so400m-patch14-384")
         ```
         """
+        if text_model_name_or_path and not cls._has_concept_contrast:
+            raise ValueError(f"`text_model_name_or_path` needs a model with the concept contrast, not {cls.__name__}.")
         vision_config = _tower_config(vision_model_name_or_path, "vision_config")
         text_config = _tower_config(text_model_name_or_path, "text_config") if text_model_name_or_path else None
         model = cls(SetokConfig(vision_config=vision_config, text_config=text_config, **config_kwargs))
@@ -119,7 +137,7 @@ class SetokPreTrainedModel(PreTrainedModel):
         if text_model_name_or_path:
             encoders.append((text_model_name_or_path, text_config, model.concept_contrast.text_encoder))
         for name_or_path, config, target in encoders:
-            pretrained = AutoModel.from_pretrained(name_or_path, config=config)
+            pretrained = TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(name_or_path, config=config)
             missing, unexpected = target.load_state_dict(pretrained.state_dict(), strict=False)
             if missing:
                 raise ValueError(f"{name_or_path!r} lacks weights the encoder needs: {missing[:5]}...")
@@ -186,13 +204,21 @@ class SetokTokenMerger(nn.Module):
 class SetokModel(SetokPreTrainedModel):
     """Vision encoder + position embedding + token cluster + token merger."""
 
+    _has_concept_contrast = False
+
     def __init__(self, config: SetokConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config)
         self.merger = SetokTokenMerger(config)
         self.post_init()
-        if config.freeze_vision_encoder:
-            self.vision_model.requires_grad_(False)
+        self._freeze_encoders()
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode: its dropout (ViT, say) would otherwise perturb the features.
+        super().train(mode)
+        if self.config.freeze_vision_encoder:
+            self.vision_model.eval()
+        return self
 
     def get_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encoder patch features `(B, h * w, C)` at `config.vision_feature_layer`; leading CLS/register tokens are
@@ -310,6 +336,8 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
     not saved with the model.
     """
 
+    _has_concept_contrast = True
+
     def __init__(self, config: SetokConfig):
         super().__init__(config)
         self.model = SetokModel(config)
@@ -322,10 +350,7 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         self.concept_contrast = SetokConceptContrast(config) if config.text_config is not None else None
         self._perceptual = []
         self.post_init()
-        if config.freeze_vision_encoder:
-            self.model.vision_model.requires_grad_(False)
-        if self.concept_contrast is not None:
-            self.concept_contrast.text_encoder.requires_grad_(False)
+        self._freeze_encoders()
 
     def set_perceptual_network(self, network: nn.Module | None):
         """Use `network` (images -> features, frozen by you) for the perceptual term, weighted by
