@@ -51,8 +51,6 @@ SETOK_KWARGS = dict(
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def processor():
     return SetokImageProcessor(size={"height": 32, "width": 32})

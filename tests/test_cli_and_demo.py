@@ -56,7 +56,18 @@ def saved_model(tmp_path, photos):
 
 def test_tokenize_prints_counts_and_writes_overlays(saved_model, tmp_path, capsys):
     folder, paths = saved_model
-    main(["tokenize", *map(str, paths), "--model", str(folder), "--out", str(tmp_path / "overlays"), "--batch-size", "2"])
+    main(
+        [
+            "tokenize",
+            *map(str, paths),
+            "--model",
+            str(folder),
+            "--out",
+            str(tmp_path / "overlays"),
+            "--batch-size",
+            "2",
+        ]
+    )
     printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     model, processor = SetokModel.from_pretrained(folder).eval(), SetokImageProcessor.from_pretrained(folder)
     with torch.no_grad():

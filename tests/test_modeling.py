@@ -31,8 +31,6 @@ CLUSTER_METHODS = {
 }
 
 
-
-
 @pytest.fixture(scope="module")
 def processor():
     return SetokImageProcessor(size={"height": 32, "width": 32})

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None):
         from .training.demo import run_demo
 
         metrics = run_demo(args.out, args.steps, args.batch_size, args.learning_rate, args.vision_model, args.seed)
-        print(f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; report: {Path(args.out) / 'report.md'}")
+        print(
+            f"loss {metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}; report: {Path(args.out) / 'report.md'}"
+        )
         for name, row in metrics["held_out"].items():
             print(f"  {name}: {row['num_tokens']} tokens, held-out L1 {row['l1_before']:.3f} -> {row['l1_after']:.3f}")
     else:

@@ -121,7 +121,9 @@ def _validate_cluster_inputs(features, padding_mask, optional=("max_num_clusters
             raise ValueError(f"`padding_mask` must be a (B, N) = {tuple(features.shape[:2])} tensor, got {shape}.")
         valid = ~padding_mask.to(device=features.device, dtype=torch.bool)
         if not valid.any(-1).all():
-            raise ValueError("`padding_mask` marks every patch of an image as padding; each image needs one real patch.")
+            raise ValueError(
+                "`padding_mask` marks every patch of an image as padding; each image needs one real patch."
+            )
     real = features[valid]
     if not torch.isfinite(real).all():
         raise ValueError("`features` contain NaN or infinite values.")

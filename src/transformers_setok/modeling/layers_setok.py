@@ -102,7 +102,9 @@ class SetokTransformerLayer(GradientCheckpointingLayer):
         self.mlp = SetokMLP(hidden_size, intermediate_size, config.hidden_act)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, hidden_states, encoder_hidden_states=None, self_attention_kwargs=None, cross_attention_kwargs=None):
+    def forward(
+        self, hidden_states, encoder_hidden_states=None, self_attention_kwargs=None, cross_attention_kwargs=None
+    ):
         attended = self.self_attn(self.self_attn_norm(hidden_states), **dict(self_attention_kwargs or {}))
         hidden_states = hidden_states + self.dropout(attended)
         if self.cross_attn is not None:
@@ -167,4 +169,6 @@ def cross_attention_inputs(
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where attention is allowed, the dtype's minimum elsewhere (eager adds it; sdpa accepts it)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )

@@ -1,10 +1,10 @@
 """SeTok: a vision tokenizer that turns an image into a variable number of semantic tokens.
 
-    pixels -> vision encoder -> patch grid (B, N = h * w, C) -> + 2D sine-cosine position embedding
-           -> token cluster (density peaks; L_b clusters per image, hard assignment)
-           -> token merger (attention inside each cluster, mean per cluster, attention across clusters)
-           -> tokens (B, L_max, token_dim) with an attention mask
-    tokens -> detokenizer (query grid cross-attends to the tokens, pixel decoder) -> pixels
+pixels -> vision encoder -> patch grid (B, N = h * w, C) -> + 2D sine-cosine position embedding
+       -> token cluster (density peaks; L_b clusters per image, hard assignment)
+       -> token merger (attention inside each cluster, mean per cluster, attention across clusters)
+       -> tokens (B, L_max, token_dim) with an attention mask
+tokens -> detokenizer (query grid cross-attends to the tokens, pixel decoder) -> pixels
 """
 
 import math

@@ -58,9 +58,7 @@ def to_rgb_uint8(image) -> np.ndarray:
         image = image.detach().cpu()
         image = (image.float() if image.is_floating_point() else image).numpy()
     if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"`images` must be PIL images, numpy arrays or torch tensors, got {type(image).__name__}."
-        )
+        raise TypeError(f"`images` must be PIL images, numpy arrays or torch tensors, got {type(image).__name__}.")
     return _array_to_rgb(image)
 
 
