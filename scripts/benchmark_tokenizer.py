@@ -68,16 +68,13 @@ def embed_positions(model: SetokModel, patch_features: torch.Tensor) -> torch.Te
     return patch_features + model.config.position_embedding_scale * position.to(patch_features.dtype)
 
 
-def synchronize(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn, device: str) -> float:
-    synchronize(device)
+    """Seconds of one call; on GPU, queued work is synchronised before and after."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    synchronize()
     start = time.perf_counter()
     fn()
-    synchronize(device)
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -143,17 +140,20 @@ def measure_memory_child(args) -> dict:
     return {"before_mib": before / 1024, "after_mib": after / 1024, "high_water_reset": reset}
 
 
-def peak_memory(model: SetokModel, batch: int, args) -> dict:
-    """Peak memory of one full forward: CUDA allocator peak in-process, or CPU peak RSS in a fresh child process."""
-    if args.device.startswith("cuda"):
-        pixels = make_pixels(batch, model)
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-        with torch.inference_mode():
-            model(pixels)
-        peak = torch.cuda.max_memory_allocated()
-        method = "CUDA torch.cuda.max_memory_allocated minus memory allocated before the forward"
-        return {"method": method, "peak_mib": (peak - baseline) / 2**20, "peak_total_mib": peak / 2**20}
+def cuda_peak_memory(model: SetokModel, batch: int) -> dict:
+    pixels = make_pixels(batch, model)
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        model(pixels)
+    peak = torch.cuda.max_memory_allocated()
+    method = "CUDA torch.cuda.max_memory_allocated minus memory allocated before the forward"
+    return {"method": method, "peak_mib": (peak - baseline) / 2**20, "peak_total_mib": peak / 2**20}
+
+
+def cpu_peak_memory(batch: int, args) -> dict:
+    """Runs this script in `--measure-memory` mode. Call it while this process is small: an exec'ed child inherits
+    its parent's peak RSS into its own ru_maxrss, which would otherwise hide the child's forward."""
     flags = f"--measure-memory {batch} --device {args.device} --dtype {args.dtype} --threads {torch.get_num_threads()}"
     command = [sys.executable, os.path.abspath(__file__), *flags.split()]
     child = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
@@ -228,11 +228,14 @@ def main(argv=None):
         print(json.dumps(measure_memory_child(args)))
         return
     started = time.perf_counter()
-    model = build_model(args)
+    on_cuda = args.device.startswith("cuda")
+    cpu_memory = {} if on_cuda else {batch: cpu_peak_memory(batch, args) for batch in args.batch_sizes}
+    model = build_model(args)  # after the CPU memory children (see cpu_peak_memory)
     results = []
     for batch in args.batch_sizes:
         print(f"batch {batch} ({args.device}, {args.dtype}, {torch.get_num_threads()} threads)", flush=True)
-        results.append({**time_batch(model, batch, args), "peak_memory": peak_memory(model, batch, args)})
+        memory = cuda_peak_memory(model, batch) if on_cuda else cpu_memory[batch]
+        results.append({**time_batch(model, batch, args), "peak_memory": memory})
     machine, verdict = machine_info(args), target_verdict(results)
     markdown = f"{markdown_report(results, machine)}\n\n{verdict}\n"
     report = {

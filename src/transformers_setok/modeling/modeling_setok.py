@@ -138,7 +138,7 @@ class SetokPreTrainedModel(PreTrainedModel):
             encoders.append((text_model_name_or_path, text_config, model.concept_contrast.text_encoder))
         for name_or_path, config, target in encoders:
             pretrained = TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(name_or_path, config=config)
-            missing, unexpected = target.load_state_dict(pretrained.state_dict(), strict=False)
+            missing = target.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
             if missing:
                 raise ValueError(f"{name_or_path!r} lacks weights the encoder needs: {missing[:5]}...")
         return model
