@@ -15,6 +15,7 @@ SO400M_VISION_KWARGS = {
     "patch_size": 14,
     "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
+    "vision_use_head": False,  # SeTok reads patch features; the pooling head would be computed and thrown away
 }
 
 
