@@ -10,31 +10,32 @@ from transformers_setok import SetokConfig
 logging.set_verbosity_error()
 
 
+# Building blocks of `tiny_config`, also used on their own (e.g. for `from_pretrained_encoders`).
+TINY_VISION_KWARGS = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
+)
+TINY_SETOK_KWARGS = dict(
+    merger_hidden_size=32,
+    merger_num_attention_heads=4,
+    merger_intermediate_size=64,
+    token_dim=48,
+    detokenizer_hidden_size=32,
+    detokenizer_num_attention_heads=4,
+    detokenizer_intermediate_size=64,
+    detokenizer_num_query_layers=1,
+    detokenizer_num_decoder_layers=1,
+    cluster_k=8,
+    cluster_threshold=0.4,  # gives 5-26 tokens per photo with the seed-0 random encoder
+    cluster_fallback_num_clusters=8,
+)
+TINY_TEXT_CONFIG = dict(
+    model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100
+)
+
+
 def tiny_config(**overrides) -> SetokConfig:
     """A SeTok small enough to run in milliseconds: 32 x 32 images, 4 x 4 patches -> an 8 x 8 grid of width 32."""
-    kwargs = dict(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-        ),
-        merger_hidden_size=32,
-        merger_num_attention_heads=4,
-        merger_intermediate_size=64,
-        token_dim=48,
-        detokenizer_hidden_size=32,
-        detokenizer_num_attention_heads=4,
-        detokenizer_intermediate_size=64,
-        detokenizer_num_query_layers=1,
-        detokenizer_num_decoder_layers=1,
-        cluster_k=8,
-        cluster_threshold=0.4,  # gives 5-26 tokens per photo with the seed-0 random encoder
-        cluster_fallback_num_clusters=8,
-    )
+    kwargs = dict(vision_config=dict(model_type="siglip_vision_model", **TINY_VISION_KWARGS), **TINY_SETOK_KWARGS)
     kwargs.update(overrides)
     return SetokConfig(**kwargs)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_SETOK_KWARGS, TINY_TEXT_CONFIG, TINY_VISION_KWARGS, tiny_config
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -27,28 +27,6 @@ from transformers import (
 )
 
 from transformers_setok import SetokConfig, SetokForImageReconstruction, SetokImageProcessor, SetokModel
-
-TEXT_CONFIG = dict(
-    model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100
-)
-VISION_KWARGS = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
-)
-# The SeTok parts of `tiny_config`, for `from_pretrained_encoders`.
-SETOK_KWARGS = dict(
-    merger_hidden_size=32,
-    merger_num_attention_heads=4,
-    merger_intermediate_size=64,
-    token_dim=48,
-    detokenizer_hidden_size=32,
-    detokenizer_num_attention_heads=4,
-    detokenizer_intermediate_size=64,
-    detokenizer_num_query_layers=1,
-    detokenizer_num_decoder_layers=1,
-    cluster_k=8,
-    cluster_threshold=0.4,
-    cluster_fallback_num_clusters=8,
-)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +92,7 @@ def test_setok_model_round_trip(tmp_path, pixels):
 
 def test_reconstruction_model_round_trip_with_text_encoder_and_discriminator(tmp_path, pixels):
     config = tiny_config(
-        text_config=TEXT_CONFIG,
+        text_config=TINY_TEXT_CONFIG,
         use_discriminator=True,
         discriminator_channels=8,
         cluster_method="iterative",
@@ -148,9 +126,9 @@ def test_reconstruction_model_round_trip_with_text_encoder_and_discriminator(tmp
 @pytest.mark.parametrize("freeze", [True, False])
 def test_loading_keeps_the_encoders_frozen_as_configured(tmp_path, freeze):
     """Loading replaces every parameter; the frozen encoders must come back frozen (and only those)."""
-    SetokForImageReconstruction(tiny_config(text_config=TEXT_CONFIG, freeze_vision_encoder=freeze)).save_pretrained(
-        tmp_path
-    )
+    SetokForImageReconstruction(
+        tiny_config(text_config=TINY_TEXT_CONFIG, freeze_vision_encoder=freeze)
+    ).save_pretrained(tmp_path)
     loaded, info = SetokForImageReconstruction.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokenizer = AutoModel.from_pretrained(tmp_path)
@@ -310,15 +288,15 @@ def test_remote_code_runs_without_the_package(tmp_path, images, processor, resto
 
 def _siglip_dual():
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=100)
-    return SiglipModel(SiglipConfig(vision_config=VISION_KWARGS, text_config=text))
+    return SiglipModel(SiglipConfig(vision_config=TINY_VISION_KWARGS, text_config=text))
 
 
 ENCODERS = {
     # name: (build the pretrained model, its vision tower, leading tokens the tower emits before the patches)
-    "siglip_vision": (lambda: SiglipVisionModel(SiglipVisionConfig(**VISION_KWARGS)), lambda m: m, 0),
+    "siglip_vision": (lambda: SiglipVisionModel(SiglipVisionConfig(**TINY_VISION_KWARGS)), lambda m: m, 0),
     "siglip_dual": (_siglip_dual, lambda m: m.vision_model, 0),
-    "clip_vision": (lambda: CLIPVisionModel(CLIPVisionConfig(**VISION_KWARGS)), lambda m: m, 1),
-    "vit": (lambda: ViTModel(ViTConfig(**VISION_KWARGS)), lambda m: m, 1),
+    "clip_vision": (lambda: CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_KWARGS)), lambda m: m, 1),
+    "vit": (lambda: ViTModel(ViTConfig(**TINY_VISION_KWARGS)), lambda m: m, 1),
 }
 
 
@@ -338,7 +316,7 @@ def test_from_pretrained_encoders(tmp_path, pixels, encoder):
     build, tower, num_prefix = ENCODERS[encoder]
     pretrained = build().eval()
     pretrained.save_pretrained(tmp_path)
-    model = SetokForImageReconstruction.from_pretrained_encoders(str(tmp_path), **SETOK_KWARGS).eval()
+    model = SetokForImageReconstruction.from_pretrained_encoders(str(tmp_path), **TINY_SETOK_KWARGS).eval()
 
     assert model.config.grid_size == 8 and model.config.token_dim == 48
     assert_same_state(tower(pretrained), model.model.vision_model)
@@ -359,9 +337,9 @@ def test_from_pretrained_encoders(tmp_path, pixels, encoder):
 
 
 def test_from_pretrained_encoders_for_the_tokenizer_alone(tmp_path, pixels):
-    pretrained = SiglipVisionModel(SiglipVisionConfig(**VISION_KWARGS))
+    pretrained = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION_KWARGS))
     pretrained.save_pretrained(tmp_path)
-    model = SetokModel.from_pretrained_encoders(str(tmp_path), **SETOK_KWARGS).eval()
+    model = SetokModel.from_pretrained_encoders(str(tmp_path), **TINY_SETOK_KWARGS).eval()
     assert type(model) is SetokModel
     assert_same_state(pretrained, model.vision_model)
     with torch.no_grad():
@@ -370,17 +348,17 @@ def test_from_pretrained_encoders_for_the_tokenizer_alone(tmp_path, pixels):
 
 @pytest.mark.parametrize("text_source", ["bert", "siglip_dual"])
 def test_from_pretrained_encoders_with_a_text_encoder(tmp_path, pixels, text_source):
-    vision = SiglipVisionModel(SiglipVisionConfig(**VISION_KWARGS))
+    vision = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION_KWARGS))
     vision.save_pretrained(tmp_path / "vision")
     if text_source == "bert":
-        text = BertModel(BertConfig(**{k: v for k, v in TEXT_CONFIG.items() if k != "model_type"}))
+        text = BertModel(BertConfig(**{k: v for k, v in TINY_TEXT_CONFIG.items() if k != "model_type"}))
         expected_text = text
     else:
         text = _siglip_dual()
         expected_text = text.text_model
     text.save_pretrained(tmp_path / "text")
     model = SetokForImageReconstruction.from_pretrained_encoders(
-        str(tmp_path / "vision"), text_model_name_or_path=str(tmp_path / "text"), **SETOK_KWARGS
+        str(tmp_path / "vision"), text_model_name_or_path=str(tmp_path / "text"), **TINY_SETOK_KWARGS
     ).train()
 
     contrast = model.concept_contrast
@@ -409,6 +387,6 @@ def test_from_pretrained_encoders_with_a_text_encoder(tmp_path, pixels, text_sou
 
 def test_from_pretrained_encoders_rejects_a_text_model_as_vision_encoder(tmp_path):
     """A text model given as the vision encoder is refused with an error naming `vision_config`."""
-    BertModel(BertConfig(**{k: v for k, v in TEXT_CONFIG.items() if k != "model_type"})).save_pretrained(tmp_path)
+    BertModel(BertConfig(**{k: v for k, v in TINY_TEXT_CONFIG.items() if k != "model_type"})).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vision_config"):
-        SetokForImageReconstruction.from_pretrained_encoders(str(tmp_path), **SETOK_KWARGS)
+        SetokForImageReconstruction.from_pretrained_encoders(str(tmp_path), **TINY_SETOK_KWARGS)

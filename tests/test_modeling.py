@@ -5,7 +5,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_TEXT_CONFIG, tiny_config
 from torch import nn
 
 import transformers_setok.modeling.layers_setok as layers_setok
@@ -18,11 +18,6 @@ from transformers_setok import (
     dpc_knn_cluster,
     sincos_position_embedding_2d,
 )
-
-TEXT_CONFIG = dict(
-    model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=100
-)
-
 
 # The iterative variant's defaults hit the cluster cap on every photo with the tiny random encoder: widen the masks.
 CLUSTER_METHODS = {
@@ -411,7 +406,7 @@ def test_bad_target_pixel_values_are_rejected():
 @pytest.fixture(scope="module")
 def concept_model():
     torch.manual_seed(0)
-    return SetokForImageReconstruction(tiny_config(text_config=TEXT_CONFIG)).eval()
+    return SetokForImageReconstruction(tiny_config(text_config=TINY_TEXT_CONFIG)).eval()
 
 
 @pytest.mark.parametrize(
@@ -528,7 +523,7 @@ def test_bf16_model_clusters_in_float32(pixels8, monkeypatch):
 
 def test_bf16_reconstruction_with_all_terms(pixels8):
     model = SetokForImageReconstruction(
-        tiny_config(text_config=TEXT_CONFIG, use_discriminator=True, disc_start=0, discriminator_channels=8)
+        tiny_config(text_config=TINY_TEXT_CONFIG, use_discriminator=True, disc_start=0, discriminator_channels=8)
     )
     model.to(torch.bfloat16).train()
     ids = torch.randint(1, 100, (4, 5))
@@ -617,7 +612,7 @@ def _reference_concept_loss(model, out, input_ids, attention_mask, targets, pool
 
 @pytest.mark.parametrize("pooling", ["concept", "image"])
 def test_concept_contrast_multi_label(pixels8, pooling):
-    model = SetokForImageReconstruction(tiny_config(text_config=TEXT_CONFIG, concept_pooling=pooling)).train()
+    model = SetokForImageReconstruction(tiny_config(text_config=TINY_TEXT_CONFIG, concept_pooling=pooling)).train()
     # the frozen text encoder keeps its dropout off in training (the reference below runs it in eval mode)
     assert model.concept_contrast.training and not model.concept_contrast.text_encoder.training
     assert model.concept_contrast.text_encoder.config.hidden_dropout_prob > 0
@@ -646,7 +641,7 @@ def test_concept_contrast_multi_label(pixels8, pooling):
 
 @pytest.mark.parametrize("pooling", ["concept", "image"])
 def test_concept_targets_default_to_identity(pixels8, pooling):
-    model = SetokForImageReconstruction(tiny_config(text_config=TEXT_CONFIG, concept_pooling=pooling)).eval()
+    model = SetokForImageReconstruction(tiny_config(text_config=TINY_TEXT_CONFIG, concept_pooling=pooling)).eval()
     input_ids = torch.randint(1, 100, (4, 6))
     with torch.no_grad():
         default = model(pixels8[:4], concept_input_ids=input_ids)
@@ -660,7 +655,7 @@ def test_concept_targets_default_to_identity(pixels8, pooling):
 
 def test_logit_scale_is_clamped(pixels8):
     model = SetokForImageReconstruction(
-        tiny_config(text_config=TEXT_CONFIG, contrastive_logit_scale_max=10.0, concept_pooling="image")
+        tiny_config(text_config=TINY_TEXT_CONFIG, contrastive_logit_scale_max=10.0, concept_pooling="image")
     ).eval()
     input_ids = torch.randint(1, 100, (2, 4))
     with torch.no_grad():
@@ -730,7 +725,7 @@ def test_tiny_overfit_lowers_every_loss(photos, processor):
     pixels = processor([photos["astronaut"], photos["chelsea"]], return_tensors="pt").pixel_values
     model = SetokForImageReconstruction(
         tiny_config(
-            text_config=TEXT_CONFIG,
+            text_config=TINY_TEXT_CONFIG,
             reconstruction_loss="mse",
             perceptual_loss_weight=0.1,
             use_discriminator=True,

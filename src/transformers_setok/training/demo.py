@@ -35,7 +35,7 @@ DEMO_CONFIG = dict(
     ),
     freeze_vision_encoder=False,
     cluster_k=16,
-    cluster_threshold=0.3,
+    cluster_threshold=0.5,
     cluster_fallback_num_clusters=8,
     max_num_clusters=48,
     merger_hidden_size=96,
