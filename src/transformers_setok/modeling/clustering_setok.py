@@ -124,8 +124,7 @@ def _validate_cluster_inputs(features, padding_mask, optional=("max_num_clusters
             raise ValueError(
                 "`padding_mask` marks every patch of an image as padding; each image needs one real patch."
             )
-    real = features[valid]
-    if not torch.isfinite(real).all():
+    if (valid & ~torch.isfinite(features).all(-1)).any():  # padding may hold anything
         raise ValueError("`features` contain NaN or infinite values.")
     return valid
 
