@@ -30,7 +30,6 @@ import torch
 import transformers
 
 from transformers_setok import SetokConfig, SetokModel
-from transformers_setok.modeling.clustering_setok import sincos_position_embedding_2d
 
 TARGET_RATIO, TARGET_BATCH = 0.15, 8
 PARTS = ("encoder", "full", "cluster", "merger")
@@ -61,13 +60,6 @@ def make_pixels(batch: int, model: SetokModel) -> torch.Tensor:
     return pixels.to(model.device, model.dtype)
 
 
-def embed_positions(model: SetokModel, patch_features: torch.Tensor) -> torch.Tensor:
-    """Patch features + scaled 2D position embedding, as `SetokModel.forward` computes them before clustering."""
-    grid = model.config.grid_size
-    position = sincos_position_embedding_2d(grid, grid, patch_features.shape[-1], patch_features.device)
-    return patch_features + model.config.position_embedding_scale * position.to(patch_features.dtype)
-
-
 def timed(fn, device: str) -> float:
     """Seconds of one call; on GPU, queued work is synchronised before and after."""
     synchronize = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
@@ -81,7 +73,7 @@ def timed(fn, device: str) -> float:
 def part_calls(model: SetokModel, pixels: torch.Tensor):
     """The timed callables and the mean token count; cluster/merger inputs come from one untimed full forward."""
     output = model(pixels, output_patch_features=True)
-    features = embed_positions(model, output.patch_features)
+    features = model.embed_positions(output.patch_features)
     assignment, num_clusters = model.cluster_patches(features.float())
     calls = {
         "encoder": lambda: model.get_patch_features(pixels),
@@ -173,7 +165,7 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def machine_info(args) -> dict:
+def machine_info(args, model: SetokModel) -> dict:
     on_cuda = args.device.startswith("cuda")
     return {
         "device": args.device,
@@ -181,7 +173,7 @@ def machine_info(args) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "attn_implementation": "sdpa (default)",
+        "attn_implementation": model.config._attn_implementation,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -240,7 +232,7 @@ def main(argv=None):
         print(f"batch {batch} ({args.device}, {args.dtype}, {torch.get_num_threads()} threads)", flush=True)
         memory = cuda_peak_memory(model, batch) if on_cuda else cpu_memory[batch]
         results.append({**time_batch(model, batch, args), "peak_memory": memory})
-    machine, verdict = machine_info(args), target_verdict(results)
+    machine, verdict = machine_info(args, model), target_verdict(results)
     markdown = f"{markdown_report(results, machine)}\n\n{verdict}\n"
     report = {
         "machine": machine,

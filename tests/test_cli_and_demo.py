@@ -116,3 +116,13 @@ def test_model_card_is_filled_with_the_config():
     card = render_setok_card(tiny_config(max_num_clusters=16), name="tiny", repo="me/tiny", provenance="Made here.")
     assert "8 x 8 patches of width 32" in card and "width 48" in card and "at most 16 tokens" in card
     assert 'from_pretrained("me/tiny"' in card and "transformers>=5.23,<6" in card and "{" not in card.split("```")[0]
+
+
+def test_tokenize_rejects_bad_batch_size_and_non_images(saved_model, tmp_path):
+    folder, paths = saved_model
+    with pytest.raises(SystemExit, match="--batch-size"):
+        main(["tokenize", str(paths[0]), "--model", str(folder), "--batch-size", "0"])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(SystemExit, match="Cannot read .*notes.png"):
+        main(["tokenize", str(not_an_image), "--model", str(folder)])

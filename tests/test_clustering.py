@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from transformers_setok import dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
+from transformers_setok.modeling.clustering_setok import pairwise_distances
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference implementation of spec 1.2 (one image, plain loops, float64)
@@ -693,3 +694,11 @@ def test_position_embedding_matches_image_grid_for_the_default_encoder():
     embedding = sincos_position_embedding_2d(27, 27, 1152)
     assert embedding.shape == (729, 1152)
     assert embedding.abs().sum(0).gt(0).all()  # 1152 is a multiple of 4: no channel is left empty
+
+
+def test_distances_stay_accurate_under_a_large_shared_offset():
+    spread = torch.randn(2, 50, 16, dtype=torch.float64) * 0.05
+    exact = torch.cdist(spread, spread) / 4
+    offset = (spread + 30.0).float()
+    distances = pairwise_distances(offset, torch.ones(2, 50, dtype=torch.bool))
+    torch.testing.assert_close(distances.double(), exact, atol=1e-5, rtol=0)

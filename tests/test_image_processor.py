@@ -311,3 +311,15 @@ def test_auto_image_processor_resolves_the_saved_folder(tmp_path, config, rgb):
     assert isinstance(loaded, SetokImageProcessor)
     assert loaded.size == {"height": 32, "width": 32}
     assert torch.equal(pixels(loaded, rgb), pixels(processor, rgb))
+
+
+def test_channel_layout_hint_is_honoured_for_tiny_images():
+    red = torch.zeros(3, 1, 1)
+    red[0] = 1
+    out = SetokImageProcessor(size=4)(red, input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_empty_batch_tensor_is_rejected():
+    with pytest.raises(ValueError, match="`images` is empty"):
+        SetokImageProcessor(size=8)(torch.zeros(0, 3, 8, 8))

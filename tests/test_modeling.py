@@ -771,3 +771,23 @@ def test_frozen_encoder_stays_in_eval_mode_while_training():
 def test_text_encoder_needs_the_reconstruction_model(tmp_path):
     with pytest.raises(ValueError, match="text_model_name_or_path"):
         SetokModel.from_pretrained_encoders(str(tmp_path), text_model_name_or_path=str(tmp_path))
+
+
+def test_generator_term_leaves_the_discriminator_untouched(pixels8):
+    model = SetokForImageReconstruction(tiny_config(use_discriminator=True, disc_start=0)).train()
+    output = model(pixels8[:2])
+    output.generator_loss.backward()
+    assert all(p.grad is None for p in model.discriminator.parameters())
+    assert model.detokenizer.pixel_head.weight.grad is not None
+
+
+def test_target_batch_and_feature_layer_and_concept_types_are_checked(pixels8):
+    model = SetokForImageReconstruction(tiny_config(text_config=TINY_TEXT_CONFIG))
+    with pytest.raises(ValueError, match="target_pixel_values"):
+        model(pixels8[:4], target_pixel_values=pixels8[:1])
+    with pytest.raises(TypeError, match="concept_input_ids"):
+        model(pixels8[:2], concept_input_ids=[[1, 2], [3, 4]])
+    for layer in (3, -4):  # the tiny encoder has 2 layers, so 3 hidden states
+        with pytest.raises(ValueError, match="vision_feature_layer"):
+            tiny_config(vision_feature_layer=layer)
+    assert tiny_config(vision_feature_layer=-3).vision_feature_layer == -3

@@ -9,7 +9,6 @@ DEFAULT_MODEL = "setok-demo/model"
 
 def tokenize(images: list[str], model_path: str, out: str | None, batch_size: int):
     """Print each image's token count and, with `out`, write its cluster overlay there."""
-    import PIL.Image
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModel
@@ -21,13 +20,15 @@ def tokenize(images: list[str], model_path: str, out: str | None, batch_size: in
     missing = [path for path in images if not Path(path).is_file()]
     if missing:
         sys.exit(f"Image file(s) not found: {', '.join(missing)}")
+    if batch_size < 1:
+        sys.exit(f"--batch-size must be at least 1, got {batch_size}.")
     model = AutoModel.from_pretrained(model_path).eval()
     processor = AutoImageProcessor.from_pretrained(model_path)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
     for start in tqdm(range(0, len(images), batch_size), desc="tokenizing", unit="batch", disable=len(images) <= 1):
         paths = images[start : start + batch_size]
-        loaded = [PIL.Image.open(path) for path in paths]
+        loaded = [_open_image(path) for path in paths]
         with torch.inference_mode():
             output = model(processor(loaded, return_tensors="pt")["pixel_values"])
         for i, (path, image) in enumerate(zip(paths, loaded)):
@@ -37,13 +38,22 @@ def tokenize(images: list[str], model_path: str, out: str | None, batch_size: in
                 overlay.save(Path(out) / f"{Path(path).stem}_clusters.png")
 
 
+def _open_image(path: str):
+    import PIL.Image
+
+    try:
+        return PIL.Image.open(path)
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        sys.exit(f"Cannot read {path} as an image: {error}")
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="setok", description="SeTok, the semantic-equivalent vision tokenizer.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small SeTok on real photos and write a report")
     demo.add_argument("--out", default="setok-demo", help="report folder (default: setok-demo)")
-    demo.add_argument("--steps", type=int, default=600)
+    demo.add_argument("--steps", type=int, default=1000)
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--learning-rate", type=float, default=1e-3)
     demo.add_argument("--vision-model", default=None, help="start from this pretrained encoder (hub name or path)")

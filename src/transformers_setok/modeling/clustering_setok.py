@@ -22,17 +22,23 @@ def sincos_position_embedding_2d(height: int, width: int, dim: int, device=None)
     width and so kept only one axis). Channels beyond a multiple of 4 stay zero.
     """
     quarter = dim // 4
-    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / max(quarter, 1)))
-    rows = torch.arange(height, dtype=torch.float64, device=device).repeat_interleave(width)
-    cols = torch.arange(width, dtype=torch.float64, device=device).repeat(height)
+    # Built in float64 on the CPU (not every accelerator has float64), then moved.
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1)))
+    rows = torch.arange(height, dtype=torch.float64).repeat_interleave(width)
+    cols = torch.arange(width, dtype=torch.float64).repeat(height)
     row_angles, col_angles = rows[:, None] * omega, cols[:, None] * omega
     embedding = torch.cat([row_angles.sin(), row_angles.cos(), col_angles.sin(), col_angles.cos()], dim=-1)
     embedding = torch.nn.functional.pad(embedding, (0, dim - 4 * quarter))
-    return embedding.float()
+    return embedding.to(device=device, dtype=torch.float32)
 
 
-def pairwise_distances(features: torch.Tensor) -> torch.Tensor:
+def pairwise_distances(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """`D[b, i, j] = ||x_i - x_j|| / sqrt(C)`, `(B, N, N)`, with an exact zero diagonal."""
+    # Distances go through a Gram matrix (fast, batch-invariant); centring each image first keeps it accurate when
+    # the features share a large offset (encoders have outlier channels), also under TF32 matmuls.
+    features = torch.where(valid[..., None], features, 0)  # padding may hold anything, NaN included
+    mean = features.sum(1, keepdim=True) / valid.sum(1)[:, None, None]
+    features = torch.where(valid[..., None], features - mean, 0)
     squared_norms = features.pow(2).sum(-1)
     squared = squared_norms[:, :, None] + squared_norms[:, None, :] - 2 * features @ features.transpose(1, 2)
     distances = squared.clamp_min_(0).sqrt_() / math.sqrt(features.shape[-1])
@@ -65,6 +71,13 @@ def distance_to_denser(distances: torch.Tensor, density: torch.Tensor, valid: to
     pair_valid = valid[:, :, None] & valid[:, None, :]
     image_max = distances.masked_fill(~pair_valid, 0).flatten(1).amax(-1, keepdim=True)
     return torch.where(torch.isinf(delta), image_max.expand_as(delta), delta)
+
+
+def density_peak_scores(features: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances `(B, N, N)` and the density-peak score `rho * delta` `(B, N)`, in float32."""
+    distances = pairwise_distances(features.float(), valid)
+    density = local_density(distances, valid, k)
+    return distances, density * distance_to_denser(distances, density, valid)
 
 
 def score_ranks(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -186,9 +199,7 @@ def dpc_knn_cluster(
         raise ValueError(f"`threshold` must be a finite number, got {threshold!r}.")
 
     def cluster(x, real):
-        distances = pairwise_distances(x.float())
-        density = local_density(distances, real, k)
-        score = density * distance_to_denser(distances, density, real)
+        distances, score = density_peak_scores(x, real, k)
         is_center = select_centers(score, real, threshold, fallback_num_clusters, max_num_clusters)
         return assign_to_centers(distances, is_center, real), is_center.sum(-1)
 
@@ -229,9 +240,7 @@ def iterative_cluster(
         raise ValueError(f"need `bandwidth_scale` > 0 and 0 < `stop_mass` < 1, got {bandwidth_scale}, {stop_mass}.")
 
     def cluster(x, real):
-        distances = pairwise_distances(x.float())
-        density = local_density(distances, real, k)
-        score = density * distance_to_denser(distances, density, real)
+        distances, score = density_peak_scores(x, real, k)
         masks, seeds = _claim_by_seeds(distances, score, real, max_num_clusters, bandwidth_scale, stop_mass)
         return _hard_assignment(masks, seeds, real)
 

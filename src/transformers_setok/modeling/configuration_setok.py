@@ -38,7 +38,8 @@ class SetokConfig(PreTrainedConfig):
             Multiplier of the fixed 2D sine-cosine position embedding added to the patch features before clustering.
         cluster_method (`"dpc_knn"` or `"iterative"`):
             `"dpc_knn"` is the threshold variant of density-peak clustering (upstream code); `"iterative"` is the
-            scope-based seed selection the paper describes.
+            scope-based seed selection the paper describes. The iterative variant ignores `cluster_threshold` and
+            takes at most `max_num_clusters` seeds (`cluster_fallback_num_clusters` when that is unset).
         cluster_k (`int`, defaults to 64): neighbours used for the local density.
         cluster_threshold (`float`, defaults to 0.5): score a patch needs to become a cluster center.
         cluster_fallback_num_clusters (`int`, defaults to 64): centers taken when no score passes the threshold.
@@ -203,6 +204,12 @@ class SetokConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`{width}` ({getattr(self, width)}) must be divisible by `{heads}` ({getattr(self, heads)})."
                 )
+        num_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if num_layers is not None and not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:
+            raise ValueError(
+                f"`vision_feature_layer` must index the encoder's {num_layers + 1} hidden states "
+                f"(-{num_layers + 1} to {num_layers}), got {self.vision_feature_layer}."
+            )
         if self.grid_size < 1:
             raise ValueError(
                 f"`vision_config.image_size` ({self.image_size}) must be at least one patch "

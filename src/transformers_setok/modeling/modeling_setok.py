@@ -233,6 +233,12 @@ class SetokModel(SetokPreTrainedModel):
             )
         return features[:, num_prefix:]
 
+    def embed_positions(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """Adds the scaled 2D sine-cosine position embedding to `(B, h * w, C)` patch features."""
+        grid = self.config.grid_size
+        position = sincos_position_embedding_2d(grid, grid, patch_features.shape[-1], patch_features.device)
+        return patch_features + self.config.position_embedding_scale * position.to(patch_features.dtype)
+
     def cluster_patches(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token cluster on position-embedded features `(B, N, C)` -> assignment `(B, N)`, counts `(B,)`."""
         config = self.config
@@ -262,16 +268,14 @@ class SetokModel(SetokPreTrainedModel):
         _check_pixel_values(pixel_values, self.config.image_size, "pixel_values")
         pixel_values = pixel_values.to(self.dtype)
         patch_features = self.get_patch_features(pixel_values)
-        grid = self.config.grid_size
-        position = sincos_position_embedding_2d(grid, grid, patch_features.shape[-1], patch_features.device)
-        features = patch_features + self.config.position_embedding_scale * position.to(patch_features.dtype)
+        features = self.embed_positions(patch_features)
         assignment, num_clusters = self.cluster_patches(features.detach().float())
         tokens, token_mask = self.merger(features, assignment, num_clusters)
         return SetokModelOutput(
             last_hidden_state=tokens,
             attention_mask=token_mask,
             num_tokens=num_clusters,
-            cluster_assignment=assignment.view(-1, grid, grid),
+            cluster_assignment=assignment.view(-1, self.config.grid_size, self.config.grid_size),
             patch_features=patch_features if output_patch_features else None,
         )
 
@@ -383,7 +387,8 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         concept_input_ids, concept_attention_mask (`(U, T)`, *optional*): tokenised concept phrases or captions.
         concept_targets (`(B, U)`, *optional*): 1 where text `u` describes image `b`. Defaults to the identity
             when `U == B` (one caption per image).
-        global_step (`int`, *optional*): current training step; the adversarial term starts at `config.disc_start`.
+        global_step (`int`, *optional*): current training step; the adversarial term starts at `config.disc_start`
+            (a trainer passes `state.global_step`; without it the term runs only when `disc_start` is 0).
         return_loss (`bool`, defaults to `True`): compute the losses.
         """
         config = self.config
@@ -391,6 +396,11 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         reconstruction = self.detokenizer(encoded.last_hidden_state, encoded.attention_mask)
         terms = {}
         if return_loss:
+            if target_pixel_values is not None and target_pixel_values.shape[:1] != pixel_values.shape[:1]:
+                raise ValueError(
+                    f"`target_pixel_values` must hold one image per input image ({pixel_values.shape[0]}), "
+                    f"got {target_pixel_values.shape[0]}."
+                )
             target = self._target(pixel_values if target_pixel_values is None else target_pixel_values, "target")
             reconstruction_f = reconstruction.float()
             terms["reconstruction_loss"] = reconstruction_loss(reconstruction_f, target, config.reconstruction_loss)
@@ -400,7 +410,10 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
                 terms["perceptual_loss"] = nn.functional.mse_loss(network(reconstruction_f), network(target))
                 weighted = weighted + config.perceptual_loss_weight * terms["perceptual_loss"]
             if self.discriminator is not None and self.training and (global_step or 0) >= config.disc_start:
-                terms["generator_loss"] = hinge_generator_loss(self.discriminator(reconstruction_f))
+                # The discriminator's weights enter as constants: the generator step must not train it.
+                frozen = {name: param.detach() for name, param in self.discriminator.named_parameters()}
+                fake_logits = torch.func.functional_call(self.discriminator, frozen, (reconstruction_f,))
+                terms["generator_loss"] = hinge_generator_loss(fake_logits)
                 weight = config.disc_weight
                 if torch.is_grad_enabled():
                     last = self.detokenizer.pixel_head.weight
@@ -434,6 +447,11 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         if self.concept_contrast is None:
             raise ValueError("`concept_input_ids` were given but the model has no text encoder (`text_config`).")
         batch = encoded.last_hidden_state.shape[0]
+        for name, value in (("concept_input_ids", input_ids), ("concept_attention_mask", attention_mask)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
+        if targets is not None and not isinstance(targets, torch.Tensor):
+            raise TypeError(f"`concept_targets` must be a torch.Tensor, got {type(targets).__name__}.")
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"`concept_input_ids` must be (num_texts, length), got {tuple(input_ids.shape)}.")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask

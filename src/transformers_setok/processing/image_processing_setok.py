@@ -30,28 +30,36 @@ class SetokImageProcessor(PilBackend):
     do_resize = True
     do_rescale = True
     do_normalize = True
-    do_convert_rgb = True
     model_input_names = ["pixel_values"]
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
-        return super().process_image(to_rgb_uint8(image), do_convert_rgb=False, input_data_format="channels_last")
+        # Every image is converted to RGB here (grayscale, alpha, palette, 16-bit), whatever `do_convert_rgb` says.
+        rgb = to_rgb_uint8(image, input_data_format=input_data_format)
+        return super().process_image(rgb, do_convert_rgb=False, input_data_format="channels_last")
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
-        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+        if images is None:
             raise ValueError("`images` is empty: pass at least one image.")
         if isinstance(images, (list, tuple)):
-            return [image for group in images for image in (group if isinstance(group, (list, tuple)) else [group])]
-        if _is_array(images) and images.ndim == 4:
-            return list(images)
-        return [images]
+            images = [image for group in images for image in (group if isinstance(group, (list, tuple)) else [group])]
+        elif _is_array(images) and images.ndim == 4:
+            images = list(images)
+        else:
+            images = [images]
+        if not images:
+            raise ValueError("`images` is empty: pass at least one image.")
+        return images
 
 
 def _is_array(value) -> bool:
     return isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")
 
 
-def to_rgb_uint8(image) -> np.ndarray:
-    """Any supported image -> `(H, W, 3)` uint8 RGB."""
+def to_rgb_uint8(image, input_data_format: str | None = None) -> np.ndarray:
+    """Any supported image -> `(H, W, 3)` uint8 RGB.
+
+    The channel axis of arrays is guessed unless `input_data_format` (`"channels_first"`/`"channels_last"`) says it.
+    """
     if isinstance(image, PIL.Image.Image):
         return _pil_to_rgb(image)
     if type(image).__module__.startswith("torch") and hasattr(image, "numpy"):
@@ -59,7 +67,7 @@ def to_rgb_uint8(image) -> np.ndarray:
         image = (image.float() if image.is_floating_point() else image).numpy()
     if not isinstance(image, np.ndarray):
         raise TypeError(f"`images` must be PIL images, numpy arrays or torch tensors, got {type(image).__name__}.")
-    return _array_to_rgb(image)
+    return _array_to_rgb(image, input_data_format=input_data_format)
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
@@ -74,9 +82,13 @@ def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _array_to_rgb(array: np.ndarray, sixteen_bit: bool | None = None) -> np.ndarray:
+def _array_to_rgb(array: np.ndarray, sixteen_bit: bool | None = None, input_data_format=None) -> np.ndarray:
     """Arrays -> uint8 RGB. Integers are 16-bit when their dtype says so (uint16) or their values exceed 255."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    layout = getattr(input_data_format, "value", input_data_format)
+    if layout not in (None, "channels_first", "channels_last"):
+        raise ValueError(f"`input_data_format` must be 'channels_first' or 'channels_last', got {layout!r}.")
+    guessed_first = array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4)
+    if array.ndim == 3 and (layout == "channels_first" or (layout is None and guessed_first)):
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 2:
         array = array[..., None]

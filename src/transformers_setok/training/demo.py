@@ -35,7 +35,7 @@ DEMO_CONFIG = dict(
     ),
     freeze_vision_encoder=False,
     cluster_k=16,
-    cluster_threshold=0.5,
+    cluster_threshold=0.35,
     cluster_fallback_num_clusters=8,
     max_num_clusters=48,
     merger_hidden_size=96,
@@ -64,14 +64,16 @@ def build_model(vision_model: str | None):
         size = config.image_size
         return SetokForImageReconstruction(config), SetokImageProcessor(size={"height": size, "width": size})
     model = SetokForImageReconstruction.from_pretrained_encoders(vision_model, **PRETRAINED_ENCODER_CONFIG)
-    return model, processor_for_encoder(vision_model)
+    return model, processor_for_encoder(vision_model, model.config.image_size)
 
 
-def processor_for_encoder(name_or_path: str) -> SetokImageProcessor:
-    """A SeTok processor with the encoder checkpoint's own size, mean, std and resampling."""
+def processor_for_encoder(name_or_path: str, image_size: int) -> SetokImageProcessor:
+    """A SeTok processor with the encoder checkpoint's mean, std and resampling, resizing to its square input
+    (CLIP-style processors resize the shortest edge and crop, which would not give the square grid)."""
     encoder_processor = AutoImageProcessor.from_pretrained(name_or_path).to_dict()
-    keys = ("size", "image_mean", "image_std", "resample", "rescale_factor")
-    return SetokImageProcessor(**{key: encoder_processor[key] for key in keys if key in encoder_processor})
+    keys = ("image_mean", "image_std", "resample", "rescale_factor")
+    settings = {key: encoder_processor[key] for key in keys if key in encoder_processor}
+    return SetokImageProcessor(size={"height": image_size, "width": image_size}, **settings)
 
 
 class LossHistory(TrainerCallback):
@@ -88,7 +90,7 @@ class LossHistory(TrainerCallback):
 @torch.no_grad()
 def tokenize_held_out(model, processor, photos: dict[str, np.ndarray]):
     model.eval()
-    pixel_values = processor(list(photos.values()), return_tensors="pt")["pixel_values"]
+    pixel_values = processor(list(photos.values()), return_tensors="pt")["pixel_values"].to(model.device)
     output = model(pixel_values)
     target = model._target(pixel_values, None)
     per_image_l1 = (output.reconstruction - target).abs().flatten(1).mean(-1)
@@ -158,7 +160,7 @@ def write_report(out: Path, metrics: dict):
 
 def run_demo(
     out: str = "setok-demo",
-    steps: int = 600,
+    steps: int = 1000,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
     vision_model: str | None = None,
@@ -200,12 +202,6 @@ def run_demo(
     save_figures(out, held_out, output, processor, history.losses)
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
-    provenance = (
-        f"Trained by `setok demo` for {steps} steps on augmented crops of {len(train)} photos that ship with "
-        "scikit-image, scikit-learn and matplotlib: a demonstration model, not a production tokenizer."
-    )
-    card = render_setok_card(model.config, name="SeTok demo", repo=str(out / "model"), provenance=provenance)
-    (out / "model" / "README.md").write_text(card)
     metrics = {
         "steps": steps,
         "batch_size": batch_size,
@@ -225,4 +221,18 @@ def run_demo(
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, metrics)
+    write_model_card(out / "model", model.config, steps, len(train))
     return metrics
+
+
+def write_model_card(folder: Path, config, steps: int, num_photos: int):
+    provenance = (
+        f"Trained by `setok demo` for {steps} steps on augmented crops of {num_photos} photos that ship with "
+        "scikit-image, scikit-learn and matplotlib: a demonstration model, not a production tokenizer."
+    )
+    try:
+        card = render_setok_card(config, name="SeTok demo", repo=str(folder), provenance=provenance)
+    except FileNotFoundError as error:  # installed from a wheel: the templates live in the source checkout
+        print(f"No model card written: {error}")
+        return
+    (folder / "README.md").write_text(card)
