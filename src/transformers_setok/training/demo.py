@@ -94,7 +94,7 @@ def tokenize_held_out(model, processor, photos: dict[str, np.ndarray]):
     output = model(pixel_values)
     target = model._target(pixel_values, None)
     per_image_l1 = (output.reconstruction - target).abs().flatten(1).mean(-1)
-    return pixel_values, output, per_image_l1
+    return output, per_image_l1
 
 
 def to_display(pixels: torch.Tensor, processor) -> PIL.Image.Image:
@@ -174,7 +174,7 @@ def run_demo(
     photos = load_photos()
     held_out = {name: photos[name] for name in HELD_OUT_PHOTOS}
     train = {name: image for name, image in photos.items() if name not in held_out}
-    _, _, l1_before = tokenize_held_out(model, processor, held_out)
+    _, l1_before = tokenize_held_out(model, processor, held_out)
 
     history = LossHistory()
     args = TrainingArguments(
@@ -198,7 +198,7 @@ def run_demo(
     trainer.train()
     train_seconds = time.perf_counter() - start
 
-    _, output, l1_after = tokenize_held_out(model, processor, held_out)
+    output, l1_after = tokenize_held_out(model, processor, held_out)
     save_figures(out, held_out, output, processor, history.losses)
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
