@@ -1,13 +1,18 @@
 """SeTok and Setokim as native Hugging Face Transformers models.
 
-Importing the package registers the classes with the Auto API (`AutoConfig`, `AutoModel`, `AutoImageProcessor`).
+Importing the package registers the classes with the Auto API (`AutoConfig`, `AutoModel`, `AutoImageProcessor`,
+`AutoModelForImageTextToText`, `AutoProcessor`).
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling import (
     SetokConfig,
     SetokForImageReconstruction,
+    SetokimConfig,
+    SetokimForConditionalGeneration,
+    SetokimModel,
+    SetokimPreTrainedModel,
     SetokModel,
     SetokModelOutput,
     SetokPreTrainedModel,
@@ -16,14 +21,19 @@ from .modeling import (
     iterative_cluster,
     sincos_position_embedding_2d,
 )
-from .processing import SetokImageProcessor
+from .processing import SetokImageProcessor, SetokimProcessor
 from .visualization import visualize_clusters
 
 __version__ = "0.1.0"
 
 AutoConfig.register("setok", SetokConfig, exist_ok=True)
 AutoModel.register(SetokConfig, SetokModel, exist_ok=True)
+AutoConfig.register("setokim", SetokimConfig, exist_ok=True)
+AutoModel.register(SetokimConfig, SetokimModel, exist_ok=True)
+AutoModelForImageTextToText.register(SetokimConfig, SetokimForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(SetokConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(SetokimConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
+AutoProcessor.register(SetokimConfig, SetokimProcessor, exist_ok=True)
 
 __all__ = [
     "SetokConfig",
@@ -33,6 +43,11 @@ __all__ = [
     "SetokModelOutput",
     "SetokPreTrainedModel",
     "SetokReconstructionOutput",
+    "SetokimConfig",
+    "SetokimForConditionalGeneration",
+    "SetokimModel",
+    "SetokimPreTrainedModel",
+    "SetokimProcessor",
     "dpc_knn_cluster",
     "iterative_cluster",
     "sincos_position_embedding_2d",

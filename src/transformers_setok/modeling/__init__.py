@@ -1,5 +1,6 @@
 from .clustering_setok import dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
 from .configuration_setok import SetokConfig
+from .configuration_setokim import SetokimConfig
 from .modeling_setok import (
     SetokForImageReconstruction,
     SetokModel,
@@ -7,6 +8,7 @@ from .modeling_setok import (
     SetokPreTrainedModel,
     SetokReconstructionOutput,
 )
+from .modeling_setokim import SetokimForConditionalGeneration, SetokimModel, SetokimPreTrainedModel
 
 __all__ = [
     "SetokConfig",
@@ -15,6 +17,10 @@ __all__ = [
     "SetokModelOutput",
     "SetokPreTrainedModel",
     "SetokReconstructionOutput",
+    "SetokimConfig",
+    "SetokimForConditionalGeneration",
+    "SetokimModel",
+    "SetokimPreTrainedModel",
     "dpc_knn_cluster",
     "iterative_cluster",
     "sincos_position_embedding_2d",

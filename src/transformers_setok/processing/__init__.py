@@ -1,3 +1,4 @@
-from .image_processing_setok import SetokImageProcessor
+from .image_processing_setok import SetokImageProcessor, SetokImagesKwargs
+from .processing_setokim import SetokimProcessor
 
-__all__ = ["SetokImageProcessor"]
+__all__ = ["SetokImageProcessor", "SetokImagesKwargs", "SetokimProcessor"]

@@ -9,8 +9,20 @@ import numpy as np
 import PIL.Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
+from transformers.processing_utils import ImagesKwargs
 
-__all__ = ["SetokImageProcessor"]
+__all__ = ["SetokImageProcessor", "SetokImagesKwargs"]
+
+
+class SetokImagesKwargs(ImagesKwargs, total=False):
+    """
+    image_token_counts (`list[int]`, *optional*):
+        SeTok token count of each image, in order (`len(f)` for `f` in `get_image_features(...).pooler_output`).
+        Setokim's processor expands each image placeholder to that many image tokens; SeTok decides the count, so
+        it is known only after the tokenizer has run. The image processor itself ignores it.
+    """
+
+    image_token_counts: list[int] | None
 
 
 class SetokImageProcessor(PilBackend):
@@ -31,6 +43,7 @@ class SetokImageProcessor(PilBackend):
     do_rescale = True
     do_normalize = True
     model_input_names = ["pixel_values"]
+    valid_kwargs = SetokImagesKwargs
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         # Every image is converted to RGB here (grayscale, alpha, palette, 16-bit), whatever `do_convert_rgb` says.

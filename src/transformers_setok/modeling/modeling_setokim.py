@@ -1,0 +1,247 @@
+"""Setokim: a causal LM that reads images as SeTok tokens.
+
+    pixels -> SeTok (variable token count L_i per image) -> 2-layer GELU projector -> LLM embedding width
+    text   -> [Img] <image> x L_i [/Img] ... : the projected tokens replace the <image> placeholders in order
+
+Each image contributes exactly its own token count, so the placeholders can only be expanded once SeTok has run.
+`get_image_features` returns the per-image features as a list; `forward` and `generate` take them back through
+`mm_encoder_outputs={"image": ...}`, so an image is encoded once even though its count decides the prompt length.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_setokim import SetokimConfig
+from .modeling_setok import SetokModel
+
+
+@dataclass
+class SetokimModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*):
+        The projected SeTok tokens of all images of the batch, in placeholder order.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*):
+        The projected SeTok tokens of all images of the batch, in placeholder order.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class SetokimProjector(nn.Module):
+    """SeTok token width -> LLM width: Linear, activation, Linear."""
+
+    def __init__(self, config: SetokimConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.token_dim, hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(tokens)))
+
+
+class SetokimPreTrainedModel(PreTrainedModel):
+    config: SetokimConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading swaps every parameter for a new trainable one, which would silently unfreeze SeTok's encoder.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.base_model.vision_tower._freeze_encoders()
+        return loaded
+
+
+class SetokimModel(SetokimPreTrainedModel):
+    """SeTok tower, projector and language model (without the LM head)."""
+
+    def __init__(self, config: SetokimConfig):
+        super().__init__(config)
+        self.vision_tower = SetokModel._from_config(config.vision_config)
+        self.multi_modal_projector = SetokimProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Runs SeTok and the projector.
+
+        Returns a `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `(n_i, hidden_size)` tensor
+        per image (n_i: that image's token count) and whose `last_hidden_state` holds the padded SeTok tokens.
+        """
+        setok = self.vision_tower(pixel_values)
+        projected = self.multi_modal_projector(setok.last_hidden_state)
+        per_image = [tokens[:count] for tokens, count in zip(projected, setok.num_tokens.tolist())]
+        return BaseModelOutputWithPooling(last_hidden_state=setok.last_hidden_state, pooler_output=per_image)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
+        """Where the image features go; raises when placeholders and features disagree in number."""
+        if input_ids is None:
+            placeholder = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == placeholder).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        if int(mask.sum()) != image_features.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {int(mask.sum())}, features: "
+                f"{image_features.shape[0]}. Expand each image placeholder to that image's SeTok token count "
+                "(SetokimProcessor does this from the counts `get_image_features` returns)."
+            )
+        return mask[..., None].expand_as(inputs_embeds)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> SetokimModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if pixel_values is not None and mm_encoder_outputs is not None and "image" in mm_encoder_outputs:
+            raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        image_features = None
+        if image_outputs is not None:
+            image_features = torch.cat(list(image_outputs.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
+            raise ValueError(
+                "Image features and image tokens do not match: the text holds image tokens but no image was given."
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return SetokimModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: SetokimConfig):
+        super().__init__(config)
+        self.model = SetokimModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @torch.no_grad()
+    def prepare_inputs(self, processor, text, images=None, **kwargs):
+        """Model inputs for `text` with `images`, SeTok run once: it encodes the images, hands their token counts to
+        `processor` (a `SetokimProcessor`) to expand the placeholders, and returns the tokenized text with
+        `mm_encoder_outputs`, ready for `generate(**inputs)` or `forward(**inputs)`."""
+        if images is None:
+            return processor(text=text, return_tensors="pt", **kwargs).to(self.device)
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
+        features = self.get_image_features(pixel_values)
+        counts = [len(image_features) for image_features in features.pooler_output]
+        inputs = processor(text=text, images=images, image_token_counts=counts, return_tensors="pt", **kwargs)
+        inputs.pop("pixel_values")
+        inputs = inputs.to(self.device)
+        inputs["mm_encoder_outputs"] = {"image": features}
+        return inputs
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> SetokimCausalLMOutputWithPast:
+        r"""
+        labels (`(B, T)`, *optional*): next-token targets (-100 is ignored), shifted inside the loss.
+        mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(pixel_values)}`, to reuse an
+            encoding instead of passing `pixel_values` again.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return SetokimCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = ["SetokimForConditionalGeneration", "SetokimModel", "SetokimPreTrainedModel"]

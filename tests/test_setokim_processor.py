@@ -1,0 +1,152 @@
+"""SetokimProcessor: special tokens, chat template, placeholder expansion from SeTok's counts, the one-pass flow."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoProcessor, PreTrainedTokenizerFast
+
+from transformers_setok import (
+    SetokImageProcessor,
+    SetokimConfig,
+    SetokimForConditionalGeneration,
+    SetokimProcessor,
+)
+
+WORDS = [
+    "<unk>",
+    "<pad>",
+    "</s>",
+    "<s>",
+    "User",
+    "Assistant",
+    ":",
+    "what",
+    "is",
+    "in",
+    "the",
+    "image",
+    "?",
+    "a",
+    "cat",
+]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built locally: words, punctuation and the image markers are tokens."""
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(r"\[/?Img\]|<image>|[:?]", behavior="isolated")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+
+
+@pytest.fixture
+def processor():
+    return SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
+
+
+@pytest.fixture
+def model(processor):
+    text = dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(processor.tokenizer),
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    config = SetokimConfig(
+        vision_config=tiny_config(),
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        boi_token_id=processor.boi_token_id,
+        eoi_token_id=processor.eoi_token_id,
+    )
+    return SetokimForConditionalGeneration(config).eval()
+
+
+def test_special_tokens_are_added_once(processor):
+    tokenizer = processor.tokenizer
+    assert len(tokenizer) == len(WORDS) + 3
+    ids = {processor.image_token_id, processor.boi_token_id, processor.eoi_token_id}
+    assert ids == {len(WORDS), len(WORDS) + 1, len(WORDS) + 2}
+    again = SetokimProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
+    assert len(again.tokenizer) == len(WORDS) + 3 and again.image_token_id == processor.image_token_id
+
+
+def test_each_image_expands_to_its_own_count(processor, photos):
+    inputs = processor(
+        text=["what is <image> the <image> ?", "a cat"],
+        images=[[photos["astronaut"], photos["coffee"]], []],
+        image_token_counts=[3, 5],
+        padding=True,
+        return_tensors="pt",
+    )
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    expected = ["what", "is", "[Img]"] + ["<image>"] * 3 + ["[/Img]", "the", "[Img]"] + ["<image>"] * 5
+    assert tokens == expected + ["[/Img]", "?"]
+    assert inputs["pixel_values"].shape == (2, 3, 32, 32)
+    assert inputs["attention_mask"][1].sum() == 2
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [(None, "image_token_counts` is required"), ([3], "has 1 entries for 2 images"), ([3, 0], "positive integers")],
+)
+def test_counts_are_checked(processor, photos, counts, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text="<image> <image>", images=[photos["astronaut"], photos["coffee"]], image_token_counts=counts)
+
+
+def test_placeholders_must_match_the_images(processor, photos):
+    with pytest.raises(ValueError):
+        processor(text="what <image>", images=[photos["astronaut"], photos["coffee"]], image_token_counts=[2, 2])
+    with pytest.raises(ValueError):
+        processor(text="what <image> <image>", images=[photos["astronaut"]], image_token_counts=[2])
+
+
+def test_chat_template_has_image_blocks_and_marks_the_assistant_turn(processor):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    assert text.rstrip("\n") == "User: <image>what is in the image ?\nAssistant: a cat</s>"
+    encoded = processor.tokenizer.apply_chat_template(
+        messages,
+        chat_template=processor.chat_template,
+        return_assistant_tokens_mask=True,
+        return_dict=True,
+        tokenize=True,
+    )
+    marked = [token for token, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    assert processor.tokenizer.convert_ids_to_tokens(marked) == ["a", "cat", "</s>"]
+
+
+def test_prepare_inputs_runs_setok_once_and_matches_pixel_path(model, processor, photos, monkeypatch):
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    calls = []
+    setok_forward = model.model.vision_tower.forward
+    monkeypatch.setattr(model.model.vision_tower, "forward", lambda *a, **k: calls.append(1) or setok_forward(*a, **k))
+    inputs = model.prepare_inputs(processor, [prompt], [photos["chelsea"]])
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert len(calls) == 1, "SeTok runs once per image batch"
+    counts = [int((inputs["input_ids"] == processor.image_token_id).sum())]
+    pixel_inputs = processor(text=[prompt], images=[photos["chelsea"]], image_token_counts=counts, return_tensors="pt")
+    assert torch.equal(model.generate(**pixel_inputs, max_new_tokens=4, do_sample=False), generated)
+
+
+def test_saved_processor_loads_with_auto_processor(model, processor, tmp_path):
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is SetokimProcessor and type(loaded.image_processor) is SetokImageProcessor
+    assert loaded.image_token_id == processor.image_token_id and loaded.chat_template == processor.chat_template
