@@ -150,3 +150,34 @@ def test_saved_processor_loads_with_auto_processor(model, processor, tmp_path):
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is SetokimProcessor and type(loaded.image_processor) is SetokImageProcessor
     assert loaded.image_token_id == processor.image_token_id and loaded.chat_template == processor.chat_template
+
+
+def test_build_from_a_setok_and_a_causal_lm_checkpoint(processor, tmp_path, photos):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers_setok import SetokModel
+    from transformers_setok.assembly import build_setokim
+
+    setok = SetokModel(tiny_config())
+    setok.save_pretrained(tmp_path / "setok")
+    SetokImageProcessor(size=32).save_pretrained(tmp_path / "setok")
+    llm_config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(WORDS)
+    )
+    llm = LlamaForCausalLM(llm_config)
+    llm.save_pretrained(tmp_path / "llm")
+    word_tokenizer().save_pretrained(tmp_path / "llm")
+
+    model, built = build_setokim(str(tmp_path / "setok"), str(tmp_path / "llm"))
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == len(WORDS) + 3 == len(built.tokenizer)
+    torch.testing.assert_close(embeddings[: len(WORDS)], llm.get_input_embeddings().weight)
+    mean = llm.get_input_embeddings().weight.mean(0)
+    for token_id in (built.image_token_id, built.boi_token_id, built.eoi_token_id):
+        torch.testing.assert_close(embeddings[token_id], mean)
+        torch.testing.assert_close(model.lm_head.weight[token_id], llm.lm_head.weight.mean(0))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.model.vision_tower.state_dict().values(), setok.state_dict().values())
+    )
+    inputs = model.prepare_inputs(built, ["what is <image> ?"], [photos["coffee"]])
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2

@@ -6,6 +6,7 @@ Importing the package registers the classes with the Auto API (`AutoConfig`, `Au
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+from .assembly import build_setokim
 from .modeling import (
     SetokConfig,
     SetokForImageReconstruction,
@@ -48,6 +49,7 @@ __all__ = [
     "SetokimModel",
     "SetokimPreTrainedModel",
     "SetokimProcessor",
+    "build_setokim",
     "dpc_knn_cluster",
     "iterative_cluster",
     "sincos_position_embedding_2d",
