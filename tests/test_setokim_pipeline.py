@@ -1,0 +1,95 @@
+"""pipeline("image-text-to-text") on a saved Setokim: chat messages, text with images, batches."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+from test_setokim_processor import word_tokenizer
+from transformers import pipeline
+
+from transformers_setok import SetokImageProcessor, SetokimConfig, SetokimForConditionalGeneration, SetokimProcessor
+from transformers_setok.processing.pipeline_setokim import SetokimImageTextToTextPipeline
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    processor = SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
+    text = dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(processor.tokenizer),
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    config = SetokimConfig(
+        vision_config=tiny_config(),
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        boi_token_id=processor.boi_token_id,
+        eoi_token_id=processor.eoi_token_id,
+    )
+    folder = tmp_path_factory.mktemp("setokim")
+    SetokimForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    return {name: Image.fromarray(photos[name]) for name in ("chelsea", "coffee")}
+
+
+def expected_ids(pipe, text, images, **kwargs):
+    inputs = pipe.model.prepare_inputs(pipe.processor, text, images, **kwargs)
+    out = pipe.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def test_plain_pipeline_call_uses_the_setokim_pipeline(saved):
+    pipe = pipeline("image-text-to-text", model=str(saved))
+    assert isinstance(pipe, SetokimImageTextToTextPipeline)
+    assert isinstance(pipe.model, SetokimForConditionalGeneration)
+
+
+def test_text_with_images_matches_direct_generation(saved, images):
+    pipe = pipeline("image-text-to-text", model=str(saved))
+    result = pipe(
+        images=[images["chelsea"]], text="what is <image> ?", max_new_tokens=3, do_sample=False, return_tensors=True
+    )
+    generated = torch.as_tensor(result[0]["generated_token_ids"])[-3:]
+    assert generated.tolist() == expected_ids(pipe, ["what is <image> ?"], [images["chelsea"]])[0].tolist()
+
+
+def test_chat_messages(saved, images):
+    pipe = pipeline("image-text-to-text", model=str(saved))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": images["coffee"]},
+                {"type": "text", "text": "what is in the image ?"},
+            ],
+        }
+    ]
+    result = pipe(text=messages, max_new_tokens=3, do_sample=False)
+    assert result[0]["generated_text"][-1]["role"] == "assistant"
+    prompt = pipe.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    expected = pipe.tokenizer.decode(expected_ids(pipe, [prompt], [images["coffee"]])[0], skip_special_tokens=True)
+    assert result[0]["generated_text"][-1]["content"] == expected
+
+
+def test_batched_samples_with_different_image_counts(saved, images):
+    pipe = pipeline("image-text-to-text", model=str(saved))
+    texts = ["what is <image> ?", "<image> a <image>"]
+    groups = [[images["chelsea"]], [images["coffee"], images["chelsea"]]]
+    batched = pipe(images=groups, text=texts, max_new_tokens=3, do_sample=False, batch_size=2, return_tensors=True)
+    for result, text, group in zip(batched, texts, groups):
+        alone = expected_ids(pipe, [text], group)[0]
+        assert torch.as_tensor(result["generated_token_ids"])[-3:].tolist() == alone.tolist()
