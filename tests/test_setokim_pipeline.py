@@ -93,3 +93,47 @@ def test_batched_samples_with_different_image_counts(saved, images):
     for result, text, group in zip(batched, texts, groups):
         alone = expected_ids(pipe, [text], group)[0]
         assert torch.as_tensor(result["generated_token_ids"])[-3:].tolist() == alone.tolist()
+
+
+def test_exported_folder_runs_the_pipeline_without_the_package(saved, tmp_path, images):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from transformers_setok.export import export_setokim
+
+    model, processor = AutoModelForImageTextToText.from_pretrained(saved), AutoProcessor.from_pretrained(saved)
+    folder = export_setokim(model, processor, tmp_path / "export", name="tiny", repo="me/tiny")
+    for name in ("model.safetensors", "modeling_setokim.py", "processing_setokim.py", "pipeline_setokim.py"):
+        assert (folder / name).is_file(), name
+    assert "transformers>=5.23,<6" in (folder / "README.md").read_text()
+    assert not hasattr(type(model), "_auto_class") or type(model).__dict__.get("_auto_class") is None
+    images["chelsea"].save(tmp_path / "cat.png")
+    child = f"""
+import importlib.abc, json, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "transformers_setok":
+            raise ImportError(name)
+sys.meta_path.insert(0, Hide())
+from PIL import Image
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
+out = pipe(images=[Image.open({str(tmp_path / "cat.png")!r})], text="what is <image> ?", max_new_tokens=3,
+           do_sample=False, return_tensors=True)
+print(json.dumps({{"ids": out[0]["generated_token_ids"][-3:].tolist(), "hidden": "transformers_setok" not in sys.modules}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", child],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    pipe = pipeline("image-text-to-text", model=str(saved))
+    expected = expected_ids(pipe, ["what is <image> ?"], [Image.open(tmp_path / "cat.png")])[0].tolist()
+    assert report == {"ids": expected, "hidden": True}

@@ -5,15 +5,15 @@ from pathlib import Path
 TEMPLATES = Path(__file__).resolve().parents[3] / "model_cards"
 
 
-def render_setok_card(config, *, name: str, repo: str, provenance: str, template: Path | None = None) -> str:
-    """The SeTok card for `config` (a `SetokConfig`)."""
-    template = template or TEMPLATES / "setok.md"
-    if not template.is_file():
-        raise FileNotFoundError(f"Model card template not found: {template} (run from a source checkout).")
-    return template.read_text().format(
-        name=name,
-        repo=repo,
-        provenance=provenance,
+def _template(name: str) -> str:
+    path = TEMPLATES / name
+    if not path.is_file():
+        raise FileNotFoundError(f"Model card template not found: {path} (run from a source checkout).")
+    return path.read_text()
+
+
+def _setok_fields(config) -> dict:
+    return dict(
         vision_model_type=config.vision_config.model_type,
         grid=config.grid_size,
         vision_width=config.vision_config.hidden_size,
@@ -23,4 +23,24 @@ def render_setok_card(config, *, name: str, repo: str, provenance: str, template
         cluster_threshold=config.cluster_threshold,
         max_num_clusters=config.max_num_clusters or "N",
         reconstruction_size=config.reconstruction_size,
+    )
+
+
+def render_setok_card(config, *, name: str, repo: str, provenance: str) -> str:
+    """The SeTok card for `config` (a `SetokConfig`)."""
+    return _template("setok.md").format(name=name, repo=repo, provenance=provenance, **_setok_fields(config))
+
+
+def render_setokim_card(config, *, name: str, repo: str, provenance: str) -> str:
+    """The Setokim card for `config` (a `SetokimConfig`)."""
+    text = config.text_config
+    return _template("setokim.md").format(
+        name=name,
+        repo=repo,
+        provenance=provenance,
+        text_model_type=text.model_type,
+        text_layers=text.num_hidden_layers,
+        text_width=text.hidden_size,
+        vocab_size=text.vocab_size,
+        **_setok_fields(config.vision_config),
     )
