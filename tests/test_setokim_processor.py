@@ -181,3 +181,25 @@ def test_build_from_a_setok_and_a_causal_lm_checkpoint(processor, tmp_path, phot
     )
     inputs = model.prepare_inputs(built, ["what is <image> ?"], [photos["coffee"]])
     assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_bad_conversations_and_texts_are_rejected(model, processor, photos):
+    with pytest.raises(ValueError, match="`conversation` is empty"):
+        processor.apply_chat_template([])
+    with pytest.raises(ValueError, match="`conversation` is empty"):
+        processor.apply_chat_template([[]])
+    with pytest.raises(ValueError):  # a placeholder without its image
+        processor(text="what is <image> ?", image_token_counts=[2])
+    with pytest.raises(ValueError, match="Incorrect image source"):  # strings are paths or URLs
+        processor(text="<image>", images=["not an image"], image_token_counts=[2])
+    with pytest.raises(TypeError, match="`images`"):
+        processor(text="<image>", images=[42], image_token_counts=[2])
+
+
+def test_prompt_longer_than_the_context_is_an_error(model, processor, photos):
+    model.config.text_config.max_position_embeddings = 12
+    with pytest.raises(ValueError, match="longer than the language model's context"):
+        model.generate(**model.prepare_inputs(processor, ["what is <image> ?"], [photos["coffee"]]), max_new_tokens=2)
+    short = processor(text="what is the image ?", return_tensors="pt")
+    with pytest.raises(ValueError, match="12 positions"):
+        model.generate(**short, max_new_tokens=10, do_sample=False)

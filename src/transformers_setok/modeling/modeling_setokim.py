@@ -120,6 +120,16 @@ class SetokimModel(SetokimPreTrainedModel):
             )
         return mask[..., None].expand_as(inputs_embeds)
 
+    def _check_context_length(self, new_length: int, past_key_values):
+        # Nothing is truncated: a sequence past the LLM's positions is an error, not silently cut or extrapolated.
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if limit is not None and past + new_length > limit:
+            raise ValueError(
+                f"The sequence ({past + new_length} tokens, image tokens included) is longer than the language "
+                f"model's context ({limit} positions, `text_config.max_position_embeddings`)."
+            )
+
     @can_return_tuple
     def forward(
         self,
@@ -138,6 +148,7 @@ class SetokimModel(SetokimPreTrainedModel):
             raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        self._check_context_length(inputs_embeds.shape[1], past_key_values)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:

@@ -12,7 +12,12 @@ expands placeholders from counts it is given (`image_token_counts`), and the flo
 
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .image_processing_setok import SetokImagesKwargs
+from .image_processing_setok import SetokImagesKwargs, _is_array
+
+
+def _is_image(value) -> bool:
+    return _is_array(value) or type(value).__module__.startswith("PIL")
+
 
 # One image block per image; the assistant turn is wrapped for assistant-only loss.
 DEFAULT_CHAT_TEMPLATE = (
@@ -80,9 +85,30 @@ class SetokimProcessor(ProcessorMixin):
             raise ValueError(f"`image_token_counts` must hold positive integers, got {count!r}.")
         return self.boi_token + self.image_token * count + self.eoi_token
 
+    def __call__(self, images=None, text=None, **kwargs):
+        for image in _flat(images):
+            if not (isinstance(image, str) or _is_image(image)):
+                raise TypeError(
+                    f"`images` must be PIL images, numpy arrays, torch tensors, paths or URLs, got {type(image).__name__}."
+                )
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        if not conversation or (isinstance(conversation, (list, tuple)) and not all(conversation)):
+            raise ValueError("`conversation` is empty: pass at least one message.")
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _flat(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return [image for group in images for image in _flat(group)]
+    return [images]
 
 
 __all__ = ["SetokimProcessor"]
