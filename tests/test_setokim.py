@@ -19,9 +19,9 @@ TEXT_CONFIGS = {
 }
 
 
-def setokim_config(backbone: str = "llama") -> SetokimConfig:
+def setokim_config(backbone: str = "llama", **text_overrides) -> SetokimConfig:
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=70)
-    text.update(TEXT_CONFIGS[backbone], pad_token_id=PAD)
+    text.update(TEXT_CONFIGS[backbone], pad_token_id=PAD, **text_overrides)
     return SetokimConfig(
         vision_config=tiny_config(), text_config=text, image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI
     )
