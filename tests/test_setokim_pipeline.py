@@ -2,37 +2,21 @@
 
 import pytest
 import torch
-from conftest import tiny_config
 from PIL import Image
-from test_setokim_processor import word_tokenizer
+from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import pipeline
 
-from transformers_setok import SetokImageProcessor, SetokimConfig, SetokimForConditionalGeneration, SetokimProcessor
+from transformers_setok import SetokimForConditionalGeneration
 from transformers_setok.processing.pipeline_setokim import SetokimImageTextToTextPipeline
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
-    processor = SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
-    text = dict(
-        model_type="llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=len(processor.tokenizer),
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
-    config = SetokimConfig(
-        vision_config=tiny_config(),
-        text_config=text,
-        image_token_id=processor.image_token_id,
-        boi_token_id=processor.boi_token_id,
-        eoi_token_id=processor.eoi_token_id,
-    )
+    processor = tiny_processor()
+    model = tiny_setokim(processor)
     folder = tmp_path_factory.mktemp("setokim")
-    SetokimForConditionalGeneration(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

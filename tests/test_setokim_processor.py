@@ -43,13 +43,12 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@pytest.fixture
-def processor():
+def tiny_processor() -> SetokimProcessor:
     return SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
 
 
-@pytest.fixture
-def model(processor):
+def tiny_setokim(processor: SetokimProcessor) -> SetokimForConditionalGeneration:
+    """A tiny Llama-based Setokim whose vocabulary and special ids match `processor`."""
     text = dict(
         model_type="llama",
         hidden_size=32,
@@ -67,6 +66,16 @@ def model(processor):
         eoi_token_id=processor.eoi_token_id,
     )
     return SetokimForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def processor():
+    return tiny_processor()
+
+
+@pytest.fixture
+def model(processor):
+    return tiny_setokim(processor)
 
 
 def test_special_tokens_are_added_once(processor):
