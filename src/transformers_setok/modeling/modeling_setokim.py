@@ -62,6 +62,8 @@ class SetokimPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
+    # SeTok stays on one device (its clustering works on whole images); the LLM's own layers are added by transformers.
+    _no_split_modules = ["SetokModel"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
