@@ -67,8 +67,11 @@ def test_placeholders_and_features_must_match(model, pixels, shift, message):
 
 
 def test_image_tokens_without_an_image_are_rejected(model):
+    ids = torch.tensor([[1] + image_block(3)])
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
-        model(input_ids=torch.tensor([[1] + image_block(3)]))
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model.generate(input_ids=ids, max_new_tokens=2)  # the prefill already holds a (still empty) cache
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

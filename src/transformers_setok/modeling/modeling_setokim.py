@@ -122,10 +122,9 @@ class SetokimModel(SetokimPreTrainedModel):
             )
         return mask[..., None].expand_as(inputs_embeds)
 
-    def _check_context_length(self, new_length: int, past_key_values):
+    def _check_context_length(self, new_length: int, past: int):
         # Nothing is truncated: a sequence past the LLM's positions is an error, not silently cut or extrapolated.
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if limit is not None and past + new_length > limit:
             raise ValueError(
                 f"The sequence ({past + new_length} tokens, image tokens included) is longer than the language "
@@ -150,7 +149,8 @@ class SetokimModel(SetokimPreTrainedModel):
             raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        self._check_context_length(inputs_embeds.shape[1], past_key_values)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_context_length(inputs_embeds.shape[1], past)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
@@ -160,7 +160,7 @@ class SetokimModel(SetokimPreTrainedModel):
             image_features = torch.cat(list(image_outputs.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
+        elif input_ids is not None and past == 0 and (input_ids == self.config.image_token_id).any():
             raise ValueError(
                 "Image features and image tokens do not match: the text holds image tokens but no image was given."
             )
