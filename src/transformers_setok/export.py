@@ -51,9 +51,18 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
 
 
 def push_folder_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload an exported folder to the Hub (the endpoint follows `HF_ENDPOINT`); returns the commit URL."""
+    """Upload a folder written by `export_setokim` to `repo_id`, creating the repo if needed; returns the commit URL.
+
+    The endpoint follows `HF_ENDPOINT`. Pushing an unchanged folder again makes no commit and returns the URL of the
+    last one.
+    """
     from huggingface_hub import HfApi
 
+    # Checked before anything reaches the Hub, so that a wrong path does not leave an empty repo behind.
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        problem = "has no config.json" if folder.is_dir() else "is not a folder"
+        raise FileNotFoundError(f"`folder` {str(folder)!r} {problem}; expected a folder written by `export_setokim`")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload Setokim"))
