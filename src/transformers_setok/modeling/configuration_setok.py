@@ -56,6 +56,8 @@ class SetokConfig(PreTrainedConfig):
             Layers of the intra-cluster (patches see their own cluster) and inter-cluster (tokens see each other)
             encoders.
         merger_dropout (`float`): dropout inside the merger layers.
+        merger_output_norm (`bool`, defaults to `True`): LayerNorm before the projection to `token_dim`. Checkpoints
+            converted from the upstream code, whose merger had none, set it to `False`.
         token_dim (`int`, defaults to 4096): width of the emitted SeTok tokens.
         detokenizer_hidden_size, detokenizer_num_attention_heads, detokenizer_intermediate_size (`int`):
             Width, heads and FFN width of the detokenizer.
@@ -108,6 +110,7 @@ class SetokConfig(PreTrainedConfig):
     merger_num_intra_layers: int = 2
     merger_num_inter_layers: int = 2
     merger_dropout: float = 0.0
+    merger_output_norm: bool = True
     token_dim: int = 4096
 
     detokenizer_hidden_size: int = 768

@@ -169,7 +169,7 @@ class SetokTokenMerger(nn.Module):
         self.inter_layers = nn.ModuleList(
             [SetokTransformerLayer(config, width, heads, ffn, drop) for _ in range(config.merger_num_inter_layers)]
         )
-        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if config.merger_output_norm else nn.Identity()
         self.output_proj = nn.Linear(width, config.token_dim)
 
     def forward(self, patch_features, assignment, num_clusters):
