@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_config
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from transformers_setok import (
@@ -36,7 +36,7 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer built locally: words, punctuation and the image markers are tokens."""
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(r"\[/?Img\]|<image>|[:?]", behavior="isolated")]
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\[/?Img\]|<image>|[:?]"), behavior="isolated")]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"

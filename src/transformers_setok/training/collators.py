@@ -1,0 +1,324 @@
+"""Training batches for Setokim, in two steps because SeTok decides each image's token count only when it runs.
+
+    data worker (CPU, no model)   SetokimChatCollator: chat records -> input_ids / attention_mask / labels with ONE
+                                  `<image>` placeholder per image, plus the batch's `pixel_values`
+    trainer (model device)        encode_and_expand: SeTok runs once -> counts n_i -> expand_image_placeholders turns
+                                  each placeholder into `[Img]`, n_i x `<image>`, `[/Img]` -> `model(**batch)`
+
+After the second step input_ids and labels hold every image token, so a loss (or TRL's fused LM head, which pairs
+`hidden[:, :-1]` with `labels[:, 1:]`) sees exactly the sequence the LLM reads. The expanded ids are the ones
+`SetokimProcessor(text=rendered_chat, image_token_counts=counts)` gives, i.e. what inference feeds the model.
+"""
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.utils.chat_template_utils import render_jinja_template
+
+IGNORE_INDEX = -100  # the label value PyTorch's and transformers' cross-entropy skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Step 1: the collator (CPU, data workers)
+
+
+def tokenize_conversation(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """One chat -> (input_ids, labels), each image still one `<image>` placeholder.
+
+    Labels copy the ids inside the template's `{% generation %}` spans (the assistant turns, their eos included) and
+    are IGNORE_INDEX elsewhere. The text is tokenized exactly as `processor(text=rendered_chat)` would (a BOS is added
+    unless the template wrote one), so training sees the ids inference sees.
+    """
+    tokenizer = processor.tokenizer
+    texts, spans = render_jinja_template(
+        conversations=[messages],
+        chat_template=processor.chat_template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    text, spans = texts[0], spans[0]
+    starts_with_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    encoded = tokenizer(text, add_special_tokens=not starts_with_bos, return_offsets_mapping=True)
+    labels = []
+    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        # A token is a target when its characters overlap an assistant span (a BPE token " a" that starts one
+        # character early still counts); zero-width tokens (an added BOS) overlap nothing.
+        in_assistant_turn = any(start < span_end and end > span_start for span_start, span_end in spans)
+        # Placeholders are inputs even inside an assistant turn: their image tokens are never targets.
+        is_target = in_assistant_turn and token_id != processor.image_token_id
+        labels.append(token_id if is_target else IGNORE_INDEX)
+    return encoded["input_ids"], labels
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], value: int, padding_side: str) -> torch.Tensor:
+    """Lists of ints of any lengths -> a `(B, T_max)` long tensor, padded with `value` on `padding_side`."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
+    longest = max((len(sequence) for sequence in sequences), default=0)
+    padded = torch.full((len(sequences), longest), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if len(sequence) == 0:
+            continue
+        if padding_side == "right":
+            padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        else:
+            padded[row, longest - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+    return padded
+
+
+def _images_of(example: Mapping) -> list:
+    """TRL's vision records carry `images` (a list) or `image` (one image)."""
+    if example.get("images") is not None:
+        return list(example["images"])
+    if example.get("image") is not None:
+        return [example["image"]]
+    return []
+
+
+@dataclass
+class SetokimChatCollator:
+    """Conversational records -> a training batch with one `<image>` placeholder per image (not yet expanded).
+
+    A record is TRL's vision format: `{"images": [PIL images], "messages": [{"role": ..., "content": [{"type":
+    "image"} | {"type": "text", "text": ...}]}]}`, one image part per image, in order. Captioning is the same record
+    with a user turn holding only the image (and maybe a prompt) and the caption as the assistant turn.
+
+    Returns `input_ids`, `attention_mask`, `labels` (all `(B, T)`; labels are IGNORE_INDEX outside the assistant
+    turns and on padding) and, when the batch has images, `pixel_values` `(N_images, 3, H, W)`: the images of all
+    samples, sample by sample, in placeholder order. Pass the batch through `encode_and_expand` before the model.
+
+    `max_length` never truncates (that would cut image placeholders or answers): a longer sample is an error. It
+    bounds the unexpanded length; `expand_image_placeholders(max_length=...)` and the model check the final one.
+    """
+
+    processor: object  # a SetokimProcessor: chat template, tokenizer, image processor, `image_token_id`
+    padding_side: str = "right"
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {self.padding_side!r}.")
+        if self.processor.tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token: set `processor.tokenizer.pad_token` (e.g. to its eos).")
+
+    def __call__(self, examples: list[Mapping]) -> dict[str, torch.Tensor]:
+        input_ids, labels, images = [], [], []
+        for index, example in enumerate(examples):
+            ids, sample_labels = tokenize_conversation(self.processor, example["messages"])
+            sample_images = _images_of(example)
+            self._check_sample(index, ids, sample_labels, len(sample_images))
+            input_ids.append(ids)
+            labels.append(sample_labels)
+            images.extend(sample_images)
+
+        batch = {
+            "input_ids": pad_sequences(input_ids, self.processor.tokenizer.pad_token_id, self.padding_side),
+            "attention_mask": pad_sequences([[1] * len(ids) for ids in input_ids], 0, self.padding_side),
+            "labels": pad_sequences(labels, IGNORE_INDEX, self.padding_side),
+        }
+        if images:
+            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return batch
+
+    def _check_sample(self, index: int, ids: list[int], labels: list[int], num_images: int):
+        num_placeholders = ids.count(self.processor.image_token_id)
+        if num_placeholders != num_images:
+            raise ValueError(
+                f"Sample {index} has {num_placeholders} image parts in its messages but {num_images} images: each "
+                "image needs exactly one {'type': 'image'} content part, in the order of `images`."
+            )
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise ValueError(
+                f"Sample {index} has {len(ids)} tokens before image expansion, more than max_length={self.max_length}. "
+                "Nothing is truncated (it would cut image placeholders or answers): raise max_length, set it to None, "
+                "or filter the data set."
+            )
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"Sample {index} has no assistant turn: it has nothing to learn from.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Step 2: the expansion (trainer side, pure tensor code, any device)
+
+
+def _check_counts(image_token_counts, num_placeholders: int, device: torch.device) -> torch.Tensor:
+    """Counts as a `(P,)` long tensor, after checking there is one positive integer per placeholder."""
+    counts = torch.as_tensor(image_token_counts, device=device)
+    if counts.numel() == 0:
+        counts = counts.long()  # torch.as_tensor([]) is a float tensor
+    if counts.ndim != 1 or counts.numel() != num_placeholders:
+        raise ValueError(
+            f"The batch has {num_placeholders} image placeholders but {counts.numel()} image token counts were given: "
+            "pass one count per image, in placeholder order across the batch."
+        )
+    if counts.dtype == torch.bool or counts.is_floating_point() or counts.is_complex() or bool((counts < 1).any()):
+        raise ValueError(f"Image token counts must be positive integers, got {counts.tolist()}.")
+    return counts.long()
+
+
+def expand_image_placeholders(
+    batch: Mapping[str, torch.Tensor],
+    image_token_counts: Sequence[int] | torch.Tensor,
+    *,
+    image_token_id: int,
+    boi_token_id: int,
+    eoi_token_id: int,
+    pad_token_id: int,
+    padding_side: str,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Replaces the i-th `<image>` placeholder of the batch (row by row, left to right) by `[Img]`, n_i image
+    tokens, `[/Img]`, where n_i = `image_token_counts[i]`, and re-pads the batch on `padding_side`.
+
+    `batch`: `input_ids` `(B, T)`, optional `attention_mask` `(B, T)` (all ones when missing) and `labels` `(B, T)`.
+    Returns a new dict with `input_ids`, `attention_mask` (and `labels`) of shape `(B, T')`, T' the longest
+    expanded row: labels keep their text targets aligned and are IGNORE_INDEX on the whole image block (markers
+    included: they are inputs, not targets) and on padding. `position_ids` are dropped (stale after expansion; the
+    model derives positions itself); other keys pass through untouched. `max_length`, if given, bounds T'.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    num_rows, num_cols = input_ids.shape
+    device = input_ids.device
+
+    real = attention_mask.bool()
+    placeholders = (input_ids == image_token_id) & real
+    counts = _check_counts(image_token_counts, int(placeholders.sum()), device)
+
+    # Each input token becomes `width` output tokens: 1 for text, n_i + 2 for an image block, 0 for padding
+    # (re-padded below). Boolean indexing walks row by row, left to right: the placeholder order.
+    widths = real.long()
+    widths[placeholders] = counts + 2
+    lengths = widths.sum(1)  # (B,) expanded lengths
+    new_len = int(lengths.max()) if num_rows else 0
+    if max_length is not None and new_len > max_length:
+        row = int(lengths.argmax())
+        raise ValueError(
+            f"Sample {row} has {new_len} tokens once its images are expanded (image tokens included), more than "
+            f"max_length={max_length}. Nothing is truncated: raise max_length or filter the data set."
+        )
+
+    # One output token per (source token, k) pair, k = 0..width-1, all computed at once:
+    # `source` indexes the flattened (B * T) input, `k` is the position inside that token's output span.
+    flat_widths = widths.flatten()
+    source = torch.repeat_interleave(torch.arange(flat_widths.numel(), device=device), flat_widths)
+    global_starts = flat_widths.cumsum(0) - flat_widths
+    k = torch.arange(source.numel(), device=device) - global_starts[source]
+    row = source // num_cols
+    column = (widths.cumsum(1) - widths).flatten()[source] + k  # output column, before padding
+    if padding_side == "left":
+        column = column + (new_len - lengths)[row]
+
+    is_image = placeholders.flatten()[source]
+    tokens = input_ids.flatten()[source]  # text tokens copy themselves; image blocks are rebuilt below
+    tokens = torch.where(is_image & (k == 0), boi_token_id, tokens)
+    tokens = torch.where(is_image & (k == flat_widths[source] - 1), eoi_token_id, tokens)
+
+    expanded = {key: value for key, value in batch.items() if key != "position_ids"}
+    expanded["input_ids"] = input_ids.new_full((num_rows, new_len), pad_token_id)
+    expanded["input_ids"][row, column] = tokens
+    expanded["attention_mask"] = attention_mask.new_zeros((num_rows, new_len))
+    expanded["attention_mask"][row, column] = 1
+    if batch.get("labels") is not None:
+        labels = batch["labels"]
+        expanded["labels"] = labels.new_full((num_rows, new_len), IGNORE_INDEX)
+        expanded["labels"][row, column] = torch.where(is_image, IGNORE_INDEX, labels.flatten()[source])
+    return expanded
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Step 3: what the trainer calls once per batch
+
+
+def _special_ids(processor_or_ids) -> dict[str, int]:
+    """The four ids the expansion needs, from a SetokimProcessor or a mapping that names them."""
+    names = ("image_token_id", "boi_token_id", "eoi_token_id", "pad_token_id")
+    if isinstance(processor_or_ids, Mapping):
+        missing = [name for name in names if processor_or_ids.get(name) is None]
+        if missing:
+            raise ValueError(f"The token ids {missing} are missing.")
+        return {name: processor_or_ids[name] for name in names}
+    processor = processor_or_ids
+    pad_token_id = processor.tokenizer.pad_token_id
+    if pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token: set `processor.tokenizer.pad_token` (e.g. to its eos).")
+    return {
+        "image_token_id": processor.image_token_id,
+        "boi_token_id": processor.boi_token_id,
+        "eoi_token_id": processor.eoi_token_id,
+        "pad_token_id": pad_token_id,
+    }
+
+
+def _frozen_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's `vision_tower` submodule (found by name, so PEFT and DDP wrappers are fine), checked frozen."""
+    towers = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "vision_tower"]
+    if len(towers) != 1:
+        raise ValueError(f"Expected one `vision_tower` submodule in {type(model).__name__}, found {len(towers)}.")
+    trainable = [name for name, param in towers[0].named_parameters() if param.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"The vision tower has {len(trainable)} trainable parameters (e.g. {trainable[0]!r}), but SeTok must be "
+            "frozen to train Setokim (stages 2-3): call `model.model.vision_tower.requires_grad_(False)` first."
+        )
+    return towers[0]
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    # A frozen tower should give the same tokens in train and eval steps (the merger has dropout).
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def encode_and_expand(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    processor_or_ids,
+    *,
+    padding_side: str = "right",
+    max_length: int | None = None,
+) -> dict:
+    """A collated batch (see `SetokimChatCollator`) -> the kwargs of `model(**kwargs)`, SeTok run once.
+
+    Pops `pixel_values`, runs `model.get_image_features` (SeTok, then the projector), reads each image's token count
+    from `pooler_output`, expands the placeholders (`expand_image_placeholders`) and adds
+    `mm_encoder_outputs={"image": features}`. A batch without images is only re-padded.
+
+    The tower must be frozen (else ValueError). The call is deliberately NOT wrapped in `torch.no_grad()`: the
+    projector runs inside `get_image_features` and must be trained. With every tower parameter frozen and
+    `pixel_values` not requiring grad, autograd records nothing for the tower, so it costs what no_grad would.
+    `padding_side` should be the collator's (either side gives the same loss).
+    """
+    batch = dict(batch)
+    pixel_values = batch.pop("pixel_values", None)
+    ids = _special_ids(processor_or_ids)
+    if pixel_values is None:
+        return expand_image_placeholders(batch, [], **ids, padding_side=padding_side, max_length=max_length)
+
+    with _eval_mode(_frozen_vision_tower(model)):
+        features = model.get_image_features(pixel_values)
+    counts = [len(image_features) for image_features in features.pooler_output]
+    expanded = expand_image_placeholders(batch, counts, **ids, padding_side=padding_side, max_length=max_length)
+    expanded["mm_encoder_outputs"] = {"image": features}
+    return expanded
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SetokimChatCollator",
+    "encode_and_expand",
+    "expand_image_placeholders",
+    "pad_sequences",
+    "tokenize_conversation",
+]

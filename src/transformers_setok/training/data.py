@@ -1,0 +1,568 @@
+"""Training data: loaders that turn files or Hub datasets into checked `datasets.Dataset`s.
+
+Two schemas come out, and the collators and trainers rely on them exactly:
+
+* Conversations, for stages 2 and 3 (`load_llava_json`, `load_hub_dataset`, `captions_to_messages`):
+  `images` is a list of images (`List(Image())`: file paths or bytes, decoded to PIL on access) and `messages` is
+  TRL's conversational vision format, a list of {"role": "system" | "user" | "assistant", "content": [part, ...]}
+  where a part is {"type": "image", "text": None} or {"type": "text", "text": str}. The image parts, read across
+  all messages in order, are the images in order, so there are exactly `len(images)` of them (none when a record is
+  text only).
+* Image-text pairs, for stage 1 (`load_image_text_jsonl`): `images` holds exactly one image, `caption` is a string
+  or None and `concepts` a list of strings, possibly empty; every record has a caption or a concept.
+
+Every record is checked at load time: the JSON parses, the image files exist, the placeholders match the images,
+the roles are known. `on_error="fail"` raises `DataValidationError` at the first bad record, naming the file, the
+record and the problem; `on_error="skip"` drops the bad records and logs how many, by reason, at WARNING.
+"""
+
+import io
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import datasets
+import PIL.Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ON_ERROR = ("fail", "skip")
+SHOWN_PER_REASON = 3  # records named per reason in the skip summary; the count covers them all
+
+_TEXT = datasets.Value("string")
+CONVERSATION_FEATURES = datasets.Features(
+    {
+        "images": datasets.List(datasets.Image()),
+        "messages": datasets.List({"role": _TEXT, "content": datasets.List({"type": _TEXT, "text": _TEXT})}),
+    }
+)
+IMAGE_TEXT_FEATURES = datasets.Features(
+    {"images": datasets.List(datasets.Image()), "caption": _TEXT, "concepts": datasets.List(_TEXT)}
+)
+
+# "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path.
+_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+
+
+class DataValidationError(ValueError):
+    """A record that cannot be used. The message names the file, the record and the problem; `reason` is the kind
+    of problem alone, which the skip summary counts by."""
+
+    def __init__(self, where, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
+        self.where, self.reason = where, reason
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a record lives, as messages print it: `train.json, record 3 (id 'abc')`."""
+
+    source: str
+    position: str  # "line 7" (1-based, as editors count) or "record 3" (0-based, as Python indexes)
+    id: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.position if self.id is None else f"{self.position} (id {self.id!r})"
+
+    def __str__(self):
+        return f"{self.source}, {self.label}"
+
+
+# --- Public loaders ---
+
+
+def load_llava_json(json_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
+    """LLaVA-format records -> conversations.
+
+    `json_path` holds a JSON list of records (or one record a line when it ends in `.jsonl`) like
+    {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+    {"from": "gpt", "value": "A cat."}]}. `image` may be a list of paths, or absent for a text-only record; paths are
+    relative to `image_folder` (default: the JSON file's folder). Each `<image>` becomes an image part.
+    `verify_images=True` also opens every image to check that it decodes (slow on big sets).
+    """
+    _check_on_error(on_error)
+    json_path = _existing_file(json_path, "json_path")
+    image_folder = _existing_folder(image_folder or os.path.dirname(json_path) or ".", "image_folder")
+
+    def convert(record, where):
+        return _llava_to_conversation(record, where, image_folder, verify_images)
+
+    rows = _collect(_read_json_records(json_path), convert, on_error, json_path)
+    return datasets.Dataset.from_list(rows, features=CONVERSATION_FEATURES)
+
+
+def load_image_text_jsonl(jsonl_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
+    """Images with captions and/or concepts -> image-text pairs (stage 1; `captions_to_messages` for stage 2).
+
+    Each line of `jsonl_path` is like {"image": "a.jpg", "caption": "A cat on a sofa.", "concepts": ["cat", "sofa"]},
+    where either `caption` or `concepts` may be left out, not both. Image paths are relative to `image_folder`
+    (default: the JSONL file's folder).
+    """
+    _check_on_error(on_error)
+    jsonl_path = _existing_file(jsonl_path, "jsonl_path")
+    image_folder = _existing_folder(image_folder or os.path.dirname(jsonl_path) or ".", "image_folder")
+
+    def convert(record, where):
+        return _to_image_text(record, where, image_folder, verify_images)
+
+    rows = _collect(_read_jsonl(jsonl_path), convert, on_error, jsonl_path)
+    return datasets.Dataset.from_list(rows, features=IMAGE_TEXT_FEATURES)
+
+
+def load_hub_dataset(
+    name_or_path,
+    *,
+    split: str = "train",
+    image_column: str = "images",
+    messages_column: str = "messages",
+    on_error: str = "fail",
+    verify_images: bool = False,
+):
+    """A dataset with image and messages columns -> conversations.
+
+    `name_or_path` is a Hub id, a local folder (one written by `save_to_disk`, or data files `load_dataset` reads) or
+    a `datasets.Dataset` already loaded. The image column holds a list of images or, as a fallback when
+    `image_column="images"` is absent, an `image` column with one image a record. Message contents may be lists of
+    parts or strings; a string is split at `<image>` placeholders, and when no message has one (TRL's convention)
+    the images go before the first user message's text. Columns other than these two are dropped.
+    """
+    _check_on_error(on_error)
+    dataset, source = _open_dataset(name_or_path, split)
+    image_column = _find_image_column(dataset, image_column, source)
+    if messages_column not in dataset.column_names:
+        raise ValueError(
+            f"{source} has no {messages_column!r} column (`messages_column`); its columns are {dataset.column_names}."
+        )
+    id_column = ["id"] if "id" in dataset.column_names and "id" not in (image_column, messages_column) else []
+    dataset = dataset.select_columns([image_column, messages_column, *id_column])
+    # Checking a record needs the image count and paths, not pixels: keep images as {"bytes", "path"}.
+    if _undecoded(dataset.features[image_column]) != dataset.features[image_column]:
+        dataset = dataset.cast_column(image_column, _undecoded(dataset.features[image_column]))
+    columns = dict(image_column=image_column, messages_column=messages_column)
+
+    def check(indexed_row, where):
+        index, row = indexed_row
+        _hub_to_conversation(row, where, verify_images=verify_images, **columns)
+        return index
+
+    records = ((_Where(source, f"record {index}", _record_id(row)), (index, row)) for index, row in enumerate(dataset))
+    keep = _collect(records, check, on_error, source)
+    if len(keep) < len(dataset):
+        dataset = dataset.select(keep)
+    return dataset.map(
+        _hub_to_conversation,
+        fn_kwargs=dict(where=source, **columns),  # every row passed the check above, so `where` is never shown
+        remove_columns=dataset.column_names,
+        features=CONVERSATION_FEATURES,
+    )
+
+
+def captions_to_messages(dataset, prompt: str = "Describe the image."):
+    """Image-text pairs -> captioning conversations for stage 2: the user sends the image and `prompt`, the
+    assistant answers with the caption. Records with concepts but no caption are left out, with a count in the log."""
+    captioned = dataset.filter(_has_caption, input_columns="caption")
+    if len(captioned) < len(dataset):
+        logger.warning(
+            "captions_to_messages: left out %d of %d records, which have concepts but no caption.",
+            len(dataset) - len(captioned),
+            len(dataset),
+        )
+    if len(captioned) == 0:
+        raise ValueError(f"captions_to_messages: none of the {len(dataset)} records has a caption.")
+    # Paths stay paths: decoding to PIL here would re-encode every image into the new table.
+    captioned = captioned.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    return captioned.map(
+        _caption_to_conversation,
+        fn_kwargs=dict(prompt=prompt),
+        remove_columns=captioned.column_names,
+        features=CONVERSATION_FEATURES,
+    )
+
+
+# --- Arguments ---
+
+
+def _check_on_error(on_error):
+    if on_error not in ON_ERROR:
+        raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}.")
+
+
+def _existing_file(path, argument: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`{argument}`: no such file: {path}")
+    return path
+
+
+def _existing_folder(path, argument: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"`{argument}`: no such folder: {path}")
+    return path
+
+
+# --- Reading records, and keeping the good ones ---
+
+
+def _read_json_records(path: str):
+    """Yield (where, record) from a JSON list, or from JSON Lines when the name ends in `.jsonl`."""
+    if path.endswith(".jsonl"):
+        yield from _read_jsonl(path)
+        return
+    with open(path, encoding="utf-8") as file:
+        try:
+            records = json.load(file)
+        except json.JSONDecodeError as error:
+            # A broken JSON document loses every record, so this fails whatever `on_error` says.
+            where = _Where(path, f"line {error.lineno}, column {error.colno}")
+            raise DataValidationError(where, "bad JSON", error.msg) from error
+    if not isinstance(records, list):
+        raise DataValidationError(path, "bad JSON", f"expected a list of records, got a {type(records).__name__}")
+    for index, record in enumerate(records):
+        yield _Where(path, f"record {index}", _record_id(record)), record
+
+
+def _read_jsonl(path: str):
+    """Yield (where, record) a line; a line that does not parse yields its error, so that it can be skipped."""
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing one, say) hold no record
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                where = _Where(path, f"line {number}")
+                yield where, DataValidationError(where, "bad JSON", f"column {error.colno}: {error.msg}")
+                continue
+            yield _Where(path, f"line {number}", _record_id(record)), record
+
+
+def _record_id(record) -> str | None:
+    if isinstance(record, dict) and record.get("id") is not None:
+        return str(record["id"])
+    return None
+
+
+def _collect(records, convert, on_error: str, source: str) -> list:
+    """`convert(record, where)` for each (where, record). A bad record raises (`on_error="fail"`) or is counted
+    and dropped; the drops are logged, and nothing left is an error."""
+    kept, skipped = [], defaultdict(list)
+    for where, record in records:
+        try:
+            if isinstance(record, DataValidationError):
+                raise record
+            kept.append(convert(record, where))
+        except DataValidationError as error:
+            if on_error == "fail":
+                raise
+            skipped[error.reason].append(error.where)
+    total = len(kept) + sum(len(wheres) for wheres in skipped.values())
+    if skipped:
+        logger.warning("Skipped %d of %d records of %s: %s.", total - len(kept), total, source, _summary(skipped))
+    if total == 0:
+        raise ValueError(f"{source} holds no records.")
+    if not kept:
+        raise ValueError(f"All {total} records of {source} are bad: {_summary(skipped)}.")
+    return kept
+
+
+def _summary(skipped: dict) -> str:
+    """`2 missing image file (record 1 (id 'a'), record 4)` per reason."""
+    parts = []
+    for reason, wheres in skipped.items():
+        shown = ", ".join(where.label for where in wheres[:SHOWN_PER_REASON])
+        parts.append(f"{len(wheres)} {reason} ({shown}{', ...' if len(wheres) > SHOWN_PER_REASON else ''})")
+    return "; ".join(parts)
+
+
+def _require_object(record, where):
+    if not isinstance(record, dict):
+        raise DataValidationError(where, "malformed record", f"expected a JSON object, got {_short(record)}")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- Text and images ---
+
+
+def _text_to_parts(text: str) -> list[dict]:
+    """Split `text` at each `<image>` into text and image parts, in order.
+
+    LLaVA writes `<image>\\n` before the question (or `\\n<image>` after it); the newline only separated the image
+    from the text, so one newline next to each placeholder goes. Other whitespace is kept.
+    """
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    parts = []
+    for index, piece in enumerate(pieces):
+        if index > 0:
+            parts.append({"type": "image"})
+            piece = piece.removeprefix("\n")
+        if index < len(pieces) - 1:
+            piece = piece.removesuffix("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts or [{"type": "text", "text": ""}]  # an empty turn stays a turn, with an empty text
+
+
+def _check_image_parts(messages: list[dict], num_images: int, where):
+    num_parts = sum(part["type"] == "image" for message in messages for part in message["content"])
+    if num_parts != num_images:
+        raise DataValidationError(
+            where, "placeholder count mismatch", f"{num_parts} image placeholders for {num_images} images"
+        )
+
+
+def _resolve_image(name: str, image_folder: str, where, verify: bool) -> str:
+    path = os.path.abspath(os.path.join(image_folder, name))
+    if not os.path.isfile(path):
+        raise DataValidationError(where, "missing image file", f"{path} (from {name!r})")
+    if verify:
+        _verify_image(path, path, where)
+    return path
+
+
+def _verify_image(file, shown: str, where):
+    try:
+        with PIL.Image.open(file) as image:
+            image.verify()
+    except Exception as error:  # PIL signals a broken file with many exception types
+        raise DataValidationError(where, "unreadable image", f"{shown}: {error}") from error
+
+
+# --- LLaVA records ---
+
+
+def _llava_to_conversation(record, where, image_folder: str, verify_images: bool) -> dict:
+    _require_object(record, where)
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataValidationError(where, "malformed message", "'conversations' must be a non-empty list of turns")
+    messages = [_llava_turn_to_message(turn, where, number) for number, turn in enumerate(turns)]
+    names = _llava_image_names(record, where)
+    _check_image_parts(messages, len(names), where)
+    images = [_resolve_image(name, image_folder, where, verify_images) for name in names]
+    return {"images": images, "messages": messages}
+
+
+def _llava_turn_to_message(turn, where, number: int) -> dict:
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+        raise DataValidationError(
+            where,
+            "malformed message",
+            f"conversations[{number}] needs 'from' and a string 'value', got {_short(turn)}",
+        )
+    role = LLAVA_ROLES.get(turn.get("from"))
+    if role is None:
+        raise DataValidationError(
+            where,
+            "unknown role",
+            f"conversations[{number}] is from {turn.get('from')!r}, not one of {list(LLAVA_ROLES)}",
+        )
+    return {"role": role, "content": _text_to_parts(turn["value"])}
+
+
+def _llava_image_names(record: dict, where) -> list[str]:
+    names = record.get("image")
+    if names is None:
+        return []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise DataValidationError(
+            where, "malformed image field", f"expected a path or a list of paths, got {_short(record['image'])}"
+        )
+    return names
+
+
+# --- Image-text records ---
+
+
+def _to_image_text(record, where, image_folder: str, verify_images: bool) -> dict:
+    _require_object(record, where)
+    name = record.get("image")
+    if not isinstance(name, str) or not name:
+        raise DataValidationError(where, "malformed image field", f"expected a path in 'image', got {_short(name)}")
+    caption, concepts = _caption(record, where), _concepts(record, where)
+    if caption is None and not concepts:
+        raise DataValidationError(where, "no caption or concepts", "a record needs a 'caption' or 'concepts'")
+    return {
+        "images": [_resolve_image(name, image_folder, where, verify_images)],
+        "caption": caption,
+        "concepts": concepts,
+    }
+
+
+def _caption(record: dict, where) -> str | None:
+    caption = record.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        raise DataValidationError(where, "malformed caption", f"expected a string, got {_short(caption)}")
+    return caption if caption and caption.strip() else None  # a blank caption teaches nothing: treat it as absent
+
+
+def _concepts(record: dict, where) -> list[str]:
+    concepts = record.get("concepts")
+    if concepts is None:
+        return []
+    # A lone string would otherwise pass as a list of its characters.
+    if not isinstance(concepts, list) or not all(isinstance(concept, str) and concept.strip() for concept in concepts):
+        raise DataValidationError(where, "malformed concepts", f"expected a list of phrases, got {_short(concepts)}")
+    return concepts
+
+
+def _has_caption(caption) -> bool:
+    return caption is not None
+
+
+def _caption_to_conversation(record: dict, prompt: str) -> dict:
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    assistant = {"role": "assistant", "content": [{"type": "text", "text": record["caption"]}]}
+    return {"images": record["images"], "messages": [user, assistant]}
+
+
+# --- Hub datasets ---
+
+
+def _open_dataset(name_or_path, split: str):
+    """The split to load, and a name for it in messages."""
+    if isinstance(name_or_path, datasets.Dataset):
+        return name_or_path, "the dataset"
+    if isinstance(name_or_path, datasets.DatasetDict):
+        return _pick_split(name_or_path, split, "the dataset"), "the dataset"
+    name = os.fspath(name_or_path)
+    if _is_saved_dataset(name):
+        return _pick_split(datasets.load_from_disk(name), split, name), name
+    if not os.path.exists(name) and not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"`name_or_path`: no such folder: {name}")
+    try:
+        return datasets.load_dataset(name, split=split), name
+    except OSError as error:  # not found on the Hub, no network, no data files
+        raise FileNotFoundError(
+            f"`name_or_path`: {name!r} is no local dataset folder, and loading it failed: {error}"
+        ) from error
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """A folder written by `save_to_disk`, which only `load_from_disk` reads."""
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def _pick_split(loaded, split: str, source: str):
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split not in loaded:
+        raise ValueError(f"{source} has no split {split!r} (`split`); its splits are {list(loaded)}.")
+    return loaded[split]
+
+
+def _find_image_column(dataset, image_column: str, source: str) -> str:
+    if image_column in dataset.column_names:
+        return image_column
+    if image_column == "images" and "image" in dataset.column_names:
+        return "image"
+    raise ValueError(
+        f"{source} has no {image_column!r} column (`image_column`); its columns are {dataset.column_names}."
+    )
+
+
+def _undecoded(feature):
+    """`feature` with its images left as {"bytes", "path"} dicts (image columns of file paths stay strings)."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+        return datasets.List(datasets.Image(decode=False))
+    return feature
+
+
+def _hub_to_conversation(
+    row: dict, where, image_column: str, messages_column: str, verify_images: bool = False
+) -> dict:
+    value = row[image_column]
+    images = [] if value is None else value if isinstance(value, list) else [value]
+    for number, image in enumerate(images):
+        _check_hub_image(image, where, number, verify_images)
+    raw = row[messages_column]
+    if not isinstance(raw, list) or not raw:
+        raise DataValidationError(
+            where, "malformed message", f"expected a non-empty list of messages, got {_short(raw)}"
+        )
+    messages = [_hub_message(message, where, number) for number, message in enumerate(raw)]
+    if images and all(isinstance(message["content"], str) for message in raw):
+        _put_images_first(messages, len(images))
+    _check_image_parts(messages, len(images), where)
+    return {"images": images, "messages": messages}
+
+
+def _check_hub_image(image, where, number: int, verify: bool):
+    if isinstance(image, str):  # a column of file paths
+        image = {"bytes": None, "path": image}
+    if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
+        raise DataValidationError(where, "missing image", f"image {number} is {_short(image)}")
+    if image.get("bytes") is None and not os.path.isfile(image["path"]):
+        raise DataValidationError(where, "missing image file", f"image {number}: {image['path']}")
+    if verify:
+        file = image["path"] if image.get("bytes") is None else io.BytesIO(image["bytes"])
+        _verify_image(file, f"image {number}", where)
+
+
+def _hub_message(message, where, number: int) -> dict:
+    if not isinstance(message, dict):
+        raise DataValidationError(where, "malformed message", f"messages[{number}] is {_short(message)}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise DataValidationError(where, "unknown role", f"messages[{number}] has role {role!r}, not one of {ROLES}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": role, "content": _text_to_parts(content)}
+    if not isinstance(content, list):
+        raise DataValidationError(
+            where, "malformed message", f"messages[{number}] content must be a string or a list, got {_short(content)}"
+        )
+    return {"role": role, "content": [_hub_part(part, where, number) for part in content]}
+
+
+def _hub_part(part, where, number: int) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "image":
+        return {"type": "image"}  # Arrow pads parts with the other parts' keys ("text": None, ...): drop them
+    if kind == "text" and isinstance(part.get("text"), str):
+        if IMAGE_PLACEHOLDER in part["text"]:
+            # The processor would read it as an image with no image behind it.
+            raise DataValidationError(
+                where, "placeholder in text part", f"messages[{number}]: use an image part, not {IMAGE_PLACEHOLDER}"
+            )
+        return {"type": "text", "text": part["text"]}
+    raise DataValidationError(
+        where,
+        "malformed message",
+        f"messages[{number}] has part {_short(part)}; parts are {{'type': 'image'}} or {{'type': 'text', 'text': str}}",
+    )
+
+
+def _put_images_first(messages: list[dict], num_images: int):
+    """TRL's convention for string contents without placeholders: the images open the first user message."""
+    if any(part["type"] == "image" for message in messages for part in message["content"]):
+        return
+    for message in messages:
+        if message["role"] == "user":
+            message["content"][:0] = [{"type": "image"} for _ in range(num_images)]
+            return
+
+
+__all__ = [
+    "CONVERSATION_FEATURES",
+    "IMAGE_TEXT_FEATURES",
+    "DataValidationError",
+    "captions_to_messages",
+    "load_hub_dataset",
+    "load_image_text_jsonl",
+    "load_llava_json",
+]

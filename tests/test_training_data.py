@@ -1,0 +1,512 @@
+"""Training data loaders: schemas, contents, every kind of bad record in both modes, and bad arguments."""
+
+import json
+import logging
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+
+from transformers_setok.training.data import (
+    CONVERSATION_FEATURES,
+    IMAGE_TEXT_FEATURES,
+    DataValidationError,
+    _text_to_parts,
+    captions_to_messages,
+    load_hub_dataset,
+    load_image_text_jsonl,
+    load_llava_json,
+)
+
+SIZES = {"a.png": (8, 6), "b.png": (5, 7), "c.png": (4, 4)}  # distinct sizes tell the images apart once decoded
+IMAGE = {"type": "image", "text": None}  # an image part as Arrow gives it back
+
+
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """tmp_path/images with three small real PNGs and one file that is not an image."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (width, height) in SIZES.items():
+        PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images / name)
+    (images / "broken.png").write_bytes(b"not a png at all")
+    return images
+
+
+def write_json(path, records) -> str:
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def write_jsonl(path, lines) -> str:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return str(path)
+
+
+def image_paths(dataset) -> list[list[str]]:
+    """The stored paths, without decoding."""
+    undecoded = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    return [[image["path"] for image in images] for images in undecoded["images"]]
+
+
+def image_sizes(dataset) -> list[list[tuple]]:
+    return [[image.size for image in images] for images in dataset["images"]]
+
+
+# --- Splitting text at placeholders ---
+
+
+@pytest.mark.parametrize(
+    "value, parts",
+    [
+        ("<image>\nWhat is it?", [{"type": "image"}, text("What is it?")]),
+        ("What is it?\n<image>", [text("What is it?"), {"type": "image"}]),
+        (
+            "Compare <image> and <image>.",
+            [text("Compare "), {"type": "image"}, text(" and "), {"type": "image"}, text(".")],
+        ),
+        ("<image>\n<image>\nSame?", [{"type": "image"}, {"type": "image"}, text("Same?")]),
+        ("<image>\n\nWhat?", [{"type": "image"}, text("\nWhat?")]),  # only the one newline next to it goes
+        ("Line one\nline two", [text("Line one\nline two")]),
+        ("<image>", [{"type": "image"}]),
+        ("", [text("")]),
+    ],
+)
+def test_text_to_parts(value, parts):
+    assert _text_to_parts(value) == parts
+
+
+# --- LLaVA JSON ---
+
+LLAVA_RECORDS = [
+    {
+        "id": "one",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"},
+            {"from": "gpt", "value": "Noise."},
+            {"from": "human", "value": "Sure?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+    },
+    {
+        "id": "two",
+        "image": ["b.png", "c.png"],
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Compare <image> with\n<image>"},
+            {"from": "gpt", "value": "The first is taller."},
+        ],
+    },
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},  # text only, no id
+]
+LLAVA_MESSAGES = [
+    [
+        {"role": "user", "content": [IMAGE, text("What is it?")]},
+        {"role": "assistant", "content": [text("Noise.")]},
+        {"role": "user", "content": [text("Sure?")]},
+        {"role": "assistant", "content": [text("Yes.")]},
+    ],
+    [
+        {"role": "system", "content": [text("Be brief.")]},
+        {"role": "user", "content": [text("Compare "), IMAGE, text(" with"), IMAGE]},
+        {"role": "assistant", "content": [text("The first is taller.")]},
+    ],
+    [{"role": "user", "content": [text("Hi")]}, {"role": "assistant", "content": [text("Hello.")]}],
+]
+
+
+def test_llava_json(tmp_path, folder):
+    dataset = load_llava_json(write_json(tmp_path / "train.json", LLAVA_RECORDS), folder)
+    assert dataset.features == CONVERSATION_FEATURES
+    assert dataset["messages"] == LLAVA_MESSAGES
+    assert image_paths(dataset) == [[str(folder / "a.png")], [str(folder / "b.png"), str(folder / "c.png")], []]
+    assert image_sizes(dataset) == [[SIZES["a.png"]], [SIZES["b.png"], SIZES["c.png"]], []]
+    assert isinstance(dataset[0]["images"][0], PIL.Image.Image)
+
+
+def test_llava_jsonl_with_images_next_to_it(folder):
+    # No `image_folder`: paths are relative to the JSON file's folder.
+    path = write_jsonl(folder / "train.jsonl", LLAVA_RECORDS)
+    dataset = load_llava_json(path)
+    assert dataset["messages"] == LLAVA_MESSAGES
+    assert image_sizes(dataset)[1] == [SIZES["b.png"], SIZES["c.png"]]
+
+
+def llava(image, value, **extra) -> dict:
+    return {
+        "image": image,
+        "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "ok"}],
+    } | extra
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (llava("gone.png", "<image>\nHi", id="x"), "record 1 (id 'x'): missing image file: {folder}/gone.png"),
+        (
+            llava("a.png", "<image> and <image>"),
+            "record 1: placeholder count mismatch: 2 image placeholders for 1 images",
+        ),
+        (llava("a.png", "No placeholder"), "record 1: placeholder count mismatch: 0 image placeholders for 1 images"),
+        (llava(None, "<image>\nHi"), "record 1: placeholder count mismatch: 1 image placeholders for 0 images"),
+        (llava(["a.png", 3], "<image><image>"), "record 1: malformed image field"),
+        (
+            {"id": 7, "image": "a.png", "conversations": [{"from": "bot", "value": "<image>"}]},
+            "(id '7'): unknown role",
+        ),
+        ({"id": "y", "conversations": [{"from": "human"}]}, "(id 'y'): malformed message: conversations[0]"),
+        ({"id": "z", "image": "a.png"}, "(id 'z'): malformed message: 'conversations' must be"),
+        ("just a string", "record 1: malformed record"),
+    ],
+)
+def test_llava_bad_record_fails_naming_it(tmp_path, folder, record, message):
+    path = write_json(tmp_path / "train.json", [LLAVA_RECORDS[0], record])
+    with pytest.raises(DataValidationError) as error:
+        load_llava_json(path, folder)
+    assert str(error.value).startswith(f"{path}, ")
+    assert message.format(folder=folder) in str(error.value)
+
+
+def test_llava_bad_json_fails_even_when_skipping(tmp_path, folder):
+    path = tmp_path / "train.json"
+    path.write_text('[\n{"id": "a",}\n]')
+    for on_error in ("fail", "skip"):
+        with pytest.raises(DataValidationError, match=r"train\.json, line 2, column \d+: bad JSON: Expecting"):
+            load_llava_json(path, folder, on_error=on_error)
+    with pytest.raises(DataValidationError, match="expected a list of records, got a dict"):
+        load_llava_json(write_json(path, {"id": "a"}), folder)
+
+
+def test_llava_skip_drops_exactly_the_bad_records_and_logs_them(tmp_path, folder, caplog):
+    records = [
+        LLAVA_RECORDS[0],
+        llava("gone.png", "<image>", id="b"),
+        LLAVA_RECORDS[1],
+        llava("a.png", "no placeholder"),
+        llava("gone.png", "<image>", id="e"),
+        LLAVA_RECORDS[2],
+    ]
+    path = write_json(tmp_path / "train.json", records)
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        dataset = load_llava_json(path, folder, on_error="skip")
+    assert dataset["messages"] == LLAVA_MESSAGES
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and record.name.startswith("transformers_setok")
+    assert record.getMessage() == (
+        f"Skipped 3 of 6 records of {path}: 2 missing image file (record 1 (id 'b'), record 4 (id 'e')); "
+        "1 placeholder count mismatch (record 3)."
+    )
+
+
+def test_skip_summary_names_the_first_few(tmp_path, folder, caplog):
+    records = [LLAVA_RECORDS[2]] + [llava("gone.png", "<image>", id=str(index)) for index in range(5)]
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        load_llava_json(write_json(tmp_path / "train.json", records), folder, on_error="skip")
+    assert "5 missing image file (record 1 (id '0'), record 2 (id '1'), record 3 (id '2'), ...)" in caplog.text
+
+
+def test_llava_verify_images(tmp_path, folder):
+    path = write_json(tmp_path / "train.json", [llava("broken.png", "<image>", id="k")])
+    assert len(load_llava_json(path, folder)) == 1  # existence only, by default
+    with pytest.raises(DataValidationError, match=r"\(id 'k'\): unreadable image: .*broken\.png"):
+        load_llava_json(path, folder, verify_images=True)
+
+
+def test_llava_empty_and_all_bad(tmp_path, folder):
+    with pytest.raises(ValueError, match="holds no records"):
+        load_llava_json(write_json(tmp_path / "empty.json", []), folder)
+    path = write_json(tmp_path / "bad.json", [llava("gone.png", "<image>"), llava("gone.png", "<image>")])
+    with pytest.raises(ValueError, match="All 2 records of .* are bad: 2 missing image file"):
+        load_llava_json(path, folder, on_error="skip")
+
+
+# --- Image-text JSONL ---
+
+IMAGE_TEXT_LINES = [
+    {"image": "a.png", "caption": "A square of noise.", "concepts": ["noise", "square"]},
+    {"image": "b.png", "caption": "Tall noise."},
+    "",  # blank lines are no records
+    {"image": "c.png", "concepts": ["tiny square"], "caption": "  "},  # a blank caption counts as none
+]
+
+
+def test_image_text_jsonl(tmp_path, folder):
+    dataset = load_image_text_jsonl(write_jsonl(tmp_path / "pairs.jsonl", IMAGE_TEXT_LINES), folder)
+    assert dataset.features == IMAGE_TEXT_FEATURES
+    assert dataset["caption"] == ["A square of noise.", "Tall noise.", None]
+    assert dataset["concepts"] == [["noise", "square"], [], ["tiny square"]]
+    assert image_paths(dataset) == [[str(folder / name)] for name in ("a.png", "b.png", "c.png")]
+    assert image_sizes(dataset) == [[SIZES[name]] for name in ("a.png", "b.png", "c.png")]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"image": "a.png", "caption": ', "line 2: bad JSON: column"),
+        ({"id": "q", "image": "gone.png", "caption": "x"}, "line 2 (id 'q'): missing image file: {folder}/gone.png"),
+        ({"image": "a.png"}, "line 2: no caption or concepts"),
+        ({"image": "a.png", "caption": "", "concepts": []}, "line 2: no caption or concepts"),
+        ({"image": "a.png", "concepts": "cat"}, "line 2: malformed concepts"),
+        ({"image": "a.png", "caption": 3}, "line 2: malformed caption"),
+        ({"caption": "x"}, "line 2: malformed image field"),
+        ([1, 2], "line 2: malformed record"),
+    ],
+)
+def test_image_text_bad_line_fails_naming_it(tmp_path, folder, line, message):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [IMAGE_TEXT_LINES[0], line])
+    with pytest.raises(DataValidationError, match="^" + path) as error:
+        load_image_text_jsonl(path, folder)
+    assert message.format(folder=folder) in str(error.value)
+
+
+def test_image_text_skip(tmp_path, folder, caplog):
+    lines = [IMAGE_TEXT_LINES[0], "{oops", {"image": "b.png"}, IMAGE_TEXT_LINES[1], '{"image": "a.png",']
+    path = write_jsonl(tmp_path / "pairs.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        dataset = load_image_text_jsonl(path, folder, on_error="skip")
+    assert dataset["caption"] == ["A square of noise.", "Tall noise."]
+    assert f"Skipped 3 of 5 records of {path}: 2 bad JSON (line 2, line 5); 1 no caption or concepts (line 3)." in (
+        caplog.text
+    )
+
+
+def test_image_text_empty(tmp_path, folder):
+    with pytest.raises(ValueError, match="holds no records"):
+        load_image_text_jsonl(write_jsonl(tmp_path / "pairs.jsonl", ["", "  "]), folder)
+
+
+def test_captions_to_messages(tmp_path, folder, caplog):
+    pairs = load_image_text_jsonl(write_jsonl(tmp_path / "pairs.jsonl", IMAGE_TEXT_LINES), folder)
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        dataset = captions_to_messages(pairs, prompt="Caption it.")
+    assert "left out 1 of 3 records" in caplog.text
+    assert dataset.features == CONVERSATION_FEATURES
+    assert dataset["messages"] == [
+        [
+            {"role": "user", "content": [IMAGE, text("Caption it.")]},
+            {"role": "assistant", "content": [text(caption)]},
+        ]
+        for caption in ("A square of noise.", "Tall noise.")
+    ]
+    assert image_paths(dataset) == image_paths(pairs)[:2]  # still the files, not re-encoded copies
+    assert image_sizes(dataset) == [[SIZES["a.png"]], [SIZES["b.png"]]]
+    concepts_only = pairs.filter(lambda caption: caption is None, input_columns="caption")
+    with pytest.raises(ValueError, match="none of the 1 records has a caption"):
+        captions_to_messages(concepts_only)
+
+
+# --- Hub datasets ---
+
+
+def photo(folder, name: str) -> PIL.Image.Image:
+    return PIL.Image.open(folder / name)
+
+
+@pytest.fixture
+def hub_rows(folder):
+    """Rows as a Hub dataset holds them: embedded images, structured parts, extra columns."""
+    return {
+        "id": ["r0", "r1", "r2"],
+        "images": [[photo(folder, "a.png")], [photo(folder, "b.png"), photo(folder, "c.png")], []],
+        "messages": [
+            [
+                {"role": "user", "content": [{"type": "image"}, text("What is it?")]},
+                {"role": "assistant", "content": [text("Noise.")]},
+            ],
+            [
+                {"role": "user", "content": [text("Compare "), {"type": "image"}, {"type": "image"}]},
+                {"role": "assistant", "content": [text("Different.")]},
+            ],
+            [{"role": "user", "content": [text("Hi")]}, {"role": "assistant", "content": [text("Hello.")]}],
+        ],
+        "source": ["x", "y", "z"],
+    }
+
+
+HUB_MESSAGES = [
+    [{"role": "user", "content": [IMAGE, text("What is it?")]}, {"role": "assistant", "content": [text("Noise.")]}],
+    [
+        {"role": "user", "content": [text("Compare "), IMAGE, IMAGE]},
+        {"role": "assistant", "content": [text("Different.")]},
+    ],
+    [{"role": "user", "content": [text("Hi")]}, {"role": "assistant", "content": [text("Hello.")]}],
+]
+
+
+def test_hub_dataset_saved_to_disk(tmp_path, hub_rows):
+    datasets.Dataset.from_dict(hub_rows).save_to_disk(tmp_path / "saved")
+    dataset = load_hub_dataset(str(tmp_path / "saved"))
+    assert dataset.features == CONVERSATION_FEATURES  # `id` and `source` are gone
+    assert dataset["messages"] == HUB_MESSAGES
+    assert image_sizes(dataset) == [[SIZES["a.png"]], [SIZES["b.png"], SIZES["c.png"]], []]
+
+
+def test_hub_dataset_dict_split(tmp_path, hub_rows):
+    splits = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(hub_rows), test=datasets.Dataset.from_dict(hub_rows)
+    )
+    splits.save_to_disk(tmp_path / "saved")
+    assert load_hub_dataset(tmp_path / "saved", split="test")["messages"] == HUB_MESSAGES
+    with pytest.raises(ValueError, match=r"no split 'validation' \(`split`\); its splits are \['train', 'test'\]"):
+        load_hub_dataset(tmp_path / "saved", split="validation")
+
+
+def test_hub_single_image_column_and_string_contents(folder):
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [photo(folder, name) for name in ("a.png", "b.png", "c.png")],
+            "messages": [
+                # TRL's convention: no placeholder anywhere, so the image opens the first user message
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What?"}],
+                [{"role": "user", "content": "What is\n<image>"}, {"role": "assistant", "content": "Noise."}],
+                [{"role": "user", "content": [text("Look: "), {"type": "image"}]}],
+            ],
+        },
+        on_mixed_types="use_json",  # string and list contents side by side, as some Hub sets have them
+    )
+    dataset = load_hub_dataset(dataset)
+    assert dataset.features == CONVERSATION_FEATURES
+    assert dataset["messages"] == [
+        [{"role": "system", "content": [text("Be brief.")]}, {"role": "user", "content": [IMAGE, text("What?")]}],
+        [{"role": "user", "content": [text("What is"), IMAGE]}, {"role": "assistant", "content": [text("Noise.")]}],
+        [{"role": "user", "content": [text("Look: "), IMAGE]}],
+    ]
+    assert image_sizes(dataset) == [[SIZES[name]] for name in ("a.png", "b.png", "c.png")]
+
+
+def user(*content) -> list:
+    return [{"role": "user", "content": list(content)}]
+
+
+def hub_dataset(images: list[list[str]], messages: list, ids=None) -> datasets.Dataset:
+    """Images as file paths; messages as JSON, so that malformed ones can sit next to good ones."""
+    rows = {"images": images, "messages": messages} | ({"id": ids} if ids else {})
+    return datasets.Dataset.from_dict(
+        rows,
+        features=datasets.Features(
+            {"images": datasets.List(datasets.Value("string")), "messages": datasets.Json()}
+            | ({"id": datasets.Value("string")} if ids else {})
+        ),
+    )
+
+
+def test_hub_image_paths_column(folder):
+    good = user({"type": "image"})
+    dataset = load_hub_dataset(hub_dataset([[str(folder / "a.png")]], [good]))
+    assert image_paths(dataset) == [[str(folder / "a.png")]]
+    assert image_sizes(dataset) == [[SIZES["a.png"]]]
+    with pytest.raises(DataValidationError, match=r"the dataset, record 0: missing image file: image 0: .*gone\.png"):
+        load_hub_dataset(hub_dataset([[str(folder / "gone.png")]], [good]))
+
+
+@pytest.mark.parametrize(
+    "images, messages, message",
+    [
+        (["a.png"], [{"role": "robot", "content": "Hi"}], "unknown role: messages[0] has role 'robot'"),
+        (["a.png"], user({"type": "image"}, {"type": "image"}), "2 image placeholders for 1 images"),
+        ([], user({"type": "image"}), "1 image placeholders for 0 images"),
+        (
+            ["a.png", "b.png"],  # a placeholder in a string: the images are not put first
+            [{"role": "user", "content": "Hi"}, {"role": "user", "content": "<image>"}],
+            "1 image placeholders for 2 images",
+        ),
+        (["a.png"], user({"type": "image"}, text("<image>")), "placeholder in text part: messages[0]"),
+        (["a.png"], user({"type": "image"}, {"type": "video"}), "malformed message: messages[0] has part"),
+        (["a.png"], user({"type": "image"}, {"type": "text"}), "malformed message: messages[0] has part"),
+        (["a.png"], [{"role": "user", "content": 3}], "malformed message: messages[0] content must be"),
+        (["a.png"], ["Hi"], "malformed message: messages[0] is 'Hi'"),
+        (["a.png"], [], "malformed message: expected a non-empty list"),
+        (["broken.png"], user({"type": "image"}), "unreadable image: image 0"),
+    ],
+)
+def test_hub_bad_record_fails_naming_it(folder, images, messages, message):
+    dataset = hub_dataset(
+        [[str(folder / "a.png")], [str(folder / name) for name in images]],
+        [user({"type": "image"}, text("Hi")), messages],
+        ids=["ok", "bad"],
+    )
+    with pytest.raises(DataValidationError) as error:
+        load_hub_dataset(dataset, verify_images=True)
+    assert str(error.value).startswith("the dataset, record 1 (id 'bad'): ")
+    assert message in str(error.value)
+
+
+def test_hub_skip_and_embedded_bytes(folder, caplog):
+    good = user({"type": "image"}, text("Hi"))
+    rows = datasets.Dataset.from_dict(
+        {
+            "id": ["a", "b", "c", "d"],
+            "images": [[photo(folder, "a.png")], [photo(folder, "b.png")], [], [photo(folder, "c.png")]],
+            "messages": [good, user(text("Hi")), good, good],
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        dataset = load_hub_dataset(rows, on_error="skip", verify_images=True)
+    assert image_sizes(dataset) == [[SIZES["a.png"]], [SIZES["c.png"]]]
+    assert (
+        "Skipped 2 of 4 records of the dataset: 2 placeholder count mismatch (record 1 (id 'b'), record 2 (id 'c'))."
+        in caplog.text
+    )
+    with pytest.raises(ValueError, match=r"All 1 records of the dataset are bad: 1 placeholder count mismatch"):
+        load_hub_dataset(rows.select([1]), on_error="skip")
+
+
+def test_hub_local_data_files(tmp_path, folder):
+    # A folder of data files rather than a `save_to_disk` one: `load_dataset` reads it.
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    write_jsonl(chats / "train.jsonl", [{"images": [str(folder / "a.png")], "messages": user({"type": "image"})}])
+    dataset = load_hub_dataset(chats)
+    assert dataset["messages"] == [[{"role": "user", "content": [IMAGE]}]]
+    assert image_sizes(dataset) == [[SIZES["a.png"]]]
+
+
+def test_hub_bad_columns_and_empty(hub_rows):
+    dataset = datasets.Dataset.from_dict(hub_rows)
+    with pytest.raises(ValueError, match=r"no 'pictures' column \(`image_column`\); its columns are \['id'"):
+        load_hub_dataset(dataset, image_column="pictures")
+    with pytest.raises(ValueError, match=r"no 'chat' column \(`messages_column`\)"):
+        load_hub_dataset(dataset, messages_column="chat")
+    with pytest.raises(ValueError, match="the dataset holds no records"):
+        load_hub_dataset(dataset.select([]))
+
+
+# --- Arguments ---
+
+
+# (loader, its arguments, the argument that names a missing path)
+MISSING_PATHS = [
+    (load_llava_json, ("gone", "folder"), "json_path"),
+    (load_llava_json, ("json", "gone"), "image_folder"),
+    (load_image_text_jsonl, ("gone", "folder"), "jsonl_path"),
+    (load_image_text_jsonl, ("json", "gone"), "image_folder"),
+    (load_hub_dataset, ("gone",), "name_or_path"),
+]
+
+
+@pytest.mark.parametrize("loader, arguments, argument", MISSING_PATHS)
+def test_missing_path(tmp_path, folder, loader, arguments, argument):
+    paths = dict(gone=str(tmp_path / "gone"), folder=folder, json=write_jsonl(tmp_path / "pairs.jsonl", [{}]))
+    with pytest.raises(FileNotFoundError, match=f"`{argument}`: no such .*: {paths['gone']}"):
+        loader(*(paths[name] for name in arguments))
+
+
+@pytest.mark.parametrize("loader", [load_llava_json, load_image_text_jsonl, load_hub_dataset])
+def test_bad_on_error(tmp_path, loader):
+    with pytest.raises(ValueError, match=r"`on_error` must be one of \('fail', 'skip'\), got 'ignore'"):
+        loader(write_jsonl(tmp_path / "data.jsonl", [{}]), on_error="ignore")
+
+
+def test_import_pulls_in_no_training_libraries():
+    code = "import sys, transformers_setok.training.data; print(sorted({'trl', 'peft', 'transformers.trainer'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
