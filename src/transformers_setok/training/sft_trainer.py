@@ -1,0 +1,266 @@
+"""Stage 3: instruction tuning Setokim with TRL's `SFTTrainer`, fully or with (Q)LoRA (spec 3).
+
+    records {"images", "messages"} -> SetokimChatCollator (one `<image>` per image, labels on the answers only)
+            -> SetokimInputsMixin.compute_loss: SeTok runs once, each `<image>` becomes `[Img]` n_i x `<image>` `[/Img]`
+            -> SFTTrainer.compute_loss (fused LM head, TRL's metrics)
+
+What trains: the LLM (whole, or LoRA on its attention and MLP projections) and the projector; never SeTok, which
+stage 1 trained. The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with the projector trained whole
+(`setokim_lora_config`); QLoRA adds a 4-bit LLM that leaves SeTok, the projector and the LM head in full precision
+(`setokim_4bit_config`). `merge_adapters` / `merge_adapters_from` turn an adapter into a plain Setokim checkpoint.
+
+Why TRL's own data path is switched off: it would tokenize (and maybe truncate or pack) each sample before SeTok has
+decided how many tokens each image takes. Here nothing is prepared ahead of time, nothing is truncated, and the
+collator builds the labels itself (prompt, image blocks and padding masked).
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import BitsAndBytesConfig
+from trl import SFTConfig, SFTTrainer
+
+from ..modeling import SetokimForConditionalGeneration
+from ..processing import SetokimProcessor
+from .collators import SetokimChatCollator
+from .setokim_trainer import SetokimInputsMixin
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LLM_LORA_TARGETS",
+    "QUANTIZATION_SKIP_MODULES",
+    "SetokimSFTTrainer",
+    "merge_adapters",
+    "merge_adapters_from",
+    "setokim_4bit_config",
+    "setokim_lora_config",
+    "setokim_sft_config",
+]
+
+# PEFT full-matches a string target against each module name: only the LLM's projections, never SeTok's attention
+# (which has its own q/k/v projections) nor the projector (upstream's list caught the tokenizer's layers, spec 3).
+LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+# Quantizer skip patterns match module names from the start, and a given list replaces transformers' default one
+# (which holds `lm_head`), so every module that must stay in full precision is named here by its full path.
+QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def setokim_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **overrides) -> LoraConfig:
+    """The paper's stage-3 LoRA: the LLM's attention and MLP projections get adapters, the projector is trained whole
+    (`modules_to_save`), SeTok gets nothing. `overrides` go to `LoraConfig` (e.g. `trainable_token_indices`)."""
+    kwargs = dict(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=LLM_LORA_TARGETS,
+        modules_to_save=["multi_modal_projector"],
+        task_type="CAUSAL_LM",
+    )
+    kwargs.update(overrides)
+    return LoraConfig(**kwargs)
+
+
+def setokim_4bit_config(**overrides) -> BitsAndBytesConfig:
+    """QLoRA's 4-bit NF4 (double quantization, bf16 compute) for the LLM only: SeTok, the projector and the LM head
+    stay unquantized. `overrides` go to `BitsAndBytesConfig` (e.g. `bnb_4bit_compute_dtype=torch.float32` on CPU)."""
+    kwargs = dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
+    )
+    kwargs.update(overrides)
+    return BitsAndBytesConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The SFTConfig this design needs
+
+# Settings that TRL's own data path uses and that cannot work once image counts are only known inside the step.
+_MUST_BE_OFF = {
+    "packing": "packed sequences would have to be built before SeTok decides each image's token count",
+    "eval_packing": "packed sequences would have to be built before SeTok decides each image's token count",
+    "padding_free": "the collator pads each batch and the image expansion re-pads it",
+    "assistant_only_loss": "SetokimChatCollator already masks everything but the assistant turns",
+    "completion_only_loss": "SetokimChatCollator already masks everything but the assistant turns",
+}
+
+
+def setokim_sft_config(**kwargs) -> SFTConfig:
+    """An `SFTConfig` with this trainer's required settings filled in; `kwargs` are any other SFTConfig fields."""
+    required = dict(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    return SFTConfig(**{**required, **kwargs})
+
+
+def _settle_sft_config(args: SFTConfig) -> SFTConfig:
+    """Fills in the settings the Setokim data path needs and refuses explicit values that contradict them.
+
+    A value equal to TRL's default is read as "not set" and replaced (`remove_unused_columns=True`,
+    `max_length=1024`, `dataset_kwargs=None`); anything else that conflicts is a ValueError naming the setting.
+    Changes `args` in place, as `SFTTrainer` itself does.
+    """
+    for name, reason in _MUST_BE_OFF.items():
+        if getattr(args, name):
+            raise ValueError(f"SetokimSFTTrainer needs `SFTConfig({name}=False)`: {reason}.")
+
+    # The collator reads `messages` and `images`, which TRL would drop for a text-only data set.
+    if args.remove_unused_columns:
+        logger.info("Setting `remove_unused_columns=False`: SetokimChatCollator reads the raw records.")
+        args.remove_unused_columns = False
+
+    # TRL would tokenize the records ahead of time; the collator works on the raw chat instead.
+    dataset_kwargs = dict(args.dataset_kwargs or {})
+    if dataset_kwargs.get("skip_prepare_dataset") is False:
+        raise ValueError(
+            "SetokimSFTTrainer needs `SFTConfig(dataset_kwargs={'skip_prepare_dataset': True})`: SetokimChatCollator "
+            "tokenizes the raw chat records itself."
+        )
+    dataset_kwargs["skip_prepare_dataset"] = True
+    args.dataset_kwargs = dataset_kwargs
+
+    # A length limit belongs to the collator, which raises on a long sample instead of cutting images or answers.
+    if args.max_length == SFTConfig.__dataclass_fields__["max_length"].default:
+        args.max_length = None
+    if args.max_length is not None:
+        raise ValueError(
+            f"SetokimSFTTrainer needs `SFTConfig(max_length=None)`: TRL would truncate, cutting image placeholders or "
+            f"answers. To bound the length, pass `data_collator=SetokimChatCollator(processor, "
+            f"max_length={args.max_length})`, which raises on a longer sample (image tokens included) instead."
+        )
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def _setokim_of(model) -> SetokimForConditionalGeneration:
+    """The Setokim inside `model` (itself, or the base of a PeftModel); TypeError for anything else."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(base, SetokimForConditionalGeneration):
+        raise TypeError(
+            "`model` must be a SetokimForConditionalGeneration (or a PeftModel around one), loaded beforehand, "
+            f"got {type(model).__name__}."
+        )
+    return base
+
+
+def _is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
+    """`SFTTrainer` for stage 3: pass the model, an `SFTConfig`, chat records and the `SetokimProcessor`.
+
+    - `train_dataset`: a `datasets.Dataset` of TRL vision records `{"images": [...], "messages": [...]}` (one
+      `{"type": "image"}` part per image); text-only records may be mixed in.
+    - `data_collator`: defaults to `SetokimChatCollator(processing_class)`; pass your own for left padding or a
+      length limit.
+    - `peft_config`: e.g. `setokim_lora_config()`; for QLoRA, load the model with
+      `quantization_config=setokim_4bit_config()` first.
+    - `args`: see `_settle_sft_config` for the settings filled in or refused; `setokim_sft_config` builds one.
+
+    SeTok (the whole vision tower) is frozen before TRL and PEFT see the model.
+    """
+
+    def __init__(
+        self,
+        model,
+        args: SFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: SetokimProcessor | None = None,
+        **kwargs,
+    ):
+        setokim = _setokim_of(model)
+        if not isinstance(processing_class, SetokimProcessor):
+            raise TypeError(
+                "`processing_class` must be the model's SetokimProcessor (its chat template and image processor build "
+                f"the batches), got {type(processing_class).__name__}."
+            )
+        if kwargs.get("formatting_func") is not None:
+            raise ValueError("`formatting_func` is not used: records are chat `messages` that the collator renders.")
+        if args is None:
+            args = setokim_sft_config(output_dir="setokim-sft")
+        elif not isinstance(args, SFTConfig):
+            raise TypeError(f"`args` must be an SFTConfig (see `setokim_sft_config`), got {type(args).__name__}.")
+        args = _settle_sft_config(args)
+        if data_collator is None:
+            data_collator = SetokimChatCollator(processing_class)
+
+        setokim.model.vision_tower.requires_grad_(False)
+        super().__init__(
+            model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if _is_quantized(setokim):
+            self._keep_projector_in_tower_dtype(setokim)
+
+    @staticmethod
+    def _keep_projector_in_tower_dtype(setokim):
+        # For QLoRA, TRL casts every trainable parameter to bf16 (the paper's adapter dtype), the projector's
+        # `modules_to_save` copy included. The projector reads SeTok's output, so it must stay in SeTok's dtype:
+        # it is left unquantized on purpose, and a bf16 Linear would refuse float32 SeTok tokens outside autocast.
+        dtype = next(setokim.model.vision_tower.parameters()).dtype
+        for param in setokim.model.multi_modal_projector.parameters():
+            param.data = param.data.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Merging adapters into a plain checkpoint
+
+
+def merge_adapters(peft_model: PeftModel, out_dir, processor: SetokimProcessor | None = None):
+    """Folds the LoRA weights into the base weights and saves a plain Setokim checkpoint (and `processor`) to
+    `out_dir`, which `SetokimForConditionalGeneration.from_pretrained` loads without PEFT. Returns the merged model.
+
+    The adapters are merged in place: `peft_model` is consumed (`merge_and_unload`). The trained projector copy
+    (`modules_to_save`) replaces the original one.
+
+    A quantized base (QLoRA) is refused: adding the LoRA delta to 4-bit weights would re-quantize it away. Use
+    `merge_adapters_from` with the full-precision base checkpoint and the saved adapter instead.
+    """
+    base = _setokim_of(peft_model)
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"`peft_model` must be a PeftModel, got {type(peft_model).__name__}.")
+    if _is_quantized(base):
+        raise ValueError(
+            "The base model is quantized: merging LoRA into 4-bit weights would lose most of the adapter. Save the "
+            "adapter (`trainer.save_model(dir)`) and call `merge_adapters_from(full_precision_base, dir, out_dir)`."
+        )
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    if processor is not None:
+        processor.save_pretrained(out_dir)
+    return merged
+
+
+def merge_adapters_from(
+    base_path,
+    adapter_path,
+    out_dir,
+    processor: SetokimProcessor | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """The QLoRA merge: loads the base Setokim from `base_path` unquantized (in `dtype`), applies the adapter saved
+    at `adapter_path` (`PeftModel.from_pretrained`), merges and saves as `merge_adapters` does. Returns the merged
+    model. The adapter was trained against the 4-bit weights, so the merged model matches the QLoRA one up to the
+    quantization error, and the full-precision base plus adapter exactly."""
+    base = SetokimForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
+    peft_model = PeftModel.from_pretrained(base, str(Path(adapter_path)))
+    return merge_adapters(peft_model, out_dir, processor)

@@ -1,0 +1,113 @@
+"""A two-step stage-3 LoRA run for `accelerate launch` (used by tests/test_sft_trainer.py, not collected by pytest).
+
+Usage: accelerate launch --multi_gpu --num_processes 2 tests/accelerate_sft_script.py OUT_DIR (with
+ACCELERATE_USE_CPU=true on a CPU machine). Every rank builds the same tiny model, processor and four records, trains
+two steps on its own share of the records and writes `rank{R}.json`: the batches it saw, its losses and the SHA-256 of
+its trained weights (LoRA and projector), which the test compares across ranks.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from PIL import Image
+from skimage import data
+from test_setokim_processor import tiny_processor, tiny_setokim
+
+from transformers_setok.training.collators import SetokimChatCollator
+from transformers_setok.training.sft_trainer import SetokimSFTTrainer, setokim_lora_config, setokim_sft_config
+
+QUESTIONS = ["what is in the image ?", "what is the cat ?", "what is the image ?", "what is in the cat ?"]
+PHOTOS = ["astronaut", "chelsea", "coffee"]
+
+
+def records() -> list[dict]:
+    """Three chats with a photo and one text-only chat: a rank whose batch has no image leaves the projector without
+    a gradient while the other rank gives it one, which DDP must still reduce."""
+
+    def chat(question, answer, image=True):
+        prompt = [{"type": "image"}] if image else []
+        return [
+            {"role": "user", "content": prompt + [{"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+
+    with_images = [
+        {"images": [Image.fromarray(getattr(data, photo)())], "messages": chat(question, "a cat")}
+        for photo, question in zip(PHOTOS, QUESTIONS[:3])
+    ]
+    return with_images + [{"images": [], "messages": chat(QUESTIONS[3], "the cat", image=False)}]
+
+
+class RecordingCollator(SetokimChatCollator):
+    """Keeps the ids of every batch, to show that the two ranks trained on different records."""
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        self.seen = getattr(self, "seen", []) + [batch["input_ids"].tolist()]
+        return batch
+
+
+def digest(named_params) -> str:
+    sha = hashlib.sha256()
+    for name, param in sorted(named_params):
+        sha.update(name.encode())
+        sha.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def trained_weights(model, part: str):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad and part in name]
+
+
+def main(out_dir: Path):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    processor = tiny_processor()
+    model = tiny_setokim(processor)
+    collator = RecordingCollator(processor)
+    args = setokim_sft_config(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        max_steps=2,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+    )
+    trainer = SetokimSFTTrainer(
+        model,
+        args,
+        data_collator=collator,
+        train_dataset=Dataset.from_list(records()),
+        processing_class=processor,
+        peft_config=setokim_lora_config(r=4, lora_alpha=8),
+    )
+    before = digest(trained_weights(trainer.model, "multi_modal_projector"))
+    trainer.train()
+
+    state = trainer.accelerator.state
+    report = {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "distributed_type": str(state.distributed_type),
+        "backend": state.backend,
+        "batches": collator.seen,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "projector_before": before,
+        "projector": digest(trained_weights(trainer.model, "multi_modal_projector")),
+        "lora": digest(trained_weights(trainer.model, "lora_")),
+    }
+    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
