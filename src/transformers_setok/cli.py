@@ -1,6 +1,11 @@
-"""The `setok` command line: `setok demo` and `setok tokenize`."""
+"""The `setok` command line: `setok demo`, `setok tokenize` and `setok train`.
+
+Multi-GPU runs go through accelerate, which starts this same command once per process:
+`accelerate launch --config_file configs/accelerate/ddp.yaml -m transformers_setok.cli train pretrain --config ...`
+"""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +43,28 @@ def tokenize(images: list[str], model_path: str, out: str | None, batch_size: in
                 overlay.save(Path(out) / f"{Path(path).stem}_clusters.png")
 
 
+def train(stage: str, config_path: str, resume: str | None):
+    """Checks the config, the checkpoint to resume from and the data set, then trains; bad input exits before any
+    model is built, with a message naming the key at fault."""
+    from .training.config import ConfigError, load_config
+    from .training.runners import run_stage
+
+    try:
+        config = load_config(config_path, stage)
+        metrics = run_stage(config, resume)
+    except (ConfigError, FileNotFoundError) as error:
+        # Under `accelerate launch` every process finds the same error: one message is enough.
+        sys.exit(f"setok train {stage}: {error}" if os.environ.get("RANK", "0") == "0" else 1)
+
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"Trained to step {metrics['global_step']}; the model is in {config.final_dir}")
+        if "merged_dir" in metrics:
+            print(f"Adapters merged into a plain Setokim: {metrics['merged_dir']}")
+    return metrics
+
+
 def _open_image(path: str):
     import PIL.Image
 
@@ -65,8 +92,26 @@ def main(argv: list[str] | None = None):
     tok.add_argument("--out", default=None, help="folder for the overlays")
     tok.add_argument("--batch-size", type=int, default=8)
 
+    trainer = commands.add_parser(
+        "train",
+        help="train a stage from a YAML config (tokenizer: SeTok; pretrain: Setokim's projector; sft: instructions)",
+        description="Train one stage from a YAML config (examples in configs/). Runs under `accelerate launch` "
+        "for multi-GPU training.",
+    )
+    trainer.add_argument("stage", choices=["tokenizer", "pretrain", "sft"])
+    trainer.add_argument("--config", required=True, help="YAML config of that stage")
+    trainer.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH|auto",
+        help="continue from this checkpoint folder, or from the last complete one in output_dir (auto)",
+    )
+
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "train":
+        # Not returned: the console script passes main()'s value to sys.exit, which would read a dict as a failure.
+        train(args.stage, args.config, args.resume)
+    elif args.command == "demo":
         from .training.demo import run_demo
 
         metrics = run_demo(args.out, args.steps, args.batch_size, args.learning_rate, args.vision_model, args.seed)

@@ -101,7 +101,7 @@ def setokim_sft_config(**kwargs) -> SFTConfig:
     return SFTConfig(**{**required, **kwargs})
 
 
-def _settle_sft_config(args: SFTConfig) -> SFTConfig:
+def settle_sft_config(args: SFTConfig) -> SFTConfig:
     """Fills in the settings the Setokim data path needs and refuses explicit values that contradict them.
 
     A value equal to TRL's default is read as "not set" and replaced (`remove_unused_columns=True`,
@@ -167,7 +167,7 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
       length limit.
     - `peft_config`: e.g. `setokim_lora_config()`; for QLoRA, load the model with
       `quantization_config=setokim_4bit_config()` first.
-    - `args`: see `_settle_sft_config` for the settings filled in or refused; `setokim_sft_config` builds one.
+    - `args`: see `settle_sft_config` for the settings filled in or refused; `setokim_sft_config` builds one.
 
     SeTok (the whole vision tower) is frozen before TRL and PEFT see the model.
     """
@@ -194,7 +194,7 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
             args = setokim_sft_config(output_dir="setokim-sft")
         elif not isinstance(args, SFTConfig):
             raise TypeError(f"`args` must be an SFTConfig (see `setokim_sft_config`), got {type(args).__name__}.")
-        args = _settle_sft_config(args)
+        args = settle_sft_config(args)
         if data_collator is None:
             data_collator = SetokimChatCollator(processing_class)
 

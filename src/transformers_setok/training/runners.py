@@ -1,0 +1,345 @@
+"""The three training stages, each from a checked `StageConfig` to a saved model:
+
+    config -> data set (every record checked) -> model + processor -> collator -> trainer
+           -> trainer.train(resume_from_checkpoint) -> output_dir/final (model and processor) -> metrics
+
+Everything that can be wrong with the inputs fails before the model is built: the config (`load_config`), the
+checkpoint to resume from (`resolve_resume`), then the data set, which is loaded and checked before the weights.
+Checkpoints are the Trainer's own (`output_dir/checkpoint-N`: weights, optimiser, scheduler, RNG and data position),
+written every `training.save_steps` steps, so a run stopped at any point resumes with `--resume auto` and loses only
+the steps since the last complete checkpoint.
+"""
+
+import json
+import logging
+import os
+import re
+
+import torch
+
+from .config import (
+    EXPECTED_MODEL_TYPE,
+    ConfigError,
+    StageConfig,
+    build_training_arguments,
+    check_checkpoint_type,
+    has_concept_contrast,
+)
+
+__all__ = [
+    "last_complete_checkpoint",
+    "resolve_resume",
+    "run_pretrain_stage",
+    "run_sft_stage",
+    "run_stage",
+    "run_tokenizer_stage",
+]
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"  # written last in a checkpoint: its presence marks a complete one
+
+
+def run_stage(config: StageConfig, resume: str | None = None) -> dict:
+    """Trains the stage `config` describes; `resume` is a checkpoint folder, "auto" (the last one in output_dir) or
+    None (a fresh run). Returns the training metrics."""
+    checkpoint = resolve_resume(config, resume)
+    runner = {"tokenizer": run_tokenizer_stage, "pretrain": run_pretrain_stage, "sft": run_sft_stage}[config.stage]
+    return runner(config, resume_from_checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """`checkpoint-N` folders of `output_dir`, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = [
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
+    ]
+    return [os.path.join(output_dir, name) for _, name in sorted(steps, reverse=True)]
+
+
+def _is_complete(checkpoint: str) -> bool:
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as file:
+            json.load(file)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint that was written to the end. A run killed while saving leaves a folder without (or
+    with a truncated) trainer state; `transformers.trainer_utils.get_last_checkpoint` would pick that one."""
+    for checkpoint in _checkpoints(output_dir):
+        if _is_complete(checkpoint):
+            return checkpoint
+        logger.warning("Skipping %s: it was not written to the end (no readable %s).", checkpoint, TRAINER_STATE)
+    return None
+
+
+def resolve_resume(config: StageConfig, resume: str | None) -> str | None:
+    """The checkpoint to resume from, checked; a fresh run into an output_dir with checkpoints is refused, since its
+    own checkpoints would overwrite them."""
+    if resume is None:
+        existing = last_complete_checkpoint(config.output_dir)
+        if existing is not None:
+            raise ConfigError(
+                f"`output_dir` {config.output_dir} already holds checkpoints (latest: {existing}): pass `--resume "
+                "auto` to continue that run, or choose another `output_dir` for a new one."
+            )
+        return None
+    if resume == "auto":
+        checkpoint = last_complete_checkpoint(config.output_dir)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume auto: no complete checkpoint-N folder in `output_dir` {config.output_dir} to resume from."
+            )
+    else:
+        checkpoint = resume
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--resume: no such checkpoint folder: {checkpoint}")
+        if not _is_complete(checkpoint):
+            raise ConfigError(
+                f"--resume: {checkpoint} has no readable {TRAINER_STATE}: it is not a complete checkpoint."
+            )
+    if os.path.isfile(os.path.join(checkpoint, "config.json")):
+        check_checkpoint_type(checkpoint, "--resume", EXPECTED_MODEL_TYPE[config.stage])
+    elif config.stage != "sft" or not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
+        # Only stage 3's LoRA checkpoints hold an adapter instead of a whole model.
+        raise ConfigError(f"--resume: {checkpoint} holds no model of this stage (no config.json).")
+    return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared steps
+
+
+def _load_data(data, conversations: bool):
+    """The data set of the `data` section; a bad or empty one is a ConfigError naming `data.path`."""
+    from .data import captions_to_messages, load_hub_dataset, load_image_text_jsonl, load_llava_json
+
+    checks = dict(on_error=data.on_error, verify_images=data.verify_images)
+    try:
+        if data.format == "hub":
+            return load_hub_dataset(
+                data.path,
+                split=data.split,
+                image_column=data.image_column,
+                messages_column=data.messages_column,
+                **checks,
+            )
+        if data.format == "llava":
+            return load_llava_json(data.path, data.image_folder, **checks)
+        pairs = load_image_text_jsonl(data.path, data.image_folder, **checks)
+        return captions_to_messages(pairs, data.caption_prompt) if conversations else pairs
+    except ValueError as error:  # DataValidationError included: a bad record, or nothing left to train on
+        raise ConfigError(f"`data.path` ({data.path}): {error}") from error
+
+
+def _torch_dtype(name: str | None):
+    return name if name in (None, "auto") else getattr(torch, name)
+
+
+def _train_and_save(trainer, resume_from_checkpoint: str | None, final_dir: str, extra_saves=()) -> dict:
+    """Train, then save the model (every process takes part: DeepSpeed and FSDP gather the shards) and, on the main
+    process, what goes next to it: the processing class (saved by `save_model`) and `extra_saves`."""
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(final_dir)
+    if trainer.is_world_process_zero():
+        for item in extra_saves:
+            item.save_pretrained(final_dir)
+    metrics = dict(result.metrics, global_step=trainer.state.global_step)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage 1: SeTok
+
+
+def run_tokenizer_stage(config: StageConfig, resume_from_checkpoint: str | None = None) -> dict:
+    from transformers import set_seed
+
+    from .setok_trainer import SetokImageTextCollator, SetokTrainer
+
+    dataset = _load_data(config.data, conversations=False)
+    if has_concept_contrast(config.model):
+        _check_texts(dataset, config.data.text_source)
+    args = build_training_arguments(config)
+    set_seed(args.seed)  # the fresh parts start alike in every process and every run
+    model, image_processor, text_tokenizer = build_tokenizer_model(config.model)
+    collator = SetokImageTextCollator(
+        image_processor, text_tokenizer, text_source=config.data.text_source, template=config.data.concept_template
+    )
+    trainer = SetokTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=image_processor,
+        discriminator_learning_rate=config.model.discriminator_learning_rate,
+    )
+    # The text tokenizer goes next to the model so that `init_from: <output_dir>/final` finds it.
+    extras = [text_tokenizer] if text_tokenizer is not None else []
+    return _train_and_save(trainer, resume_from_checkpoint, config.final_dir, extras)
+
+
+def build_tokenizer_model(model_config):
+    """(SetokForImageReconstruction, SetokImageProcessor, text tokenizer or None) as the `model` section says."""
+    from transformers import AutoTokenizer
+
+    from ..modeling import SetokConfig, SetokForImageReconstruction
+    from ..processing import SetokImageProcessor
+    from .demo import processor_for_encoder
+
+    if model_config.init_from is not None:
+        model = SetokForImageReconstruction.from_pretrained(model_config.init_from)
+        if os.path.isfile(os.path.join(model_config.init_from, "preprocessor_config.json")):
+            image_processor = SetokImageProcessor.from_pretrained(model_config.init_from)
+        else:
+            image_processor = _square_processor(model.config.image_size)
+    elif model_config.vision_model is not None:
+        model = SetokForImageReconstruction.from_pretrained_encoders(
+            model_config.vision_model, model_config.text_model, **(model_config.setok_config or {})
+        )
+        image_processor = processor_for_encoder(model_config.vision_model, model.config.image_size)
+    else:
+        model = SetokForImageReconstruction(SetokConfig(**model_config.setok_config))
+        image_processor = _square_processor(model.config.image_size)
+
+    text_tokenizer = None
+    if model.concept_contrast is not None:
+        source = model_config.text_tokenizer or model_config.text_model or model_config.init_from
+        text_tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, image_processor, text_tokenizer
+
+
+def _square_processor(size: int):
+    from ..processing import SetokImageProcessor
+
+    return SetokImageProcessor(size={"height": size, "width": size})
+
+
+def _check_texts(dataset, text_source: str):
+    """Every record needs a text of the kind the concept contrast uses; the collator would stop mid-run otherwise."""
+    column = "caption" if text_source == "caption" else "concepts"
+    missing = sum(not value for value in dataset[column])  # the text columns only: no image is decoded
+    if missing:
+        other = "concepts" if text_source == "caption" else "caption"
+        raise ConfigError(
+            f"`data.text_source` is {text_source!r}, but {missing} of {len(dataset)} records of {column!r} have none: "
+            f"use `data.text_source: {other}`, or fix the records."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage 2: Setokim pretraining
+
+
+def run_pretrain_stage(config: StageConfig, resume_from_checkpoint: str | None = None) -> dict:
+    from transformers import set_seed
+
+    from .collators import SetokimChatCollator
+    from .setokim_trainer import SetokimPretrainTrainer
+
+    dataset = _load_data(config.data, conversations=True)
+    args = build_training_arguments(config)
+    set_seed(args.seed)
+    model, processor = build_pretrain_model(config.model)
+    trainer = SetokimPretrainTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=SetokimChatCollator(processor, max_length=config.data.max_length),
+        processing_class=processor,
+        train_language_model=config.model.train_language_model,
+    )
+    return _train_and_save(trainer, resume_from_checkpoint, config.final_dir)
+
+
+def build_pretrain_model(model_config):
+    """(SetokimForConditionalGeneration, SetokimProcessor): loaded, or assembled from SeTok and a causal LM."""
+    from transformers import AutoProcessor
+
+    from ..assembly import build_setokim
+    from ..modeling import SetokimForConditionalGeneration
+
+    dtype = _torch_dtype(model_config.dtype)
+    if model_config.init_from is not None:
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        model = SetokimForConditionalGeneration.from_pretrained(model_config.init_from, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_config.init_from)
+    else:
+        lm_kwargs = {key: value for key, value in (("dtype", dtype), ("gguf_file", model_config.gguf_file)) if value}
+        model, processor = build_setokim(
+            model_config.setok, model_config.language_model, tokenizer_name_or_path=model_config.tokenizer, **lm_kwargs
+        )
+    _ensure_pad_token(processor)
+    return model, processor
+
+
+def _ensure_pad_token(processor):
+    # Many causal LMs (Llama among them) ship without a pad token; padding positions are masked out anyway.
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        logger.warning("The tokenizer has no pad token: padding with its eos token %r.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage 3: instruction tuning
+
+
+def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None) -> dict:
+    from accelerate import PartialState
+    from transformers import AutoProcessor, set_seed
+
+    from ..modeling import SetokimForConditionalGeneration
+    from .collators import SetokimChatCollator
+    from .sft_trainer import SetokimSFTTrainer, merge_adapters_from, setokim_4bit_config, setokim_lora_config
+
+    model_config = config.model
+    dataset = _load_data(config.data, conversations=True)
+    args = build_training_arguments(config)
+    set_seed(args.seed)
+
+    kwargs = {} if model_config.dtype is None else {"dtype": _torch_dtype(model_config.dtype)}
+    if model_config.qlora:
+        compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        kwargs["quantization_config"] = setokim_4bit_config(bnb_4bit_compute_dtype=compute)
+        # A quantized model is placed at load time, one whole copy per process (DDP).
+        kwargs["device_map"] = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+    model = SetokimForConditionalGeneration.from_pretrained(model_config.init_from, **kwargs)
+    processor = AutoProcessor.from_pretrained(model_config.init_from)
+    _ensure_pad_token(processor)
+
+    lora = model_config.lora
+    peft_config = None if lora is False else setokim_lora_config(**(lora if isinstance(lora, dict) else {}))
+    trainer = SetokimSFTTrainer(
+        model,
+        args=args,
+        data_collator=SetokimChatCollator(processor, max_length=config.data.max_length),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    metrics = _train_and_save(trainer, resume_from_checkpoint, config.final_dir)
+
+    if model_config.merge_adapters:
+        # From the saved files, not the live model: that works the same after DDP, DeepSpeed or FSDP (whose live
+        # weights are sharded) and for QLoRA (whose live base is 4-bit).
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            merged_dir = os.path.join(config.output_dir, "merged")
+            dtype = _torch_dtype(model_config.dtype) if model_config.dtype not in (None, "auto") else torch.float32
+            merge_adapters_from(model_config.init_from, config.final_dir, merged_dir, processor, dtype=dtype)
+            metrics["merged_dir"] = merged_dir
+    return metrics
