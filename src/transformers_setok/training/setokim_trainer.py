@@ -66,6 +66,11 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
             raise ValueError(f"`new_token_ids` must lie in [0, {vocab}), got {self.new_token_ids}.")
         self._select_trainable_parameters(model)
         super().__init__(model=model, args=args, **kwargs)
+        if not train_language_model and (self.is_fsdp_enabled or _zero_stage(self.accelerator) == 3):
+            raise ValueError(
+                "Training only the new token rows masks the embedding gradient per row, which FSDP and DeepSpeed "
+                "ZeRO-3 (sharded parameters) bypass: use DDP or ZeRO-1/2, or `train_language_model=True`."
+            )
 
     def _row_trained_matrices(self, model) -> list[torch.nn.Parameter]:
         """The embedding matrix and an untied LM head (one tensor when tied)."""
@@ -102,3 +107,8 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _zero_stage(accelerator) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else None
