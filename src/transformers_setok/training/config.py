@@ -62,7 +62,9 @@ class TokenizerModelConfig:
 
     Either `init_from` a saved SetokForImageReconstruction (to continue training it), or a fresh model from
     `setok_config` (SetokConfig keys), optionally around pretrained encoders: `vision_model` and `text_model` (the
-    frozen text encoder of the concept contrast) name checkpoints for `from_pretrained_encoders`.
+    frozen text encoder of the concept contrast) name checkpoints for `from_pretrained_encoders`. `text_model` alone
+    pairs the pretrained text encoder with a fresh vision encoder from `setok_config.vision_config`, trained from
+    scratch when `setok_config.freeze_vision_encoder` is false.
     """
 
     init_from: str | None = None
@@ -512,12 +514,13 @@ def _check_tokenizer_model(model: TokenizerModelConfig, check_paths: bool):
             "`model` needs `init_from` (a saved SetokForImageReconstruction) or `setok_config` and/or `vision_model` "
             "(a new SeTok)."
         )
-    if model.text_model is not None and model.vision_model is None:
-        raise ConfigError(
-            "`model.text_model` is loaded with the pretrained encoder of `model.vision_model`: set both, or describe a "
-            "fresh text encoder in `model.setok_config.text_config`."
-        )
     setok_config = model.setok_config or {}
+    if model.text_model is not None and model.vision_model is None and "vision_config" not in setok_config:
+        # Without it SetokConfig would fall back to a randomly initialised SigLIP so400m: surely not what was meant.
+        raise ConfigError(
+            "`model.text_model` without `model.vision_model` trains a fresh vision encoder: describe it in "
+            "`model.setok_config.vision_config` (or name a pretrained one in `model.vision_model`)."
+        )
     for key, source in (("vision_config", "vision_model"), ("text_config", "text_model")):
         if key in setok_config and getattr(model, source) is not None:
             raise ConfigError(f"`model.setok_config.{key}` and `model.{source}` both describe that encoder: keep one.")
