@@ -33,6 +33,26 @@ TINY_TEXT_CONFIG = dict(
 )
 
 
+def tiny_training_arguments(output_dir, **overrides):
+    """`TrainingArguments` for two-step CPU runs that log every step and keep no checkpoints unless told to."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        use_cpu=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**kwargs, **overrides})
+
+
 def tiny_config(**overrides) -> SetokConfig:
     """A SeTok small enough to run in milliseconds: 32 x 32 images, 4 x 4 patches -> an 8 x 8 grid of width 32."""
     kwargs = dict(vision_config=dict(model_type="siglip_vision_model", **TINY_VISION_KWARGS), **TINY_SETOK_KWARGS)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_training_arguments
 from PIL import Image
 from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import TrainingArguments
@@ -30,24 +31,10 @@ def captions(photos):
 
 def trainer_for(model, processor, records, tmp_path, **kwargs) -> SetokimPretrainTrainer:
     train_language_model = kwargs.pop("train_language_model", False)
-    args = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        use_cpu=True,
-        seed=0,
-    )
-    args.update(kwargs)
+    args = tiny_training_arguments(tmp_path, **{"learning_rate": 1e-2, "weight_decay": 0.1, **kwargs})
     return SetokimPretrainTrainer(
         model=model.train(),
-        args=TrainingArguments(**args),
+        args=args,
         train_dataset=records,
         data_collator=SetokimChatCollator(processor),
         processing_class=processor,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT_CONFIG, tiny_config
+from conftest import TINY_TEXT_CONFIG, tiny_config, tiny_training_arguments
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
@@ -36,25 +36,12 @@ def stage1_model(**overrides) -> SetokForImageReconstruction:
 
 
 def trainer_for(model, records, tmp_path, **kwargs) -> SetokTrainer:
-    args = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        use_cpu=True,
-        seed=0,
-    )
     discriminator_lr = kwargs.pop("discriminator_learning_rate", None)
-    args.update(kwargs)
+    args = tiny_training_arguments(tmp_path, **kwargs)
     collator = SetokImageTextCollator(SetokImageProcessor(size=32), text_tokenizer())
     return SetokTrainer(
         model=model,
-        args=TrainingArguments(**args),
+        args=args,
         train_dataset=records,
         data_collator=collator,
         discriminator_learning_rate=discriminator_lr,

@@ -47,7 +47,7 @@ def tiny_processor() -> SetokimProcessor:
     return SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
 
 
-def tiny_setokim(processor: SetokimProcessor) -> SetokimForConditionalGeneration:
+def tiny_setokim(processor: SetokimProcessor, **text_overrides) -> SetokimForConditionalGeneration:
     """A tiny Llama-based Setokim whose vocabulary and special ids match `processor`."""
     text = dict(
         model_type="llama",
@@ -58,6 +58,7 @@ def tiny_setokim(processor: SetokimProcessor) -> SetokimForConditionalGeneration
         vocab_size=len(processor.tokenizer),
         pad_token_id=processor.tokenizer.pad_token_id,
     )
+    text.update(text_overrides)
     config = SetokimConfig(
         vision_config=tiny_config(),
         text_config=text,

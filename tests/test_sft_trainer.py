@@ -12,13 +12,12 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import tiny_config
 from datasets import Dataset
 from PIL import Image
 from test_setokim_processor import tiny_processor, tiny_setokim
 from trl import SFTConfig
 
-from transformers_setok import SetokimConfig, SetokimForConditionalGeneration, SetokimProcessor
+from transformers_setok import SetokimForConditionalGeneration, SetokimProcessor
 from transformers_setok.training.collators import SetokimChatCollator, encode_and_expand
 from transformers_setok.training.sft_trainer import (
     SetokimSFTTrainer,
@@ -204,25 +203,8 @@ def test_lora_trains_adapters_and_projector_then_merges_to_the_same_logits(proce
 
 def save_wide_setokim(processor, path):
     """A tiny Setokim whose LLM layers are all >= 64 wide: bitsandbytes' CPU 4-bit kernels fail on narrower ones."""
-    text = dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(processor.tokenizer),
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
-    config = SetokimConfig(
-        vision_config=tiny_config(),
-        text_config=text,
-        image_token_id=processor.image_token_id,
-        boi_token_id=processor.boi_token_id,
-        eoi_token_id=processor.eoi_token_id,
-    )
     torch.manual_seed(0)
-    SetokimForConditionalGeneration(config).save_pretrained(path)
+    tiny_setokim(processor, hidden_size=64, intermediate_size=128, num_key_value_heads=4).save_pretrained(path)
     processor.save_pretrained(path)
 
 
