@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint benchmark
+.PHONY: demo test lint benchmark benchmark-setokim
 
 $(VENV)/.installed-%: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,6 @@ lint: $(VENV)/.installed-dev
 
 benchmark: $(VENV)/.installed-dev
 	$(VENV)/bin/python scripts/benchmark_tokenizer.py --out benchmark-out
+
+benchmark-setokim: $(VENV)/.installed-dev
+	$(VENV)/bin/python scripts/benchmark_setokim.py --threads 1 --out benchmark-out
