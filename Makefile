@@ -24,4 +24,4 @@ benchmark: $(VENV)/.installed-dev
 	$(VENV)/bin/python scripts/benchmark_tokenizer.py --out benchmark-out
 
 benchmark-setokim: $(VENV)/.installed-dev
-	$(VENV)/bin/python scripts/benchmark_setokim.py --threads 1 --out benchmark-out
+	$(VENV)/bin/python scripts/benchmark_setokim.py --threads 1 --tokens-per-image 64 --out benchmark-out

@@ -169,8 +169,8 @@ def build_setok(args) -> SetokModel:
     torch.manual_seed(args.seed)
     config = SetokConfig()
     if args.tokens_per_image:
-        # No score passes an infinite threshold, so every image takes exactly the fallback count.
-        config = SetokConfig(cluster_threshold=float("inf"), cluster_fallback_num_clusters=args.tokens_per_image)
+        # Density-peak scores are far below this threshold, so every image takes exactly the fallback count.
+        config = SetokConfig(cluster_threshold=1e30, cluster_fallback_num_clusters=args.tokens_per_image)
     return SetokModel(config).eval().to(device=args.device, dtype=getattr(torch, args.dtype))
 
 
