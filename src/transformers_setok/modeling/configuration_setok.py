@@ -80,6 +80,8 @@ class SetokConfig(PreTrainedConfig):
             `"image"` matches it with the mean of the image's tokens.
         contrastive_temperature_init (`float`): starting temperature of the contrast (learned).
         contrastive_logit_scale_max (`float`): clamp of the learned logit scale.
+        contrastive_gather (`bool`, defaults to `True`): in multi-process training, contrast every process's images
+            with every process's texts (an all-gather), as if the global batch were on one process.
     """
 
     model_type = "setok"
@@ -134,6 +136,7 @@ class SetokConfig(PreTrainedConfig):
     concept_pooling: Literal["concept", "image"] = "concept"
     contrastive_temperature_init: float = 0.07
     contrastive_logit_scale_max: float = 100.0
+    contrastive_gather: bool = True
 
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6

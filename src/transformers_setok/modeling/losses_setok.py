@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, Siglip2TextModel, SiglipTextModel
 
+from .distributed_setok import gather_contrast_batch, is_distributed
+
 # AutoModel maps SigLIP's vision towers but not its text towers, the text encoder of the paper.
 TEXT_TOWERS = {"siglip_text_model": SiglipTextModel, "siglip2_text_model": Siglip2TextModel}
 
@@ -86,11 +88,13 @@ class SetokConceptContrast(nn.Module):
     projected into that space. With `pooling="concept"` an image's score for a phrase is its best-matching token
     (max over tokens): each concept should be carried by one semantic unit. With `pooling="image"` it is the mean of
     the image's tokens against the phrase or caption. The temperature is learned (start 0.07, logit scale clamped).
+    Under multi-process training (`config.contrastive_gather`) the images and texts of all processes form one batch.
     """
 
     def __init__(self, config):
         super().__init__()
         self.pooling = config.concept_pooling
+        self.gather = config.contrastive_gather
         self.logit_scale_max = math.log(config.contrastive_logit_scale_max)
         tower = TEXT_TOWERS.get(config.text_config.model_type)
         self.text_encoder = (
@@ -116,6 +120,10 @@ class SetokConceptContrast(nn.Module):
         texts = nn.functional.normalize(self.embed_texts(input_ids, attention_mask).float(), dim=-1)
         image_side = nn.functional.normalize(self.token_projection(tokens).float(), dim=-1)
         real = token_mask.bool()
+        if self.gather and is_distributed():
+            image_side, real, texts, positives = gather_contrast_batch(
+                image_side, real, texts, input_ids, attention_mask, positives
+            )
         if self.pooling == "concept":
             similarity = torch.einsum("bld,ud->blu", image_side, texts)
             similarity = similarity.masked_fill(~real[:, :, None], float("-inf")).amax(1)
