@@ -117,3 +117,19 @@ def test_bad_arguments_are_rejected(processor, tmp_path):
         SetokimPretrainTrainer(model=model, args=args)
     with pytest.raises(ValueError, match="`new_token_ids`"):
         SetokimPretrainTrainer(model=model, args=args, processing_class=processor, new_token_ids=[10**6])
+
+
+def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(processor, captions, tmp_path):
+    """One step on 2 records equals one step on 2 x 1 accumulated records: the loss is normalised over the whole
+    accumulated batch (`num_items_in_batch` reaches the model's loss), not summed per micro-batch."""
+
+    def first_step(**kwargs):
+        torch.manual_seed(0)
+        trainer = trainer_for(tiny_setokim(processor), processor, captions[:2], tmp_path, max_steps=1, **kwargs)
+        trainer.train()
+        return trainer.state.log_history[0]
+
+    whole = first_step(per_device_train_batch_size=2)
+    accumulated = first_step(per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-4)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)

@@ -246,7 +246,10 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            # `num_items_in_batch` (in kwargs, from the Trainer) makes the loss a sum over the whole accumulated batch.
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return SetokimCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
