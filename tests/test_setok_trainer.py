@@ -128,3 +128,33 @@ def test_resuming_from_a_checkpoint_gives_the_same_later_losses(records, tmp_pat
 def test_rejects_other_models(tmp_path):
     with pytest.raises(TypeError, match="`model` must be a SetokForImageReconstruction"):
         SetokTrainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_discriminator_steps_with_the_generator_under_gradient_accumulation(records, tmp_path):
+    """3 records, batches of 1, accumulation 2: each epoch ends on a short group, where both optimisers step."""
+    model = stage1_model(use_discriminator=True)
+    trainer = trainer_for(
+        model,
+        records[:3],
+        tmp_path,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=-1,
+        num_train_epochs=2,
+    )
+    steps = []
+    step = trainer.discriminator_optimizer.step
+    trainer.discriminator_optimizer.step = lambda *a, **k: (steps.append(trainer.state.global_step), step(*a, **k))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert steps == [0, 1, 2, 3]  # once per generator step, before the Trainer counts it
+    assert all(p.grad is None for p in model.discriminator.parameters())
+
+
+def test_evaluation_reports_each_term_under_its_prefix(records, tmp_path):
+    trainer = trainer_for(stage1_model(), records, tmp_path)
+    trainer.train()
+    metrics = trainer.evaluate(records, metric_key_prefix="test")
+    assert {"test_loss", "test_reconstruction_loss", "test_concept_loss"} <= set(metrics)
+    assert not any(key in metrics for key in ("reconstruction_loss", "eval_reconstruction_loss"))
+    assert trainer.evaluate(records)["eval_concept_loss"] == pytest.approx(metrics["test_concept_loss"])

@@ -109,7 +109,6 @@ class SetokTrainer(Trainer):
                 betas=(0.5, 0.9),
                 weight_decay=0.0,
             )
-        self._micro_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, global_step=self.state.global_step)
@@ -131,7 +130,8 @@ class SetokTrainer(Trainer):
         return loss
 
     def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor):
-        """One hinge-loss step of the discriminator, accumulated like the generator's gradients."""
+        """One hinge-loss step of the discriminator, accumulated like the generator's gradients and stepped at the
+        Trainer's own optimiser steps (before it zeroes the model's gradients, the discriminator's included)."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = {name: p.detach().requires_grad_() for name, p in self.discriminator.named_parameters()}
         with self.compute_loss_context_manager():
@@ -140,13 +140,12 @@ class SetokTrainer(Trainer):
                 return torch.func.functional_call(self.discriminator, params, (images,))
 
             loss = hinge_discriminator_loss(logits(unwrapped._target(real, None)), logits(fake))
-        steps = self.args.gradient_accumulation_steps
-        grads = torch.autograd.grad(loss / steps, list(params.values()))
+        # The last group of an epoch may hold fewer micro-batches than `gradient_accumulation_steps`.
+        grads = torch.autograd.grad(loss / self.current_gradient_accumulation_steps, list(params.values()))
         for param, grad in zip(self.discriminator.parameters(), grads):
             param.grad = grad if param.grad is None else param.grad + grad
         self._terms["train"]["discriminator_loss"].append(loss.detach().float())
-        self._micro_steps += 1
-        if self._micro_steps % steps == 0:
+        if self.accelerator.sync_gradients:
             if self.accelerator.num_processes > 1:
                 for param in self.discriminator.parameters():
                     param.grad = self.accelerator.reduce(param.grad, reduction="mean")
@@ -155,21 +154,38 @@ class SetokTrainer(Trainer):
             self.discriminator_optimizer.step()
             self.discriminator_optimizer.zero_grad(set_to_none=True)
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        # Each loss term of the evaluation, averaged over its batches, next to `{prefix}_loss`.
+        self._terms["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(
+            {f"{metric_key_prefix}_{name}": value for name, value in self._mean_terms("eval").items()}
+        )
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Each term averaged over the steps since the last log (and over processes), next to the Trainer's loss.
-        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
+        if "loss" in logs:  # a training log: each term averaged over the steps since the last one
+            logs.update(self._mean_terms("train"))
+        super().log(logs, start_time)
+
+    def _mean_terms(self, split: str) -> dict[str, float]:
+        """Each recorded term averaged over its steps (and over processes); the record is then cleared."""
+        means = {}
         for name, values in self._terms[split].items():
             if values:
                 mean = self.accelerator.gather_for_metrics(torch.stack(values).mean()[None]).mean()
-                logs[prefix + name] = round(mean.item(), 6)
+                means[name] = round(mean.item(), 6)
         self._terms[split].clear()
-        super().log(logs, start_time)
+        return means
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.discriminator_optimizer is not None and self.args.should_save:
-            torch.save(self.discriminator_optimizer.state_dict(), os.path.join(output_dir, DISCRIMINATOR_OPTIMIZER_NAME))
+            torch.save(
+                self.discriminator_optimizer.state_dict(), os.path.join(output_dir, DISCRIMINATOR_OPTIMIZER_NAME)
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
