@@ -133,3 +133,15 @@ def test_gradient_accumulation_gives_the_loss_of_the_whole_batch(processor, capt
     accumulated = first_step(per_device_train_batch_size=1, gradient_accumulation_steps=2)
     assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-4)
     assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
+def test_predictions_and_labels_line_up(processor, captions, tmp_path):
+    """`predict` returns the labels of the expanded batch, aligned with the logits (image tokens included)."""
+    torch.manual_seed(0)
+    trainer = trainer_for(tiny_setokim(processor), processor, captions, tmp_path)
+    output = trainer.predict(captions[:2])
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    assert logits.shape[:2] == output.label_ids.shape
+    # Every image token is in the inputs and masked in the labels; the answers remain targets.
+    assert (output.label_ids != -100).sum() > 0
+    assert np.isfinite(output.metrics["test_loss"])

@@ -28,15 +28,25 @@ class SetokimInputsMixin:
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self._encode_and_expand(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Expanded here, so that the labels returned next to the logits are the expanded ones.
+        inputs = self._encode_and_expand(model, inputs)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _encode_and_expand(self, model, inputs):
+        if "mm_encoder_outputs" in inputs:  # already expanded (prediction_step, then compute_loss)
+            return inputs
         collator = self.data_collator
-        inputs = encode_and_expand(
+        return encode_and_expand(
             self.accelerator.unwrap_model(model),
             inputs,
             self.processing_class,
             padding_side=getattr(collator, "padding_side", "right"),
             max_length=getattr(collator, "max_length", None),
         )
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
