@@ -1,23 +1,28 @@
 """The concept contrast across two processes (gloo) equals the contrast of the whole batch on one process."""
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_TEXT_CONFIG, tiny_config
 
+from transformers_setok.modeling.distributed_setok import gather_contrast_batch
 from transformers_setok.modeling.losses_setok import SetokConceptContrast
 
 # Texts as token ids, padded with 1 to each process's own longest text: "cat" is on both processes, padded differently.
 CAT, DOG, CUP = [2, 3, 4, 5], [2, 3, 6, 7, 8], [2, 9]
 
 
-def padded(texts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(texts: list[list[int]], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     length = max(map(len, texts))
-    ids = torch.tensor([text + [1] * (length - len(text)) for text in texts])
-    return ids, torch.tensor([[1] * len(text) + [0] * (length - len(text)) for text in texts])
+
+    def pad(row, value):
+        padding = [value] * (length - len(row))
+        return row + padding if side == "right" else padding + row
+
+    ids = torch.tensor([pad(text, 1) for text in texts])
+    return ids, torch.tensor([pad([1] * len(text), 0) for text in texts])
 
 
 def batch():
@@ -41,22 +46,22 @@ def contrast() -> SetokConceptContrast:
     return module
 
 
-def loss_and_grads(module, tokens, mask, texts, positives):
-    ids, attention = padded(texts)
+def loss_and_grads(module, tokens, mask, texts, positives, side="right"):
+    ids, attention = padded(texts, side)
     loss = module(tokens, mask, ids, attention, positives)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
 
 
-def worker(rank: int, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def worker(rank: int, store: str, side: str, results):
+    # A file store, not a TCP port: no race for a free port with other jobs on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         tokens, mask, local, _ = batch()
         rows = slice(2 * rank, 2 * rank + 2)
         # Each process pads its tokens to its own longest image, as the model's merger does.
         width = int(mask[rows].sum(1).max())
-        loss, grads = loss_and_grads(contrast(), tokens[rows, :width], mask[rows, :width], **local[rank])
+        loss, grads = loss_and_grads(contrast(), tokens[rows, :width], mask[rows, :width], **local[rank], side=side)
         for grad in grads.values():  # what DDP does to parameter gradients
             dist.all_reduce(grad)
             grad /= 2
@@ -65,21 +70,13 @@ def worker(rank: int, port: int, results):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_processes_contrast_the_global_batch():
+def test_two_processes_contrast_the_global_batch(tmp_path):
     tokens, mask, _, whole = batch()
     expected_loss, expected_grads = loss_and_grads(contrast(), tokens, mask, **whole)
 
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(free_port(), results), nprocs=2, join=True)
+        mp.spawn(worker, args=(str(tmp_path / "store"), "right", results), nprocs=2, join=True)
         results = dict(results)
     for rank in (0, 1):
         loss, grads = results[rank]
@@ -87,6 +84,31 @@ def test_two_processes_contrast_the_global_batch():
         assert grads.keys() == expected_grads.keys() and "logit_scale" in grads
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected_grads[name], msg=name)
+
+
+def gather_worker(rank: int, store: str, results):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        tokens, mask, local, _ = batch()
+        ids, attention = padded(local[rank]["texts"], "left")
+        texts = torch.randn(len(ids), 8)
+        rows = slice(2 * rank, 2 * rank + 2)
+        results[rank] = gather_contrast_batch(tokens[rows], mask[rows], texts, ids, attention, local[rank]["positives"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_left_padded_copies_of_a_phrase_are_one_text(tmp_path):
+    """Left padding puts a text's padding in front, by another amount on each process: still the same phrase."""
+    _, _, _, whole = batch()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(gather_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        results = dict(results)
+    for rank in (0, 1):
+        image_side, real, texts, positives = results[rank]
+        assert image_side.shape[0] == 4 and texts.shape[0] == 3
+        assert torch.equal(positives, whole["positives"])
 
 
 def test_one_process_is_untouched():

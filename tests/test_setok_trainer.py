@@ -60,8 +60,11 @@ def test_collator_builds_multi_positive_concept_targets(records):
     assert torch.equal(batch["concept_targets"], expected)
     words = text_tokenizer().convert_ids_to_tokens(batch["concept_input_ids"][1].tolist())
     assert words == ["a", "photo", "of", "a", "rocket"]
+    records[3] = dict(records[3], caption=records[0]["caption"])
     captions = SetokImageTextCollator(SetokImageProcessor(size=32), text_tokenizer(), text_source="caption")(records)
-    assert torch.equal(captions["concept_targets"], torch.eye(4))
+    # Images 0 and 3 share their caption: one text, two positives (a second copy would be a false negative).
+    expected = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float)
+    assert torch.equal(captions["concept_targets"], expected)
 
 
 def test_collator_rejects_records_without_texts(records):

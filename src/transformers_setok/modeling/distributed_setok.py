@@ -79,8 +79,10 @@ def gather_contrast_batch(
     Returns the first four for the global batch, on this process's device; positives span processes (see above).
     """
     device = image_side.device
-    # Padding of any origin reads -1, so that a text padded to another length still matches its copies.
-    input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    # Padding of any origin or side reads -1 and moves to the end, so a text padded otherwise still matches its copies.
+    padding = attention_mask == 0
+    order = padding.long().argsort(dim=1, stable=True)
+    input_ids = input_ids.masked_fill(padding, -1).gather(1, order)
     sizes = _gather_sizes(*image_side.shape[:2], *input_ids.shape)  # B, L, U, T per process
     batch, tokens, num_texts, length = (int(sizes[:, i].max()) for i in range(4))
 

@@ -28,8 +28,9 @@ class SetokImageTextCollator:
 
     Records hold `images` (one image), and `concepts` (a list of phrases) and/or `caption`. With `text_source=
     "concepts"` each distinct concept of the batch becomes one text, `template.format(concept)`, positive for every
-    image that lists it (the multi-positive contrast); with `"caption"` each image's caption is its one text. Records
-    without texts of that kind are an error: a silent skip would train the contrast on fewer images than reported.
+    image that lists it (the multi-positive contrast); with `"caption"` each distinct caption is one text, positive
+    for the images that carry it. Records without texts of that kind are an error: a silent skip would train the
+    contrast on fewer images than reported.
     """
 
     def __init__(self, image_processor, text_tokenizer=None, *, text_source="concepts", template="a photo of a {}"):
@@ -56,21 +57,21 @@ class SetokImageTextCollator:
 
     def _texts_and_targets(self, records: list[dict]) -> tuple[list[str], torch.Tensor]:
         if self.text_source == "caption":
-            captions = [record.get("caption") for record in records]
-            missing = [i for i, caption in enumerate(captions) if not caption]
-            if missing:
-                raise ValueError(f"Records {missing} of the batch have no `caption` (text_source='caption').")
-            return captions, torch.eye(len(records))
-        per_image = [list(dict.fromkeys(record.get("concepts") or [])) for record in records]
-        missing = [i for i, concepts in enumerate(per_image) if not concepts]
+            per_image = [[record.get("caption")] if record.get("caption") else [] for record in records]
+        else:
+            per_image = [[self.template.format(c) for c in record.get("concepts") or []] for record in records]
+        missing = [i for i, texts in enumerate(per_image) if not texts]
         if missing:
-            raise ValueError(f"Records {missing} of the batch have no `concepts` (text_source='concepts').")
-        vocabulary = list(dict.fromkeys(concept for concepts in per_image for concept in concepts))
-        column = {concept: u for u, concept in enumerate(vocabulary)}
+            raise ValueError(
+                f"Records {missing} of the batch have no `{self.text_source}` (text_source={self.text_source!r})."
+            )
+        # Each distinct text once, positive for every image that has it: a copy would be a false negative.
+        vocabulary = list(dict.fromkeys(text for texts in per_image for text in texts))
+        column = {text: u for u, text in enumerate(vocabulary)}
         targets = torch.zeros(len(records), len(vocabulary))
-        for b, concepts in enumerate(per_image):
-            targets[b, [column[concept] for concept in concepts]] = 1
-        return [self.template.format(concept) for concept in vocabulary], targets
+        for b, texts in enumerate(per_image):
+            targets[b, [column[text] for text in texts]] = 1
+        return vocabulary, targets
 
 
 def _single_image(record: dict, index: int):
