@@ -1,6 +1,6 @@
 """Convert an upstream SeTok research checkpoint (github ChocoWu/SeTok) into a SeTok or Setokim folder.
 
-python scripts/convert_original_setok.py --checkpoint mm_projector.bin --out setok-converted/ [--config cfg.json]
+python scripts/convert_original_setok.py --checkpoint pytorch_model.bin --out setok-converted/ [--config cfg.json]
 
 A stage-1 tokenizer file becomes a SetokForImageReconstruction, a full MLLM a SetokimForConditionalGeneration. The
 report lists what was mapped, what has no counterpart and why, which of our weights keep their initialisation, and
@@ -26,7 +26,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--checkpoint", required=True, help="upstream state dict: .bin/.pt (torch.save) or .safetensors"
+        "--checkpoint",
+        required=True,
+        help="upstream state dict: .bin/.pt (torch.save) or .safetensors file, a sharded save's *.index.json, or a "
+        "folder holding either",
     )
     parser.add_argument(
         "--kind", choices=("tokenizer", "mllm"), help="checkpoint kind (default: from its key prefixes)"

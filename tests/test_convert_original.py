@@ -1,6 +1,7 @@
 """The upstream checkpoint converter on synthetic state dicts that follow spec section 4's key names and shapes."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from transformers_setok.conversion import (
     detect_kind,
     infer_setok_config,
     infer_setokim_config,
+    load_upstream_checkpoint,
+    strip_ddp_prefix,
 )
 from transformers_setok.modeling.layers_setok import segment_attention_kwargs
 
@@ -341,6 +344,12 @@ def test_ddp_prefix_is_stripped():
     assert "module.tokenizer.out.weight" not in result.unmapped and "tokenizer.out.weight" in result.mapped
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_torch_compile_prefix_is_stripped_in_any_order_with_ddp(prefix):
+    assert strip_ddp_prefix({prefix + "tokenizer.out.weight": torch.zeros(1)}).keys() == {"tokenizer.out.weight"}
+    assert detect_kind({prefix + "lm_head.weight": torch.zeros(1)}) == "mllm"
+
+
 def test_shape_mismatch_names_the_key_and_both_shapes():
     sd = upstream_stage1(setok_config())
     with pytest.raises(ConversionError, match=r"tokenizer\.inner_encoder\.mlp\.fc1\.weight.*\(64, 32\).*\(48, 32\)"):
@@ -429,6 +438,64 @@ def test_infer_setokim_config_and_detect_kind():
     assert detect_kind({"module.tokenizer.out.weight": torch.zeros(1)}) == "tokenizer"
     with pytest.raises(ConversionError, match="token ids"):
         infer_setokim_config(sd, SetokimConfig(vision_config=config.vision_config), head_dim=8)
+
+
+def test_infer_setokim_config_names_the_llm_keys_a_checkpoint_lacks():
+    sd = {k: v for k, v in upstream_mllm(setokim_config()).items() if k != "model.embed_tokens.weight"}
+    with pytest.raises(ConversionError, match=r"model\.embed_tokens\.weight"):
+        infer_setokim_config(sd, head_dim=8)
+
+
+def test_a_projector_only_file_is_refused_with_a_clear_message_and_not_advertised():
+    projector = {f"model.mm_in_projector.{i}.{name}": rand(4) for i in (0, 2) for name in ("weight", "bias")}
+    with pytest.raises(ConversionError, match=r"projector-only.*not supported"):
+        detect_kind(projector)
+    assert "mm_projector.bin" not in SCRIPT.read_text().split("\n\n")[1]  # the usage line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def save_sharded(sd: dict, folder: Path, safetensors: bool) -> Path:
+    """An HF-style sharded save: two shards and the index mapping every key to its shard."""
+    folder.mkdir()
+    keys = sorted(sd)
+    name = "model.safetensors" if safetensors else "pytorch_model.bin"
+    stem, suffix = name.split(".", 1)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        shard = f"{stem}-{i + 1:05d}-of-00002.{suffix}"
+        tensors = {key: sd[key].contiguous() for key in part}
+        if safetensors:
+            save_file(tensors, folder / shard)
+        else:
+            torch.save(tensors, folder / shard)
+        weight_map |= dict.fromkeys(part, shard)
+    index = folder / f"{name}.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_a_sharded_checkpoint_is_loaded_from_its_index_or_its_folder(tmp_path, safetensors):
+    sd = upstream_stage1(setok_config())
+    index = save_sharded(sd, tmp_path / "sharded", safetensors)
+    for path in (index, index.parent):
+        loaded = load_upstream_checkpoint(str(path))
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[key], sd[key]) for key in sd)
+
+
+def test_a_folder_with_a_single_weights_file_is_loaded(tmp_path):
+    sd = {"tokenizer.out.weight": rand(4, 4)}
+    (tmp_path / "ckpt").mkdir()
+    torch.save(sd, tmp_path / "ckpt" / "pytorch_model.bin")
+    assert torch.equal(
+        load_upstream_checkpoint(str(tmp_path / "ckpt"))["tokenizer.out.weight"], sd["tokenizer.out.weight"]
+    )
+    torch.save(sd, tmp_path / "ckpt" / "other.pt")
+    with pytest.raises(ConversionError, match="several checkpoints"):
+        load_upstream_checkpoint(str(tmp_path / "ckpt"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -273,6 +273,13 @@ def test_conflicting_settings_are_refused_by_name(processor, records, tmp_path, 
         trainer_for(fresh_model(processor), processor, records, tmp_path, **{setting: value})
 
 
+@pytest.mark.parametrize("max_length", [64, 1024])
+def test_an_explicit_max_length_is_refused_even_at_trls_default(max_length):
+    # setokim_sft_config sees its caller's keywords, so 1024 passed on purpose is not mistaken for TRL's default.
+    with pytest.raises(ValueError, match=rf"SFTConfig\(max_length=None\).*max_length={max_length}\)"):
+        setokim_sft_config(output_dir="out", max_length=max_length)
+
+
 def test_other_models_processors_and_formatting_are_refused(processor, records, tmp_path):
     dataset = Dataset.from_list(records)
     with pytest.raises(TypeError, match="SetokimForConditionalGeneration"):

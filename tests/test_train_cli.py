@@ -221,6 +221,18 @@ BAD_CONFIGS = {
         lambda config: config.update(model={}),
         r"`model` needs `init_from` .* or `setok_config` and/or `vision_model`",
     ),
+    "concept template without a field": (
+        _set("data", "concept_template", "a photo"),
+        r"`data.concept_template` 'a photo' does not use the concept",
+    ),
+    "concept template with a named field": (
+        _set("data", "concept_template", "a photo of a {concept}"),
+        r"`data.concept_template` 'a photo of a \{concept\}' cannot be filled with a concept \(KeyError",
+    ),
+    "concept template with two fields": (
+        _set("data", "concept_template", "{} and {}"),
+        r"`data.concept_template` '\{\} and \{\}' cannot be filled with a concept \(IndexError",
+    ),
     "concept contrast without a tokenizer": (
         _drop("model", "text_tokenizer"),
         r"needs a tokenizer for its text encoder: set `model.text_tokenizer`",
@@ -478,12 +490,37 @@ def test_sft_config_errors(tmp_path, llava, setokim_dir, no_training):
     config["training"] = {"use_cpu": True, "packing": True}
     with pytest.raises(ConfigError, match=r"`training.packing`: SetokimSFTTrainer needs `SFTConfig\(packing=False\)`"):
         load_config(write_config(path, config), "sft")
-    config["training"] = {"use_cpu": True, "max_length": 512}
-    with pytest.raises(ConfigError, match=r"`training.max_length`: .*max_length=None"):
-        load_config(write_config(path, config), "sft")
+    for max_length in (512, 1024):  # 1024, TRL's default, too: written in the file, it is meant, not a default
+        config["training"] = {"use_cpu": True, "max_length": max_length}
+        with pytest.raises(ConfigError, match=rf"`training.max_length` \({max_length}\).*set `data.max_length`"):
+            load_config(write_config(path, config), "sft")
+    config["training"] = {"use_cpu": True, "max_length": None}
+    assert load_config(write_config(path, config), "sft").training["max_length"] is None
     config["training"] = {"use_cpu": True, "max_seq_length": 512}
     with pytest.raises(ConfigError, match=r"Unknown key `training.max_seq_length`: not a field of SFTConfig"):
         load_config(write_config(path, config), "sft")
+
+
+@pytest.mark.parametrize(
+    "stage, data, key, used_by",
+    [
+        ("pretrain", {"format": "llava", "caption_prompt": "Caption it."}, "caption_prompt", "image_text"),
+        ("pretrain", {"format": "hub", "caption_prompt": "Caption it."}, "caption_prompt", "image_text"),
+        ("pretrain", {"format": "image_text", "split": "validation"}, "split", "hub"),
+        ("sft", {"format": "llava", "image_column": "pictures"}, "image_column", "hub"),
+        ("sft", {"format": "llava", "messages_column": "chat"}, "messages_column", "hub"),
+    ],
+)
+def test_data_keys_another_format_would_ignore_are_refused(tmp_path, stage, data, key, used_by):
+    model = {"init_from": str(tmp_path / "saved")}
+    config = {"stage": stage, "output_dir": str(tmp_path / "run"), "model": model, "training": {"use_cpu": True}}
+    config["data"] = {"path": "train.json", **data}
+    message = rf"`data.{key}` applies to the `{used_by}` format only; .*`{data['format']}`"
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path / "bad.yaml", config), stage, check_paths=False)
+    defaults = {"caption_prompt": "Describe the image.", "split": "train", "image_column": "images"}
+    config["data"][key] = defaults.get(key, "messages")
+    load_config(write_config(tmp_path / "ok.yaml", config), stage, check_paths=False)  # the default is harmless
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ def image_sizes(dataset) -> list[list[tuple]]:
         ),
         ("<image>\n<image>\nSame?", [{"type": "image"}, {"type": "image"}, text("Same?")]),
         ("<image>\n\nWhat?", [{"type": "image"}, text("\nWhat?")]),  # only the one newline next to it goes
+        ("<image>\r\nWhat is it?", [{"type": "image"}, text("What is it?")]),  # Windows newlines go too
+        ("What is it?\r\n<image>", [text("What is it?"), {"type": "image"}]),
         ("Line one\nline two", [text("Line one\nline two")]),
         ("<image>", [{"type": "image"}]),
         ("", [text("")]),
@@ -186,6 +188,16 @@ def test_llava_bad_json_fails_even_when_skipping(tmp_path, folder):
         load_llava_json(write_json(path, {"id": "a"}), folder)
 
 
+def test_llava_json_with_a_bom_loads_and_bad_encoding_names_the_file(tmp_path, folder):
+    path = tmp_path / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(LLAVA_RECORDS).encode())
+    assert load_llava_json(path, folder)["messages"] == LLAVA_MESSAGES
+    path.write_bytes(b'[\n{"id": "caf\xe9"}\n]')  # Latin-1, not UTF-8
+    for on_error in ("fail", "skip"):  # like bad JSON, a document that does not decode loses every record
+        with pytest.raises(DataValidationError, match=r"train\.json, line 2: bad encoding: not UTF-8"):
+            load_llava_json(path, folder, on_error=on_error)
+
+
 def test_llava_skip_drops_exactly_the_bad_records_and_logs_them(tmp_path, folder, caplog):
     records = [
         LLAVA_RECORDS[0],
@@ -277,6 +289,18 @@ def test_image_text_skip(tmp_path, folder, caplog):
     assert f"Skipped 3 of 5 records of {path}: 2 bad JSON (line 2, line 5); 1 no caption or concepts (line 3)." in (
         caplog.text
     )
+
+
+def test_image_text_jsonl_bom_and_bad_encoding(tmp_path, folder, caplog):
+    path = tmp_path / "pairs.jsonl"
+    good = json.dumps(IMAGE_TEXT_LINES[0]).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b'\n{"image": "b.png", "caption": "caf\xe9"}\n' + good + b"\n")
+    with pytest.raises(DataValidationError, match=r"pairs\.jsonl, line 2: bad encoding: not UTF-8"):
+        load_image_text_jsonl(path, folder)
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        dataset = load_image_text_jsonl(path, folder, on_error="skip")  # line 1's BOM is no bad JSON
+    assert dataset["caption"] == ["A square of noise."] * 2
+    assert "Skipped 1 of 3 records" in caplog.text and "1 bad encoding (line 2)" in caplog.text
 
 
 def test_image_text_empty(tmp_path, folder):

@@ -27,6 +27,7 @@ its merger; it becomes the identity when the widths agree) and the LayerNorm bef
 `merger_output_norm=False` removes (the inferred config sets it; a config that keeps it gets a warning).
 """
 
+import json
 import math
 import os
 import re
@@ -453,17 +454,56 @@ def convert_mllm_state_dict(upstream: dict[str, torch.Tensor], config: SetokimCo
 # Loading, detection, config inference
 
 
+# Wrapper prefixes: `module.` (DistributedDataParallel/DeepSpeed) and `_orig_mod.` (torch.compile).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _strip_wrappers(key: str) -> str:
+    # Wrappers nest in either order (a compiled model wrapped in DDP saves `module._orig_mod.`), so strip repeatedly.
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.removeprefix("module.").removeprefix("_orig_mod.")
+    return key
+
+
 def strip_ddp_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a leading `module.` (DistributedDataParallel/DeepSpeed wrappers) from every key that has it."""
-    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+    """Drop leading `module.` (DDP/DeepSpeed) and `_orig_mod.` (torch.compile) prefixes, in any order."""
+    return {_strip_wrappers(key): value for key, value in state_dict.items()}
+
+
+def _resolve_checkpoint(path: str) -> str:
+    """A folder -> its `*.index.json` (sharded save) or its single weights file; a file is returned unchanged."""
+    if not os.path.isdir(path):
+        return path
+    files = sorted(os.listdir(path))
+    indexes = [name for name in files if name.endswith(".index.json")]
+    for candidates in (indexes, [name for name in files if name.endswith(WEIGHTS_SUFFIXES)]):
+        if len(candidates) == 1:
+            return os.path.join(path, candidates[0])
+        if len(candidates) > 1:
+            raise ConversionError(f"{path} holds several checkpoints {candidates}: pass the one to convert.")
+    raise ConversionError(f"{path} holds no *.index.json nor weights file ({', '.join(WEIGHTS_SUFFIXES)}).")
 
 
 def load_upstream_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors`, or from `.bin`/`.pt` via `torch.load(weights_only=True)`.
 
-    Trainer-style wrappers (`{"state_dict": ...}`, `{"module": ...}`, `{"model": ...}`) are unwrapped.
+    Also a sharded save: its `*.index.json` (HF `weight_map`) or the folder holding it, whose shards are merged; and a
+    folder holding a single weights file. Trainer-style wrappers (`{"state_dict": ...}`, `{"module": ...}`,
+    `{"model": ...}`) are unwrapped.
     """
-    if str(path).endswith(".safetensors"):
+    path = _resolve_checkpoint(str(path))
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as file:
+            weight_map = json.load(file)["weight_map"]
+        folder = os.path.dirname(path)
+        merged = {}
+        for shard in sorted(set(weight_map.values())):
+            merged |= load_upstream_checkpoint(os.path.join(folder, shard))
+        if absent := sorted(set(weight_map) - set(merged)):
+            raise ConversionError(f"{path} lists keys its shards do not hold: {absent[:5]}")
+        return merged
+    if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
@@ -484,7 +524,10 @@ def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
         return "mllm"
     if any(key.startswith("tokenizer.") for key in keys):
         return "tokenizer"
-    raise ConversionError("Neither a stage-1 tokenizer (tokenizer.*) nor a Setokim (model.vision_tower.*, lm_head.*).")
+    raise ConversionError(
+        "Neither a stage-1 tokenizer (tokenizer.*) nor a Setokim (model.vision_tower.*, lm_head.*). A projector-only "
+        "file (model.mm_in_projector.*, LLaVA's mm_projector.bin) is not supported: convert the full MLLM checkpoint."
+    )
 
 
 def _count_layers(state_dict, prefix: str) -> int:
@@ -530,6 +573,15 @@ def infer_setokim_config(
     Vicuna-7B v1.5. Token ids come from `base`."""
     upstream = strip_ddp_prefix(upstream)
     base = base or SetokimConfig()
+    # The LLM's sizes come from these three tensors: name what is absent rather than fail with a bare KeyError.
+    required = [
+        f"model.{name}.weight" for name in ("embed_tokens", "layers.0.mlp.gate_proj", "layers.0.self_attn.k_proj")
+    ]
+    if absent := [key for key in required if key not in upstream]:
+        raise ConversionError(
+            f"Cannot infer the LLM config: the checkpoint lacks {absent}. Is this a full MLLM checkpoint? "
+            "Pass --config to give the geometry, or check --kind."
+        )
     vision = infer_setok_config(upstream, base.vision_config, prefix="model.vision_tower.")
     embed = upstream["model.embed_tokens.weight"]
     hidden = embed.shape[1]

@@ -412,6 +412,13 @@ def _training_dict(stage: str, raw) -> dict:
             raise ConfigError(f"`training.{key}` must be at least 1, got {raw[key]}.")
     if "learning_rate" in raw and raw["learning_rate"] <= 0:
         raise ConfigError(f"`training.learning_rate` must be > 0, got {raw['learning_rate']}.")
+    # Only the raw file tells an explicit `max_length: 1024` from SFTConfig's default 1024, which the stage-3 trainer
+    # reads as "not set" and drops: without this check the user's limit would vanish silently.
+    if stage == "sft" and raw.get("max_length") is not None:
+        raise ConfigError(
+            f"`training.max_length` ({raw['max_length']}) would make TRL truncate samples, cutting image placeholders "
+            "or answers: set `data.max_length` instead, which refuses a longer sample (image tokens included)."
+        )
     return {**TRAINING_DEFAULTS[stage], **raw}
 
 
@@ -623,6 +630,10 @@ _CHECK_MODEL = {"tokenizer": _check_tokenizer_model, "pretrain": _check_pretrain
 # Data sections
 
 
+# Data keys that only one format reads: under another format a changed value would be ignored without a word.
+_FORMAT_ONLY_KEYS = {"caption_prompt": "image_text", "split": "hub", "image_column": "hub", "messages_column": "hub"}
+
+
 def _check_data(data, check_paths: bool):
     max_length = getattr(data, "max_length", None)
     if max_length is not None and max_length < 1:
@@ -631,6 +642,15 @@ def _check_data(data, check_paths: bool):
         raise ConfigError(
             "`data.image_folder` applies to `image_text` and `llava` files; a `hub` dataset has its own."
         )
+    defaults = {f.name: f.default for f in dataclasses.fields(data)}
+    for key, used_by in _FORMAT_ONLY_KEYS.items():
+        if key in defaults and data.format != used_by and getattr(data, key) != defaults[key]:
+            raise ConfigError(
+                f"`data.{key}` applies to the `{used_by}` format only; `data.format` is `{data.format}`, which "
+                "ignores it: drop it."
+            )
+    if hasattr(data, "concept_template"):
+        _check_concept_template(data.concept_template)
     if not check_paths:
         return
     if data.format == "hub":
@@ -641,3 +661,21 @@ def _check_data(data, check_paths: bool):
         raise FileNotFoundError(f"`data.path`: no such file: {data.path}")
     if data.image_folder is not None and not os.path.isdir(data.image_folder):
         raise FileNotFoundError(f"`data.image_folder`: no such folder: {data.image_folder}")
+
+
+def _check_concept_template(template: str):
+    """The template must take the concept through one `{}`: other fields would fail mid-training, and a template
+    without a field would give every concept the same text, which the contrast could not tell apart."""
+    example = "as in 'a photo of a {}'"
+    try:
+        filled = {template.format(concept) for concept in ("x", "y")}
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as error:
+        raise ConfigError(
+            f"`data.concept_template` {template!r} cannot be filled with a concept ({type(error).__name__}: {error}): "
+            f"use one `{{}}` for it, {example}."
+        ) from error
+    if len(filled) == 1:
+        raise ConfigError(
+            f"`data.concept_template` {template!r} does not use the concept, so every concept reads the same: put a "
+            f"`{{}}` where it goes, {example}."
+        )

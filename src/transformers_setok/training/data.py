@@ -48,6 +48,9 @@ IMAGE_TEXT_FEATURES = datasets.Features(
 
 # "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path.
 _HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+# One newline, Unix or Windows, at the start / end of a piece of text next to a placeholder.
+_LEADING_NEWLINE = re.compile(r"\A\r?\n")
+_TRAILING_NEWLINE = re.compile(r"\r?\n\Z")
 
 
 class DataValidationError(ValueError):
@@ -216,13 +219,22 @@ def _read_json_records(path: str):
     if path.endswith(".jsonl"):
         yield from _read_jsonl(path)
         return
-    with open(path, encoding="utf-8") as file:
-        try:
-            records = json.load(file)
-        except json.JSONDecodeError as error:
-            # A broken JSON document loses every record, so this fails whatever `on_error` says.
-            where = _Where(path, f"line {error.lineno}, column {error.colno}")
-            raise DataValidationError(where, "bad JSON", error.msg) from error
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        # utf-8-sig: editors on Windows start files with a BOM, which would make the first character bad JSON.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        # Like a broken document, an undecodable one fails whatever `on_error` says.
+        line = data[: error.start].count(b"\n") + 1
+        where = _Where(path, f"line {line}")
+        raise DataValidationError(where, "bad encoding", f"not UTF-8: {error.reason}") from error
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        # A broken JSON document loses every record, so this fails whatever `on_error` says.
+        where = _Where(path, f"line {error.lineno}, column {error.colno}")
+        raise DataValidationError(where, "bad JSON", error.msg) from error
     if not isinstance(records, list):
         raise DataValidationError(path, "bad JSON", f"expected a list of records, got a {type(records).__name__}")
     for index, record in enumerate(records):
@@ -231,8 +243,16 @@ def _read_json_records(path: str):
 
 def _read_jsonl(path: str):
     """Yield (where, record) a line; a line that does not parse yields its error, so that it can be skipped."""
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    # Bytes, decoded a line at a time: a line that is not UTF-8 is then one bad record, not a crash of the whole file.
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: drops the BOM Windows editors put before line 1
+            except UnicodeDecodeError as error:
+                where = _Where(path, f"line {number}")
+                detail = f"not UTF-8 at byte {error.start} of the line: {error.reason}"
+                yield where, DataValidationError(where, "bad encoding", detail)
+                continue
             if not line.strip():
                 continue  # blank lines (a trailing one, say) hold no record
             try:
@@ -299,16 +319,17 @@ def _text_to_parts(text: str) -> list[dict]:
     """Split `text` at each `<image>` into text and image parts, in order.
 
     LLaVA writes `<image>\\n` before the question (or `\\n<image>` after it); the newline only separated the image
-    from the text, so one newline next to each placeholder goes. Other whitespace is kept.
+    from the text, so one newline (`\\n`, or Windows' `\\r\\n`) next to each placeholder goes. Other whitespace
+    is kept.
     """
     pieces = text.split(IMAGE_PLACEHOLDER)
     parts = []
     for index, piece in enumerate(pieces):
         if index > 0:
             parts.append({"type": "image"})
-            piece = piece.removeprefix("\n")
+            piece = _LEADING_NEWLINE.sub("", piece, count=1)
         if index < len(pieces) - 1:
-            piece = piece.removesuffix("\n")
+            piece = _TRAILING_NEWLINE.sub("", piece, count=1)
         if piece:
             parts.append({"type": "text", "text": piece})
     return parts or [{"type": "text", "text": ""}]  # an empty turn stays a turn, with an empty text

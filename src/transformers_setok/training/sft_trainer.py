@@ -97,8 +97,20 @@ _MUST_BE_OFF = {
 
 def setokim_sft_config(**kwargs) -> SFTConfig:
     """An `SFTConfig` with this trainer's required settings filled in; `kwargs` are any other SFTConfig fields."""
+    # Here an explicit `max_length` is known to be the caller's (1024 included), unlike in `settle_sft_config`, which
+    # cannot tell TRL's default 1024 from the same value passed on purpose and so reads it as "not set".
+    if kwargs.get("max_length") is not None:
+        raise _max_length_error(kwargs["max_length"])
     required = dict(remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
     return SFTConfig(**{**required, **kwargs})
+
+
+def _max_length_error(max_length: int) -> ValueError:
+    return ValueError(
+        f"SetokimSFTTrainer needs `SFTConfig(max_length=None)`: TRL would truncate, cutting image placeholders or "
+        f"answers. To bound the length, pass `data_collator=SetokimChatCollator(processor, "
+        f"max_length={max_length})`, which raises on a longer sample (image tokens included) instead."
+    )
 
 
 def settle_sft_config(args: SFTConfig) -> SFTConfig:
@@ -131,11 +143,7 @@ def settle_sft_config(args: SFTConfig) -> SFTConfig:
     if args.max_length == SFTConfig.__dataclass_fields__["max_length"].default:
         args.max_length = None
     if args.max_length is not None:
-        raise ValueError(
-            f"SetokimSFTTrainer needs `SFTConfig(max_length=None)`: TRL would truncate, cutting image placeholders or "
-            f"answers. To bound the length, pass `data_collator=SetokimChatCollator(processor, "
-            f"max_length={args.max_length})`, which raises on a longer sample (image tokens included) instead."
-        )
+        raise _max_length_error(args.max_length)
     return args
 
 
