@@ -17,13 +17,11 @@ import dataclasses
 import json
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import yaml
+from .typed_yaml import ConfigError, build_section, check_keys, check_type, merge, read_yaml
 
 __all__ = [
     "STAGES",
@@ -46,10 +44,6 @@ __all__ = [
 STAGES = ("tokenizer", "pretrain", "sft")
 ON_ERROR = Literal["fail", "skip"]
 DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A training config that cannot be used; the message names the key and what is wrong with it."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -205,172 +199,30 @@ def load_config(path, stage: str | None = None, *, check_paths: bool = True, ove
     structure, like the examples in `configs/`). `overrides` is a nested mapping merged over the file's contents.
     Nothing heavy happens here: no model, data set or weights are loaded.
     """
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if overrides:
-        raw = _merge(raw, overrides)
-    _check_keys(raw, StageConfig, "")
+        raw = merge(raw, overrides)
+    check_keys(raw, StageConfig, "")
     file_stage = raw["stage"]
-    _check_type(file_stage, typing.get_type_hints(StageConfig)["stage"], "stage")
+    check_type(file_stage, typing.get_type_hints(StageConfig)["stage"], "stage")
     if stage is not None and file_stage != stage:
         raise ConfigError(
             f"{path}: `stage` is {file_stage!r} but the command trains {stage!r}: use `setok train {file_stage}` or "
             "the config file of that stage."
         )
-    _check_type(raw["output_dir"], str, "output_dir")
+    check_type(raw["output_dir"], str, "output_dir")
     model_class, data_class = SCHEMA[file_stage]
     config = StageConfig(
         stage=file_stage,
         output_dir=raw["output_dir"],
-        model=_build(model_class, raw["model"], "model"),
-        data=_build(data_class, raw["data"], "data"),
+        model=build_section(model_class, raw["model"], "model"),
+        data=build_section(data_class, raw["data"], "data"),
         training=_training_dict(file_stage, raw.get("training") or {}),
     )
     _CHECK_MODEL[file_stage](config.model, check_paths)
     _check_data(config.data, check_paths)
     build_training_arguments(config)  # the Trainer's own checks, now rather than after the model has loaded
     return config
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as people write it: `1e-3` is a float (YAML 1.1 wants `1.0e-3`) and a repeated key is an error."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(
-                    f"Key `{key}` appears twice in the same section (line {key_node.start_mark.line + 1})."
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d[\d_]*(\.\d*)?|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _read_yaml(path) -> dict:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such config file: {path}")
-    with open(path, encoding="utf-8") as file:
-        try:
-            raw = yaml.load(file, Loader=_Loader)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with `stage`, `output_dir`, `model`, `data` and `training`.")
-    return raw
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Keys and types
-
-
-def _dotted(where: str, key) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def _check_keys(raw, cls, where: str):
-    """Unknown and missing keys of the section `where`, whose schema is the dataclass `cls`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"`{where}` must be a mapping of keys to values, got {raw!r:.80}.")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [key for key in raw if key not in fields]
-    if unknown:
-        section = f"`{where}`" if where else "the top level"
-        raise ConfigError(
-            f"Unknown key `{_dotted(where, unknown[0])}`; the keys of {section} are: {', '.join(fields)}."
-        )
-    for name, f in fields.items():
-        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"Missing required key `{_dotted(where, name)}`.")
-
-
-def _build(cls, raw, where: str):
-    _check_keys(raw, cls, where)
-    hints = typing.get_type_hints(cls)
-    for key, value in raw.items():
-        _check_type(value, hints[key], _dotted(where, key))
-    return cls(**raw)
-
-
-def _check_type(value, annotation, key: str):
-    if not _matches(value, annotation):
-        raise ConfigError(f"`{key}` must be {_describe(annotation)}, got {value!r:.80} ({type(value).__name__}).")
-
-
-def _matches(value, annotation) -> bool:
-    """Whether a YAML value fits a type annotation. An int fits a float field; a bool is not an int. Annotations
-    this does not know (classes no YAML value can be) are left to the constructor that uses the value."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if annotation is type(None) or annotation is None:
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
-    if origin is Literal:
-        return any(value == arg and type(value) is type(arg) for arg in args)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if annotation is list or origin is list:
-        return isinstance(value, list) and all(_matches(item, args[0]) for item in value if args)
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            return False
-        return not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return isinstance(value, annotation) or value in [member.value for member in annotation]
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-_NAMES = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "a list",
-    dict: "a mapping",
-}
-
-
-def _describe(annotation) -> str:
-    """What a type annotation asks for, in words: `an integer`, `one of 'a', 'b'`, `a list of a string or null`."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is type(None) or annotation is None:
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in args)
-    if origin in (list, dict):
-        return _NAMES[origin] + (f" of {_describe(args[0])}" if origin is list and args else "")
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return "one of " + ", ".join(repr(member.value) for member in annotation)
-    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,7 +256,7 @@ def _training_dict(stage: str, raw) -> dict:
                 f"Unknown key `training.{key}`: not a field of {cls.__name__}, whose fields are the keys of "
                 f"`training`.{hint}"
             )
-        _check_type(value, hints[key], f"training.{key}")
+        check_type(value, hints[key], f"training.{key}")
     if raw.get("remove_unused_columns") is True:
         raise ConfigError("`training.remove_unused_columns` must be false: the collators read the raw record columns.")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
