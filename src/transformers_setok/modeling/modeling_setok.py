@@ -116,13 +116,14 @@ class SetokPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained_encoders(
-        cls, vision_model_name_or_path: str, text_model_name_or_path: str | None = None, **config_kwargs
+        cls, vision_model_name_or_path: str | None, text_model_name_or_path: str | None = None, **config_kwargs
     ):
         """Build a SeTok around pretrained encoders; every SeTok part (merger, detokenizer, ...) is freshly initialised.
 
         `vision_model_name_or_path` may name a vision model (SigLIP/CLIP vision, ViT) or a dual encoder (SigLIP,
-        CLIP), whose vision tower is taken. `text_model_name_or_path` optionally names the frozen text encoder of the
-        concept contrast (for example all-MiniLM-L6-v2, or a SigLIP checkpoint's text tower).
+        CLIP), whose vision tower is taken; `None` trains a fresh encoder described by `vision_config` in
+        `config_kwargs`. `text_model_name_or_path` optionally names the frozen text encoder of the concept contrast
+        (for example all-MiniLM-L6-v2, or a SigLIP checkpoint's text tower).
 
         ```python
         >>> model = SetokForImageReconstruction.from_pretrained_encoders("google/siglip-so400m-patch14-384")
@@ -130,15 +131,24 @@ class SetokPreTrainedModel(PreTrainedModel):
         """
         if text_model_name_or_path and not cls._has_concept_contrast:
             raise ValueError(f"`text_model_name_or_path` needs a model with the concept contrast, not {cls.__name__}.")
-        vision_config = _tower_config(vision_model_name_or_path, "vision_config")
-        text_config = _tower_config(text_model_name_or_path, "text_config") if text_model_name_or_path else None
-        model = cls(SetokConfig(vision_config=vision_config, text_config=text_config, **config_kwargs))
-        encoders = [(vision_model_name_or_path, vision_config, model.base_model.vision_model)]
+        if vision_model_name_or_path is None and "vision_config" not in config_kwargs:
+            raise ValueError(
+                "Without `vision_model_name_or_path` the vision encoder is trained from scratch: describe it with "
+                "`vision_config=...`."
+            )
+        pretrained = {}  # sub-config key -> checkpoint
+        if vision_model_name_or_path:
+            pretrained["vision_config"] = vision_model_name_or_path
         if text_model_name_or_path:
-            encoders.append((text_model_name_or_path, text_config, model.concept_contrast.text_encoder))
-        for name_or_path, config, target in encoders:
-            pretrained = TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(name_or_path, config=config)
-            missing = target.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
+            pretrained["text_config"] = text_model_name_or_path
+        for key, name_or_path in pretrained.items():
+            config_kwargs[key] = _tower_config(name_or_path, key)
+        model = cls(SetokConfig(**config_kwargs))
+        for key, name_or_path in pretrained.items():
+            target = model.base_model.vision_model if key == "vision_config" else model.concept_contrast.text_encoder
+            config = getattr(model.config, key)
+            weights = TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(name_or_path, config=config)
+            missing = target.load_state_dict(weights.state_dict(), strict=False).missing_keys
             if missing:
                 raise ValueError(f"{name_or_path!r} lacks weights the encoder needs: {missing[:5]}...")
         return model

@@ -206,18 +206,16 @@ def build_tokenizer_model(model_config):
             image_processor = SetokImageProcessor.from_pretrained(model_config.init_from)
         else:
             image_processor = _square_processor(model.config.image_size)
-    elif model_config.vision_model is not None:
+    elif model_config.vision_model is not None or model_config.text_model is not None:
         model = SetokForImageReconstruction.from_pretrained_encoders(
             model_config.vision_model, model_config.text_model, **(model_config.setok_config or {})
         )
-        image_processor = processor_for_encoder(model_config.vision_model, model.config.image_size)
+        if model_config.vision_model is not None:
+            image_processor = processor_for_encoder(model_config.vision_model, model.config.image_size)
+        else:
+            image_processor = _square_processor(model.config.image_size)
     else:
-        setok_config = dict(model_config.setok_config)
-        if model_config.text_model is not None:
-            setok_config["text_config"] = _text_tower_config(model_config.text_model)
-        model = SetokForImageReconstruction(SetokConfig(**setok_config))
-        if model_config.text_model is not None:
-            _load_text_encoder(model, model_config.text_model)
+        model = SetokForImageReconstruction(SetokConfig(**model_config.setok_config))
         image_processor = _square_processor(model.config.image_size)
 
     text_tokenizer = None
@@ -225,30 +223,6 @@ def build_tokenizer_model(model_config):
         source = model_config.text_tokenizer or model_config.text_model or model_config.init_from
         text_tokenizer = AutoTokenizer.from_pretrained(source)
     return model, image_processor, text_tokenizer
-
-
-def _text_tower_config(name_or_path: str):
-    """The config of a text encoder checkpoint, or the text tower's of a dual encoder (SigLIP, CLIP)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    return getattr(config, "text_config", None) or config
-
-
-def _load_text_encoder(model, name_or_path: str):
-    """Pretrained weights into the concept contrast's text encoder of a SeTok whose vision encoder is fresh
-    (`from_pretrained_encoders` covers a pretrained vision encoder). The encoder stays frozen: loading copies into
-    the existing parameters, which the model froze when it was built."""
-    from transformers import AutoModel
-
-    from ..modeling.losses_setok import TEXT_TOWERS
-
-    encoder = model.concept_contrast.text_encoder
-    tower = TEXT_TOWERS.get(encoder.config.model_type, AutoModel)
-    pretrained = tower.from_pretrained(name_or_path, config=encoder.config)
-    missing = encoder.load_state_dict(pretrained.state_dict(), strict=False).missing_keys
-    if missing:
-        raise ConfigError(f"`model.text_model` {name_or_path!r} lacks weights the text encoder needs: {missing[:5]}")
 
 
 def _square_processor(size: int):
