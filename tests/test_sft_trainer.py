@@ -12,6 +12,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from conftest import assistant, user
 from datasets import Dataset
 from PIL import Image
 from test_setokim_processor import tiny_processor, tiny_setokim
@@ -35,17 +36,6 @@ IMAGE_ID = tiny_processor().image_token_id
 @pytest.fixture
 def processor():
     return tiny_processor()
-
-
-def user(*parts):
-    return {
-        "role": "user",
-        "content": [{"type": "image"} if part is None else {"type": "text", "text": part} for part in parts],
-    }
-
-
-def assistant(text):
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ has counted each image's tokens, and `encode_and_expand` against the processor's
 
 import pytest
 import torch
+from conftest import assistant, user
 from PIL import Image
 from test_setokim_processor import tiny_setokim, word_tokenizer
 
@@ -29,17 +30,6 @@ def processor():
 @pytest.fixture
 def images(photos):
     return {name: Image.fromarray(photo) for name, photo in photos.items()}
-
-
-def user(*parts):
-    return {
-        "role": "user",
-        "content": [{"type": "image"} if part is None else {"type": "text", "text": part} for part in parts],
-    }
-
-
-def assistant(text):
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 def tokens(processor, ids):

@@ -86,12 +86,14 @@ def setokim_4bit_config(**overrides) -> BitsAndBytesConfig:
 # The SFTConfig this design needs
 
 # Settings that TRL's own data path uses and that cannot work once image counts are only known inside the step.
+_PACKING = "packed sequences would have to be built before SeTok decides each image's token count"
+_MASKED = "SetokimChatCollator already masks everything but the assistant turns"
 _MUST_BE_OFF = {
-    "packing": "packed sequences would have to be built before SeTok decides each image's token count",
-    "eval_packing": "packed sequences would have to be built before SeTok decides each image's token count",
+    "packing": _PACKING,
+    "eval_packing": _PACKING,
     "padding_free": "the collator pads each batch and the image expansion re-pads it",
-    "assistant_only_loss": "SetokimChatCollator already masks everything but the assistant turns",
-    "completion_only_loss": "SetokimChatCollator already masks everything but the assistant turns",
+    "assistant_only_loss": _MASKED,
+    "completion_only_loss": _MASKED,
 }
 
 
