@@ -47,8 +47,11 @@ def tiny_processor() -> SetokimProcessor:
     return SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
 
 
-def tiny_setokim(processor: SetokimProcessor, **text_overrides) -> SetokimForConditionalGeneration:
-    """A tiny Llama-based Setokim whose vocabulary and special ids match `processor`."""
+def tiny_setokim(
+    processor: SetokimProcessor, use_generation_head: bool = False, **text_overrides
+) -> SetokimForConditionalGeneration:
+    """A tiny Llama-based Setokim whose vocabulary and special ids match `processor` (with a tiny generation head
+    when asked)."""
     text = dict(
         model_type="llama",
         hidden_size=32,
@@ -65,6 +68,9 @@ def tiny_setokim(processor: SetokimProcessor, **text_overrides) -> SetokimForCon
         image_token_id=processor.image_token_id,
         boi_token_id=processor.boi_token_id,
         eoi_token_id=processor.eoi_token_id,
+        use_generation_head=use_generation_head,
+        generation_head_width=48,
+        generation_head_depth=2,
     )
     return SetokimForConditionalGeneration(config).eval()
 

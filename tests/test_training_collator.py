@@ -256,12 +256,21 @@ def test_text_only_batch_needs_no_model_images(model, processor, records):
     assert model(**inputs).loss.isfinite()
 
 
-def test_placeholder_inside_an_assistant_turn_is_not_a_target(processor, images):
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_an_image_in_an_assistant_turn_is_a_generation_target(processor, images, padding_side):
+    """Text-to-image: the answer's image block ([Img], each image token, [/Img]) is a target, token by token, so the
+    LLM learns to open an image, its length and to close it; an image in the user turn stays an input."""
     answer = {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "image"}]}
-    record = {"images": [images["chelsea"]], "messages": [user("what is the image ?"), answer]}
-    batch = SetokimChatCollator(processor)([record])
+    record = {"images": [images["coffee"], images["chelsea"]], "messages": [user(None, "the cat ?"), answer]}
+    batch = SetokimChatCollator(processor, padding_side=padding_side)([record])
     assert tokens(processor, batch["input_ids"][0])[-5:] == ["Assistant", ":", "a", "<image>", "</s>"]
-    assert targets(processor, batch["labels"][0])[-5:] == [X, X, "a", X, "</s>"]
+    assert targets(processor, batch["labels"][0])[-5:] == [X, X, "a", "<image>", "</s>"]
+
+    expanded = expand(processor, batch, [2, 3], padding_side=padding_side)
+    row = ["User", ":"] + block(2) + ["the", "cat", "?", "Assistant", ":", "a"] + block(3) + ["</s>"]
+    labels = [X] * 11 + ["a"] + block(3) + ["</s>"]
+    assert tokens(processor, expanded["input_ids"][0]) == row
+    assert targets(processor, expanded["labels"][0]) == labels
 
 
 def test_records_from_a_datasets_table(processor, records):

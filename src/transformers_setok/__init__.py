@@ -7,11 +7,12 @@ Importing the package registers the classes with the Auto API (`AutoConfig`, `Au
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .assembly import build_setokim
+from .assembly import add_generation_head, build_setokim
 from .modeling import (
     SetokConfig,
     SetokForImageReconstruction,
     SetokimConfig,
+    SetokimDiffusionHead,
     SetokimForConditionalGeneration,
     SetokimModel,
     SetokimPreTrainedModel,
@@ -50,10 +51,12 @@ __all__ = [
     "SetokPreTrainedModel",
     "SetokReconstructionOutput",
     "SetokimConfig",
+    "SetokimDiffusionHead",
     "SetokimForConditionalGeneration",
     "SetokimModel",
     "SetokimPreTrainedModel",
     "SetokimProcessor",
+    "add_generation_head",
     "build_setokim",
     "dpc_knn_cluster",
     "iterative_cluster",

@@ -1,12 +1,13 @@
-"""Assembling a Setokim from a SeTok checkpoint and a causal-LM checkpoint."""
+"""Assembling a Setokim from a SeTok checkpoint and a causal-LM checkpoint, and giving one a generation head."""
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .modeling import SetokimConfig, SetokimForConditionalGeneration
+from .modeling import SetokForImageReconstruction, SetokimConfig, SetokimDiffusionHead, SetokimForConditionalGeneration
+from .modeling.modeling_setok import SetokDetokenizer
 from .processing import SetokImageProcessor, SetokimProcessor
 
-__all__ = ["build_setokim"]
+__all__ = ["add_generation_head", "build_setokim"]
 
 
 def build_setokim(
@@ -15,6 +16,9 @@ def build_setokim(
     *,
     tokenizer_name_or_path: str | None = None,
     projector_hidden_act: str = "gelu",
+    use_generation_head: bool = False,
+    generation_head_width: int = 1024,
+    generation_head_depth: int = 3,
     **language_model_kwargs,
 ) -> tuple[SetokimForConditionalGeneration, SetokimProcessor]:
     """A Setokim made of a trained SeTok and a pretrained causal LM, with a fresh projector, and its processor.
@@ -22,7 +26,9 @@ def build_setokim(
     The tokenizer gets `<image>`, `[Img]` and `[/Img]` when it lacks them; the LLM's embeddings (and an untied LM
     head) grow to the new vocabulary with the new rows set to the mean of the existing ones, so the new tokens start
     as an "average word" rather than noise. `language_model_kwargs` go to `AutoModelForCausalLM.from_pretrained`
-    (for example `dtype`, or `gguf_file` for a GGUF checkpoint).
+    (for example `dtype`, or `gguf_file` for a GGUF checkpoint). `use_generation_head` also adds a fresh generation
+    head and SeTok's detokenizer (`add_generation_head`), so `setok_name_or_path` must then be a stage-1
+    `SetokForImageReconstruction`.
 
     ```python
     >>> model, processor = build_setokim("setok-demo/model", "meta-llama/Llama-3.2-1B")
@@ -54,7 +60,44 @@ def build_setokim(
     model.model.language_model.load_state_dict(language_model.base_model.state_dict())
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
     model.model.vision_tower._freeze_encoders()
+    if use_generation_head:
+        add_generation_head(model, setok_name_or_path, width=generation_head_width, depth=generation_head_depth)
     return model, processor
+
+
+def add_generation_head(
+    model: SetokimForConditionalGeneration, setok_name_or_path: str, *, width: int = 1024, depth: int = 3
+) -> SetokimForConditionalGeneration:
+    """Gives `model` (in place) a freshly initialised generation head of `width` x `depth` and the detokenizer of the
+    stage-1 SeTok at `setok_name_or_path` (a saved `SetokForImageReconstruction`, whose tokenizer `model` carries),
+    and sets `config.use_generation_head`. Stage 2 with `train_generation_head` then trains the head."""
+    if model.generation_head is not None:
+        raise ValueError("The model already has a generation head.")
+    for name, value in (("width", width), ("depth", depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    setok, info = SetokForImageReconstruction.from_pretrained(setok_name_or_path, output_loading_info=True)
+    if any(key.startswith("detokenizer.") for key in info["missing_keys"]):
+        raise ValueError(
+            f"{setok_name_or_path!r} holds no trained detokenizer: pass the stage-1 SetokForImageReconstruction."
+        )
+    config = model.config
+    ours, theirs = config.vision_config.to_diff_dict(), setok.config.to_diff_dict()
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and "detokenizer" in k)
+    if differing or config.vision_config.token_dim != setok.config.token_dim:
+        raise ValueError(f"{setok_name_or_path!r} is not this model's SeTok: its detokenizer differs in {differing}.")
+    config.use_generation_head = True
+    config.generation_head_width, config.generation_head_depth = width, depth
+    reference = model.lm_head.weight
+    model.generation_head = SetokimDiffusionHead(
+        config.vision_config.token_dim, config.text_config.hidden_size, width, depth
+    )
+    model.image_decoder = SetokDetokenizer(config.vision_config)
+    model.initialize_weights()  # only the new modules: loaded parameters are marked initialised
+    model.image_decoder.load_state_dict(setok.detokenizer.state_dict())
+    model.generation_head.to(reference.device, reference.dtype)
+    model.image_decoder.to(reference.device, reference.dtype)
+    return model
 
 
 @torch.no_grad()

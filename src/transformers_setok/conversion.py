@@ -221,7 +221,9 @@ def _convert_tokenizer(conv: _Conversion, src: str, dst: str, config: SetokConfi
     _identity_input_proj(conv, src, merger, config)
     if any(conv.under(src + part) for part in ("inner_encoder.", "inter_encoder.", "out.")):
         if config.merger_output_norm:
-            conv.explain_missing(merger + "norm.", "no upstream counterpart: upstream's `out` had no LayerNorm before it")
+            conv.explain_missing(
+                merger + "norm.", "no upstream counterpart: upstream's `out` had no LayerNorm before it"
+            )
             conv.warn(
                 f"{merger}norm: the config has `merger_output_norm=True` but upstream's merger had no LayerNorm "
                 "before `out`, so the tokens differ from upstream's until fine-tuned; set it to False for exactness."
@@ -546,7 +548,11 @@ def infer_setok_config(
     """
     upstream = strip_ddp_prefix(upstream)
     base = base or SetokConfig()
-    updates = {"hidden_act": UPSTREAM_HIDDEN_ACT, "layer_norm_eps": UPSTREAM_LAYER_NORM_EPS, "merger_output_norm": False}
+    updates = {
+        "hidden_act": UPSTREAM_HIDDEN_ACT,
+        "layer_norm_eps": UPSTREAM_LAYER_NORM_EPS,
+        "merger_output_norm": False,
+    }
     norm = upstream.get(prefix + "inner_encoder.norm1.weight", upstream.get(prefix + "inter_encoder.norm1.weight"))
     if norm is not None:
         updates["merger_hidden_size"] = norm.shape[0]

@@ -1,6 +1,7 @@
 from .clustering_setok import dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
 from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
+from .diffusion_head_setokim import SetokimDiffusionHead
 from .modeling_setok import (
     SetokForImageReconstruction,
     SetokModel,
@@ -18,6 +19,7 @@ __all__ = [
     "SetokPreTrainedModel",
     "SetokReconstructionOutput",
     "SetokimConfig",
+    "SetokimDiffusionHead",
     "SetokimForConditionalGeneration",
     "SetokimModel",
     "SetokimPreTrainedModel",

@@ -18,6 +18,13 @@ class SetokimConfig(PreTrainedConfig):
         projector_hidden_act (`str`): activation between the projector's two linear layers.
         tie_word_embeddings (`bool`): tie the LM head to the input embeddings (taken from `text_config` when it
             ties them).
+        use_generation_head (`bool`): also build the generation path: the diffusion head that draws SeTok tokens from
+            the LLM's hidden states, and SeTok's detokenizer (`image_decoder`) that turns them into pixels.
+        generation_head_width, generation_head_depth (`int`): the head's MLP width and number of adaLN blocks (the
+            paper's 1024 and 3).
+        diffusion_num_train_timesteps (`int`), diffusion_beta_schedule (`str`): the noise schedule the head is trained
+            and sampled with, as diffusers' `DDPMScheduler` names them (cosine: "squaredcos_cap_v2").
+        diffusion_num_inference_steps (`int`): default number of denoising steps when sampling.
     """
 
     model_type = "setokim"
@@ -33,6 +40,12 @@ class SetokimConfig(PreTrainedConfig):
     eoi_token_id: int = 32002
     projector_hidden_act: str = "gelu"
     tie_word_embeddings: bool = False
+    use_generation_head: bool = False
+    generation_head_width: int = 1024
+    generation_head_depth: int = 3
+    diffusion_num_train_timesteps: int = 1000
+    diffusion_beta_schedule: str = "squaredcos_cap_v2"
+    diffusion_num_inference_steps: int = 100
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -43,6 +56,15 @@ class SetokimConfig(PreTrainedConfig):
         ids["eoi_token_id"] = self.eoi_token_id
         if len(set(ids.values())) != 3:
             raise ValueError(f"`image_token_id`, `boi_token_id` and `eoi_token_id` must differ, got {ids}.")
+        sizes = {
+            "generation_head_width": self.generation_head_width,
+            "generation_head_depth": self.generation_head_depth,
+            "diffusion_num_train_timesteps": self.diffusion_num_train_timesteps,
+            "diffusion_num_inference_steps": self.diffusion_num_inference_steps,
+        }
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 __all__ = ["SetokimConfig"]

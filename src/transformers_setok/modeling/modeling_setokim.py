@@ -6,6 +6,13 @@
 Each image contributes exactly its own token count, so the placeholders can only be expanded once SeTok has run.
 `get_image_features` returns the per-image features as a list; `forward` and `generate` take them back through
 `mm_encoder_outputs={"image": ...}`, so an image is encoded once even though its count decides the prompt length.
+
+Generation (`config.use_generation_head`), MAR style: an image the model draws is a run of `<image>` targets between
+`[Img]` and `[/Img]`. Target positions named in `masked_image_tokens` keep the `<image>` embedding (the mask
+embedding) instead of receiving a token; the LLM's hidden state at each of them conditions `generation_head`, a
+diffusion MLP that denoises that position's SeTok token, and `image_decoder` (SeTok's detokenizer) turns the drawn
+tokens into pixels. The noise schedule and the sampling loop come from diffusers, outside this file
+(`transformers_setok.image_generation`).
 """
 
 from dataclasses import dataclass
@@ -13,12 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_setokim import SetokimConfig
-from .modeling_setok import SetokModel
+from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear
+from .modeling_setok import SetokDetokenizer, SetokModel
 
 
 @dataclass
@@ -36,9 +45,12 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*):
         The projected SeTok tokens of all images of the batch, in placeholder order.
+    predicted_noise (`torch.FloatTensor` of shape `(R * num_masked, token_dim)`, *optional*):
+        The generation head's noise prediction for `noisy_image_tokens`, when they were given.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    predicted_noise: torch.FloatTensor | None = None
 
 
 class SetokimProjector(nn.Module):
@@ -67,6 +79,15 @@ class SetokimPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Matched on the layers themselves: a module without parameters of its own is never visited here.
+        if isinstance(module, SetokimZeroInitLinear):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, SetokDetokenizer):
+            init.normal_(module.query_embeddings, std=self.config.vision_config.initializer_range)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -105,8 +126,9 @@ class SetokimModel(SetokimPreTrainedModel):
         per_image = [tokens[:count] for tokens, count in zip(projected, setok.num_tokens.tolist())]
         return BaseModelOutputWithPooling(last_hidden_state=setok.last_hidden_state, pooler_output=per_image)
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features) -> torch.Tensor:
-        """Where the image features go; raises when placeholders and features disagree in number."""
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features, masked_image_tokens=None) -> torch.Tensor:
+        """Where the image features go (placeholders not in `masked_image_tokens`); raises when placeholders and
+        features disagree in number."""
         if input_ids is None:
             placeholder = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -114,6 +136,8 @@ class SetokimModel(SetokimPreTrainedModel):
             mask = (inputs_embeds == placeholder).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
+        if masked_image_tokens is not None:
+            mask = mask & ~masked_image_tokens
         if int(mask.sum()) != image_features.shape[0]:
             raise ValueError(
                 f"Image features and image tokens do not match: tokens: {int(mask.sum())}, features: "
@@ -121,6 +145,24 @@ class SetokimModel(SetokimPreTrainedModel):
                 "(SetokimProcessor does this from the counts `get_image_features` returns)."
             )
         return mask[..., None].expand_as(inputs_embeds)
+
+    def _has_unmasked_placeholders(self, input_ids, masked_image_tokens) -> bool:
+        placeholders = input_ids == self.config.image_token_id
+        if masked_image_tokens is not None:
+            placeholders = placeholders & ~masked_image_tokens
+        return bool(placeholders.any())
+
+    def _check_masked_image_tokens(self, masked, input_ids, inputs_embeds):
+        if masked is None:
+            return None
+        if masked.dtype != torch.bool or masked.shape != inputs_embeds.shape[:2]:
+            raise ValueError(
+                f"`masked_image_tokens` must be a bool tensor of shape {tuple(inputs_embeds.shape[:2])} (batch, "
+                f"sequence), got {masked.dtype} {tuple(masked.shape)}."
+            )
+        if input_ids is not None and bool((masked & (input_ids != self.config.image_token_id)).any()):
+            raise ValueError("`masked_image_tokens` may only mark `<image>` positions (`config.image_token_id`).")
+        return masked
 
     def _check_context_length(self, new_length: int, past: int):
         # Nothing is truncated: a sequence past the LLM's positions is an error, not silently cut or extrapolated.
@@ -141,8 +183,13 @@ class SetokimModel(SetokimPreTrainedModel):
         past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        masked_image_tokens: torch.BoolTensor | None = None,
         **kwargs,
     ) -> SetokimModelOutputWithPast:
+        r"""
+        masked_image_tokens (`(B, T)` bool, *optional*): `<image>` positions of images being generated whose token
+            is hidden: they keep the `<image>` embedding, and the image features fill the other placeholders only.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs is not None and "image" in mm_encoder_outputs:
@@ -152,15 +199,16 @@ class SetokimModel(SetokimPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_context_length(inputs_embeds.shape[1], past)
 
+        masked_image_tokens = self._check_masked_image_tokens(masked_image_tokens, input_ids, inputs_embeds)
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values)
         image_features = None
         if image_outputs is not None:
             image_features = torch.cat(list(image_outputs.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, masked_image_tokens)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and past == 0 and (input_ids == self.config.image_token_id).any():
+        elif input_ids is not None and past == 0 and self._has_unmasked_placeholders(input_ids, masked_image_tokens):
             raise ValueError(
                 "Image features and image tokens do not match: the text holds image tokens but no image was given."
             )
@@ -188,6 +236,16 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SetokimModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.generation_head = None
+        self.image_decoder = None
+        if config.use_generation_head:
+            self.generation_head = SetokimDiffusionHead(
+                token_dim=config.vision_config.token_dim,
+                condition_dim=config.text_config.hidden_size,
+                width=config.generation_head_width,
+                depth=config.generation_head_depth,
+            )
+            self.image_decoder = SetokDetokenizer(config.vision_config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
@@ -195,6 +253,29 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def _require_generation_head(self):
+        if self.generation_head is None:
+            raise ValueError(
+                "This Setokim has no generation head: build it with `use_generation_head=True` "
+                "(`transformers_setok.add_generation_head` adds one to a trained model)."
+            )
+
+    def decode_image_tokens(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """SeTok tokens -> pixels through `image_decoder`: `tokens` `(B, L, token_dim)` (padded), `num_tokens` `(B,)`
+        -> `(B, 3, H, W)`, normalised like the image processor's `pixel_values`."""
+        self._require_generation_head()
+        num_tokens = torch.as_tensor(num_tokens, device=tokens.device)
+        if tokens.ndim != 3 or num_tokens.shape != tokens.shape[:1]:
+            raise ValueError(
+                f"`tokens` must be (B, L, token_dim) and `num_tokens` (B,), got {tuple(tokens.shape)} and "
+                f"{tuple(num_tokens.shape)}."
+            )
+        if bool((num_tokens < 1).any()) or bool((num_tokens > tokens.shape[1]).any()):
+            raise ValueError(f"`num_tokens` must lie in [1, {tokens.shape[1]}], got {num_tokens.tolist()}.")
+        token_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < num_tokens[:, None]
+        decoder_dtype = self.image_decoder.token_proj.weight.dtype
+        return self.image_decoder(tokens.to(decoder_dtype), token_mask)
 
     @torch.no_grad()
     def prepare_inputs(self, processor, text, images=None, **kwargs):
@@ -224,13 +305,28 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        masked_image_tokens: torch.BoolTensor | None = None,
+        noisy_image_tokens: torch.Tensor | None = None,
+        diffusion_timesteps: torch.Tensor | None = None,
         **kwargs,
     ) -> SetokimCausalLMOutputWithPast:
         r"""
         labels (`(B, T)`, *optional*): next-token targets (-100 is ignored), shifted inside the loss.
         mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(pixel_values)}`, to reuse an
             encoding instead of passing `pixel_values` again.
+        masked_image_tokens (`(B, T)` bool, *optional*): hidden `<image>` targets of images being generated (see
+            `SetokimModel.forward`); their N hidden states condition the generation head.
+        noisy_image_tokens (`(R * N, token_dim)`, *optional*): noised SeTok tokens of the N masked positions, R noise
+            draws each: row `r * N + j` belongs to the j-th masked position (row-major order of the mask).
+        diffusion_timesteps (`(R * N,)`, *optional*): their diffusion timesteps. With `noisy_image_tokens`, the
+            output's `predicted_noise` holds the head's prediction; the trainer forms the loss (it owns the schedule).
         """
+        if (noisy_image_tokens is None) != (diffusion_timesteps is None):
+            raise ValueError("Pass `noisy_image_tokens` and `diffusion_timesteps` together.")
+        if noisy_image_tokens is not None:
+            self._require_generation_head()
+            if masked_image_tokens is None:
+                raise ValueError("`noisy_image_tokens` need `masked_image_tokens`: the positions that condition them.")
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -239,9 +335,15 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            masked_image_tokens=masked_image_tokens,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        predicted_noise = None
+        if noisy_image_tokens is not None:
+            predicted_noise = self.predict_noise(
+                noisy_image_tokens, diffusion_timesteps, hidden_states[masked_image_tokens]
+            )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
@@ -257,7 +359,20 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            predicted_noise=predicted_noise,
         )
+
+    def predict_noise(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor):
+        """The generation head on `noisy_tokens` `(R * N, token_dim)` at `timesteps` `(R * N,)`, conditioned on the
+        hidden states `condition` `(N, hidden_size)` (each used R times, in order) -> predicted noise."""
+        self._require_generation_head()
+        if condition.shape[0] == 0 or noisy_tokens.shape[0] % condition.shape[0]:
+            raise ValueError(
+                f"`noisy_image_tokens` must hold R rows per masked image token: {noisy_tokens.shape[0]} rows for "
+                f"{condition.shape[0]} masked tokens."
+            )
+        repeats = noisy_tokens.shape[0] // condition.shape[0]
+        return self.generation_head(noisy_tokens, timesteps, condition.repeat(repeats, 1))
 
 
 __all__ = ["SetokimForConditionalGeneration", "SetokimModel", "SetokimPreTrainedModel"]

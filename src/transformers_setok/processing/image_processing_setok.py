@@ -50,6 +50,19 @@ class SetokImageProcessor(PilBackend):
         rgb = to_rgb_uint8(image, input_data_format=input_data_format)
         return super().process_image(rgb, do_convert_rgb=False, input_data_format="channels_last")
 
+    def postprocess(self, pixel_values) -> list[PIL.Image.Image]:
+        """Pixels in this processor's normalisation (what SeTok's detokenizer outputs), `(B, 3, H, W)` or `(3, H, W)`
+        -> RGB images."""
+        pixels = np.asarray(pixel_values.detach().float().cpu() if _is_array(pixel_values) else pixel_values)
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"`pixel_values` must be (B, 3, H, W) or (3, H, W), got shape {pixels.shape}.")
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+        rgb = (np.clip(pixels * std + mean, 0, 1) * 255).round().astype(np.uint8)
+        return [PIL.Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))) for image in rgb]
+
     def _prepare_images_structure(self, images, expected_ndims: int = 3):
         if images is None:
             raise ValueError("`images` is empty: pass at least one image.")

@@ -28,7 +28,7 @@ def tokenize_conversation(processor, messages: list[dict]) -> tuple[list[int], l
     """One chat -> (input_ids, labels), each image still one `<image>` placeholder.
 
     Labels copy the ids inside the template's `{% generation %}` spans (the assistant turns, their eos included) and
-    are IGNORE_INDEX elsewhere. The text is tokenized exactly as `processor(text=rendered_chat)` would (a BOS is added
+    are IGNORE_INDEX elsewhere: an image in a user turn is an input, an image in an assistant turn a target. The text is tokenized exactly as `processor(text=rendered_chat)` would (a BOS is added
     unless the template wrote one), so training sees the ids inference sees.
     """
     tokenizer = processor.tokenizer
@@ -46,9 +46,9 @@ def tokenize_conversation(processor, messages: list[dict]) -> tuple[list[int], l
         # A token is a target when its characters overlap an assistant span (a BPE token " a" that starts one
         # character early still counts); zero-width tokens (an added BOS) overlap nothing.
         in_assistant_turn = any(start < span_end and end > span_start for span_start, span_end in spans)
-        # Placeholders are inputs even inside an assistant turn: their image tokens are never targets.
-        is_target = in_assistant_turn and token_id != processor.image_token_id
-        labels.append(token_id if is_target else IGNORE_INDEX)
+        # A placeholder inside an assistant turn keeps its id as label: it marks an image the model must draw, whose
+        # whole `[Img] ... [/Img]` block `expand_image_placeholders` turns into targets.
+        labels.append(token_id if in_assistant_turn else IGNORE_INDEX)
     return encoded["input_ids"], labels
 
 
@@ -174,8 +174,9 @@ def expand_image_placeholders(
 
     `batch`: `input_ids` `(B, T)`, optional `attention_mask` `(B, T)` (all ones when missing) and `labels` `(B, T)`.
     Returns a new dict with `input_ids`, `attention_mask` (and `labels`) of shape `(B, T')`, T' the longest
-    expanded row: labels keep their text targets aligned and are IGNORE_INDEX on the whole image block (markers
-    included: they are inputs, not targets) and on padding. `position_ids` are dropped (stale after expansion; the
+    expanded row: labels keep their text targets aligned and are IGNORE_INDEX on padding and on the whole block of an
+    input image (markers included). The block of a target image (its placeholder labelled with its own id, see
+    `tokenize_conversation`) is labelled with its tokens: the LLM learns to open it, its length, and to close it. `position_ids` are dropped (stale after expansion; the
     model derives positions itself); other keys pass through untouched. `max_length`, if given, bounds T'.
     """
     if padding_side not in ("left", "right"):
@@ -228,7 +229,11 @@ def expand_image_placeholders(
     if batch.get("labels") is not None:
         labels = batch["labels"]
         expanded["labels"] = labels.new_full((num_rows, new_len), IGNORE_INDEX)
-        expanded["labels"][row, column] = torch.where(is_image, IGNORE_INDEX, labels.flatten()[source])
+        source_labels = labels.flatten()[source]
+        is_input_image = is_image & (source_labels != image_token_id)
+        expanded["labels"][row, column] = torch.where(
+            is_input_image, IGNORE_INDEX, torch.where(is_image, tokens, source_labels)
+        )
     return expanded
 
 

@@ -74,7 +74,8 @@ class TokenizerModelConfig:
 @dataclass
 class PretrainModelConfig:
     """Stage 2: either `init_from` a saved Setokim, or assemble one from the stage-1 `setok` folder and a causal LM
-    (`language_model`, a Hub id or folder; `gguf_file` for a GGUF checkpoint; `tokenizer` defaults to the LM's)."""
+    (`language_model`, a Hub id or folder; `gguf_file` for a GGUF checkpoint; `tokenizer` defaults to the LM's).
+    `train_generation_head` also trains the generation head (adding one when the model has none)."""
 
     init_from: str | None = None
     setok: str | None = None
@@ -83,6 +84,14 @@ class PretrainModelConfig:
     gguf_file: str | None = None
     dtype: DTYPE | None = None
     train_language_model: bool = False  # False: the projector and the new token rows only (spec 3)
+    # The generation head (spec 2), trained on text-to-image chats (`data.text_to_image`). A model without one gets a
+    # fresh head of this width x depth and the detokenizer of the stage-1 SeTok (`setok`, also with `init_from`).
+    train_generation_head: bool = False
+    generation_head_width: int = 1024
+    generation_head_depth: int = 3
+    generation_mask_ratio_min: float = 0.7  # each target image hides 70-100 % of its tokens (MAR)
+    diffusion_noise_repeats: int = 4  # noise draws per hidden token
+    diffusion_loss_weight: float = 1.0
 
 
 @dataclass
@@ -125,6 +134,10 @@ class PretrainDataConfig:
     on_error: ON_ERROR = "fail"
     verify_images: bool = False
     caption_prompt: str = "Describe the image."  # image_text only
+    # image_text only: each pair as a captioning chat, and/or as a text-to-image chat (needs the generation head).
+    captioning: bool = True
+    text_to_image: bool = False
+    text_to_image_template: str = "Generate an image of {}."  # the user turn; `{}` is the caption
     max_length: int | None = None  # longest sample, image tokens included; longer ones are an error, never cut
 
 
@@ -221,6 +234,8 @@ def load_config(path, stage: str | None = None, *, check_paths: bool = True, ove
     )
     _CHECK_MODEL[file_stage](config.model, check_paths)
     _check_data(config.data, check_paths)
+    if getattr(config.data, "text_to_image", False) and not config.model.train_generation_head:
+        raise ConfigError("`data.text_to_image` trains the generation head: set `model.train_generation_head: true`.")
     build_training_arguments(config)  # the Trainer's own checks, now rather than after the model has loaded
     return config
 
@@ -439,7 +454,9 @@ def _check_setok_config(setok_config: dict):
 
 
 def _check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
-    assembled = [key for key in ("setok", "language_model", "tokenizer", "gguf_file") if getattr(model, key)]
+    # With `init_from`, `setok` may still supply the detokenizer of a generation head to add.
+    assembly_only = ("language_model", "tokenizer", "gguf_file") + (() if model.train_generation_head else ("setok",))
+    assembled = [key for key in assembly_only if getattr(model, key)]
     if model.init_from is not None and assembled:
         raise ConfigError(
             f"`model.init_from` continues a saved Setokim: drop `model.{assembled[0]}` (or `model.init_from` to "
@@ -450,14 +467,35 @@ def _check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
             "`model` needs `init_from` (a saved Setokim) or both `setok` (the stage-1 SeTok folder) and "
             "`language_model` (a causal LM's Hub id or folder)."
         )
+    for key in ("generation_head_width", "generation_head_depth", "diffusion_noise_repeats"):
+        if getattr(model, key) < 1:
+            raise ConfigError(f"`model.{key}` must be at least 1, got {getattr(model, key)}.")
+    if not 0 <= model.generation_mask_ratio_min <= 1:
+        raise ConfigError(
+            f"`model.generation_mask_ratio_min` must lie in [0, 1], got {model.generation_mask_ratio_min}."
+        )
+    if model.diffusion_loss_weight < 0:
+        raise ConfigError(f"`model.diffusion_loss_weight` must be >= 0, got {model.diffusion_loss_weight}.")
     if not check_paths:
         return
     if model.init_from is not None:
         check_checkpoint_type(model.init_from, "model.init_from", EXPECTED_MODEL_TYPE["pretrain"])
+        if model.train_generation_head and not _has_generation_head(model.init_from):
+            if model.setok is None:
+                raise ConfigError(
+                    f"`model.init_from` {model.init_from} has no generation head: set `model.setok` (the stage-1 "
+                    "SeTok, whose detokenizer the new head draws for) so that one can be added."
+                )
+            check_checkpoint_type(model.setok, "model.setok", EXPECTED_MODEL_TYPE["tokenizer"])
     else:
         check_checkpoint_type(model.setok, "model.setok", EXPECTED_MODEL_TYPE["tokenizer"])
         _check_source(model.language_model, "model.language_model", check_paths)
         _check_source(model.tokenizer, "model.tokenizer", check_paths)
+
+
+def _has_generation_head(path: str) -> bool:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as file:
+        return bool(json.load(file).get("use_generation_head"))
 
 
 def _check_sft_model(model: SFTModelConfig, check_paths: bool):
@@ -483,7 +521,15 @@ _CHECK_MODEL = {"tokenizer": _check_tokenizer_model, "pretrain": _check_pretrain
 
 
 # Data keys that only one format reads: under another format a changed value would be ignored without a word.
-_FORMAT_ONLY_KEYS = {"caption_prompt": "image_text", "split": "hub", "image_column": "hub", "messages_column": "hub"}
+_FORMAT_ONLY_KEYS = {
+    "caption_prompt": "image_text",
+    "captioning": "image_text",
+    "text_to_image": "image_text",
+    "text_to_image_template": "image_text",
+    "split": "hub",
+    "image_column": "hub",
+    "messages_column": "hub",
+}
 
 
 def _check_data(data, check_paths: bool):
@@ -502,7 +548,12 @@ def _check_data(data, check_paths: bool):
                 "ignores it: drop it."
             )
     if hasattr(data, "concept_template"):
-        _check_concept_template(data.concept_template)
+        _check_template(data.concept_template, "data.concept_template", "concept", "'a photo of a {}'")
+    if hasattr(data, "text_to_image"):
+        if not (data.captioning or data.text_to_image):
+            raise ConfigError("`data.captioning` and `data.text_to_image` are both false: nothing would be trained.")
+        if data.text_to_image:
+            _check_template(data.text_to_image_template, "data.text_to_image_template", "caption", "'Draw {}.'")
     if not check_paths:
         return
     if data.format == "hub":
@@ -515,19 +566,18 @@ def _check_data(data, check_paths: bool):
         raise FileNotFoundError(f"`data.image_folder`: no such folder: {data.image_folder}")
 
 
-def _check_concept_template(template: str):
-    """The template must take the concept through one `{}`: other fields would fail mid-training, and a template
-    without a field would give every concept the same text, which the contrast could not tell apart."""
-    example = "as in 'a photo of a {}'"
+def _check_template(template: str, key: str, what: str, example: str):
+    """The template must take the {what} through one `{}`: other fields would fail mid-training, and a template without
+    a field would give every record the same text."""
     try:
-        filled = {template.format(concept) for concept in ("x", "y")}
+        filled = {template.format(value) for value in ("x", "y")}
     except (IndexError, KeyError, ValueError, AttributeError, TypeError) as error:
         raise ConfigError(
-            f"`data.concept_template` {template!r} cannot be filled with a concept ({type(error).__name__}: {error}): "
-            f"use one `{{}}` for it, {example}."
+            f"`{key}` {template!r} cannot be filled with a {what} ({type(error).__name__}: {error}): use one `{{}}` "
+            f"for it, as in {example}."
         ) from error
     if len(filled) == 1:
         raise ConfigError(
-            f"`data.concept_template` {template!r} does not use the concept, so every concept reads the same: put a "
-            f"`{{}}` where it goes, {example}."
+            f"`{key}` {template!r} does not use the {what}, so every one reads the same: put a `{{}}` where it goes, "
+            f"as in {example}."
         )

@@ -170,22 +170,31 @@ def load_hub_dataset(
 def captions_to_messages(dataset, prompt: str = "Describe the image."):
     """Image-text pairs -> captioning conversations for stage 2: the user sends the image and `prompt`, the
     assistant answers with the caption. Records with concepts but no caption are left out, with a count in the log."""
+    return _captions_to_chats(dataset, _caption_to_conversation, "captions_to_messages", prompt=prompt)
+
+
+def captions_to_generation_messages(dataset, template: str = "Generate an image of {}."):
+    """Image-text pairs -> text-to-image conversations for stage 2 (the generation head): the user asks with
+    `template.format(caption)`, the assistant answers with the image. Records without a caption are left out, with a
+    count in the log."""
+    return _captions_to_chats(dataset, _caption_to_generation, "captions_to_generation_messages", template=template)
+
+
+def _captions_to_chats(dataset, to_chat, name: str, **fn_kwargs):
     captioned = dataset.filter(_has_caption, input_columns="caption")
     if len(captioned) < len(dataset):
         logger.warning(
-            "captions_to_messages: left out %d of %d records, which have concepts but no caption.",
+            "%s: left out %d of %d records, which have concepts but no caption.",
+            name,
             len(dataset) - len(captioned),
             len(dataset),
         )
     if len(captioned) == 0:
-        raise ValueError(f"captions_to_messages: none of the {len(dataset)} records has a caption.")
+        raise ValueError(f"{name}: none of the {len(dataset)} records has a caption.")
     # Paths stay paths: decoding to PIL here would re-encode every image into the new table.
     captioned = captioned.cast_column("images", datasets.List(datasets.Image(decode=False)))
     return captioned.map(
-        _caption_to_conversation,
-        fn_kwargs=dict(prompt=prompt),
-        remove_columns=captioned.column_names,
-        features=CONVERSATION_FEATURES,
+        to_chat, fn_kwargs=fn_kwargs, remove_columns=captioned.column_names, features=CONVERSATION_FEATURES
     )
 
 
@@ -449,6 +458,12 @@ def _caption_to_conversation(record: dict, prompt: str) -> dict:
     return {"images": record["images"], "messages": [user, assistant]}
 
 
+def _caption_to_generation(record: dict, template: str) -> dict:
+    user = {"role": "user", "content": [{"type": "text", "text": template.format(record["caption"])}]}
+    assistant = {"role": "assistant", "content": [{"type": "image"}]}
+    return {"images": record["images"], "messages": [user, assistant]}
+
+
 # --- Hub datasets ---
 
 
@@ -582,6 +597,7 @@ __all__ = [
     "CONVERSATION_FEATURES",
     "IMAGE_TEXT_FEATURES",
     "DataValidationError",
+    "captions_to_generation_messages",
     "captions_to_messages",
     "load_hub_dataset",
     "load_image_text_jsonl",

@@ -99,10 +99,7 @@ def tokenize_held_out(model, processor, photos: dict[str, np.ndarray]):
 
 def to_display(pixels: torch.Tensor, processor) -> PIL.Image.Image:
     """Undo the processor's normalisation: `(3, H, W)` -> RGB image."""
-    mean = torch.tensor(processor.image_mean)[:, None, None]
-    std = torch.tensor(processor.image_std)[:, None, None]
-    array = ((pixels.float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return PIL.Image.fromarray(array)
+    return processor.postprocess(pixels)[0]
 
 
 def save_figures(out: Path, photos, output, processor, history, size: int = 256):

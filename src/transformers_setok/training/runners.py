@@ -122,7 +122,15 @@ def resolve_resume(config: StageConfig, resume: str | None) -> str | None:
 
 def _load_data(data, conversations: bool):
     """The data set of the `data` section; a bad or empty one is a ConfigError naming `data.path`."""
-    from .data import captions_to_messages, load_hub_dataset, load_image_text_jsonl, load_llava_json
+    from datasets import concatenate_datasets
+
+    from .data import (
+        captions_to_generation_messages,
+        captions_to_messages,
+        load_hub_dataset,
+        load_image_text_jsonl,
+        load_llava_json,
+    )
 
     checks = dict(on_error=data.on_error, verify_images=data.verify_images)
     try:
@@ -137,7 +145,12 @@ def _load_data(data, conversations: bool):
         if data.format == "llava":
             return load_llava_json(data.path, data.image_folder, **checks)
         pairs = load_image_text_jsonl(data.path, data.image_folder, **checks)
-        return captions_to_messages(pairs, data.caption_prompt) if conversations else pairs
+        if not conversations:
+            return pairs
+        chats = [captions_to_messages(pairs, data.caption_prompt)] if data.captioning else []
+        if data.text_to_image:
+            chats.append(captions_to_generation_messages(pairs, data.text_to_image_template))
+        return concatenate_datasets(chats)
     except ValueError as error:  # DataValidationError included: a bad record, or nothing left to train on
         raise ConfigError(f"`data.path` ({data.path}): {error}") from error
 
@@ -264,6 +277,10 @@ def run_pretrain_stage(config: StageConfig, resume_from_checkpoint: str | None =
         data_collator=SetokimChatCollator(processor, max_length=config.data.max_length),
         processing_class=processor,
         train_language_model=config.model.train_language_model,
+        train_generation_head=config.model.train_generation_head,
+        generation_mask_ratio_min=config.model.generation_mask_ratio_min,
+        diffusion_noise_repeats=config.model.diffusion_noise_repeats,
+        diffusion_loss_weight=config.model.diffusion_loss_weight,
     )
     return _train_and_save(trainer, resume_from_checkpoint, config.final_dir)
 
@@ -272,7 +289,7 @@ def build_pretrain_model(model_config):
     """(SetokimForConditionalGeneration, SetokimProcessor): loaded, or assembled from SeTok and a causal LM."""
     from transformers import AutoProcessor
 
-    from ..assembly import build_setokim
+    from ..assembly import add_generation_head, build_setokim
     from ..modeling import SetokimForConditionalGeneration
 
     dtype = _torch_dtype(model_config.dtype)
@@ -284,6 +301,13 @@ def build_pretrain_model(model_config):
         lm_kwargs = {key: value for key, value in (("dtype", dtype), ("gguf_file", model_config.gguf_file)) if value}
         model, processor = build_setokim(
             model_config.setok, model_config.language_model, tokenizer_name_or_path=model_config.tokenizer, **lm_kwargs
+        )
+    if model_config.train_generation_head and model.generation_head is None:
+        add_generation_head(
+            model,
+            model_config.setok,
+            width=model_config.generation_head_width,
+            depth=model_config.generation_head_depth,
         )
     _ensure_pad_token(processor)
     return model, processor

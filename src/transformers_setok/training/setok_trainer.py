@@ -8,7 +8,6 @@ gradient clipping never see them; its step computes their gradients explicitly a
 """
 
 import os
-from collections import defaultdict
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from transformers import Trainer
 
 from ..modeling import SetokForImageReconstruction
 from ..modeling.losses_setok import hinge_discriminator_loss
+from .loss_terms import LossTermsMixin
 
 __all__ = ["SetokImageTextCollator", "SetokTrainer"]
 
@@ -83,7 +83,7 @@ def _single_image(record: dict, index: int):
     return images[0]
 
 
-class SetokTrainer(Trainer):
+class SetokTrainer(LossTermsMixin, Trainer):
     """`Trainer` for `SetokForImageReconstruction`: logs each loss term and runs the PatchGAN discriminator.
 
     `discriminator_learning_rate` defaults to the generator's; the discriminator uses AdamW with betas (0.5, 0.9)
@@ -94,7 +94,6 @@ class SetokTrainer(Trainer):
         if not isinstance(model, SetokForImageReconstruction):
             raise TypeError(f"`model` must be a SetokForImageReconstruction, got {type(model).__name__}.")
         super().__init__(model=model, args=args, **kwargs)
-        self._terms = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.discriminator = model.discriminator
         self.discriminator_optimizer = None
         if self.discriminator is not None:
@@ -113,10 +112,9 @@ class SetokTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, global_step=self.state.global_step)
-        split = "train" if model.training else "eval"
         for name in LOSS_TERMS:
             if outputs.get(name) is not None:
-                self._terms[split][name].append(outputs[name].detach().float())
+                self.record_loss_term(name, outputs[name], model.training)
         if model.training and outputs.get("generator_loss") is not None:
             target = inputs.get("target_pixel_values", inputs["pixel_values"])
             self._pending_discriminator_inputs = (target, outputs.reconstruction.detach())
@@ -145,7 +143,7 @@ class SetokTrainer(Trainer):
         grads = torch.autograd.grad(loss / self.current_gradient_accumulation_steps, list(params.values()))
         for param, grad in zip(self.discriminator.parameters(), grads):
             param.grad = grad if param.grad is None else param.grad + grad
-        self._terms["train"]["discriminator_loss"].append(loss.detach().float())
+        self.record_loss_term("discriminator_loss", loss, training=True)
         if self.accelerator.sync_gradients:
             if self.accelerator.num_processes > 1:
                 for param in self.discriminator.parameters():
@@ -154,32 +152,6 @@ class SetokTrainer(Trainer):
                 nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.args.max_grad_norm)
             self.discriminator_optimizer.step()
             self.discriminator_optimizer.zero_grad(set_to_none=True)
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        # Each loss term of the evaluation, averaged over its batches, next to `{prefix}_loss`.
-        self._terms["eval"].clear()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        output.metrics.update(
-            {f"{metric_key_prefix}_{name}": value for name, value in self._mean_terms("eval").items()}
-        )
-        return output
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: each term averaged over the steps since the last one
-            logs.update(self._mean_terms("train"))
-        super().log(logs, start_time)
-
-    def _mean_terms(self, split: str) -> dict[str, float]:
-        """Each recorded term averaged over its steps (and over processes); the record is then cleared."""
-        means = {}
-        for name, values in self._terms[split].items():
-            if values:
-                mean = self.accelerator.gather_for_metrics(torch.stack(values).mean()[None]).mean()
-                means[name] = round(mean.item(), 6)
-        self._terms[split].clear()
-        return means
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

@@ -1,10 +1,16 @@
-"""Stage 2: pretraining Setokim's projector and new token rows on caption data with the `Trainer` (spec 3).
+"""Stage 2: pretraining Setokim's projector, new token rows and generation head on caption data with the `Trainer`
+(spec 3).
 
 What trains (the spec's table; upstream froze its own projector here by mistake):
 - the projector, always;
 - the rows of the new tokens (`<image>`, `[Img]`, `[/Img]`) in the input embeddings and in an untied LM head, and
   nothing else of the LLM, unless `train_language_model=True` trains the whole LLM;
-- never SeTok, which stage 1 trained.
+- the generation head, with `train_generation_head=True` (the model needs one: `config.use_generation_head`);
+- never SeTok (stage 1 trained it) nor its detokenizer inside Setokim (`image_decoder`).
+
+Captioning chats train understanding; text-to-image chats (the image in the assistant turn) train generation: the
+LLM learns to write `[Img]`, the image's length and `[/Img]` (cross-entropy), and the head learns to denoise the
+hidden tokens from the LLM's hidden states (MSE on the noise, see `generation_targets`). Both kinds may share a batch.
 
 Only some rows of the embedding matrix may move, so its gradient is masked to those rows while training, and the
 matrix is kept out of weight decay: with a zero gradient AdamW leaves a row exactly where it was, but decay would
@@ -16,20 +22,50 @@ from transformers import Trainer
 
 from ..modeling import SetokimForConditionalGeneration
 from .collators import encode_and_expand
+from .generation_targets import add_diffusion_inputs, image_target_flags
+from .loss_terms import LossTermsMixin
 
 __all__ = ["SetokimInputsMixin", "SetokimPretrainTrainer"]
 
 
-class SetokimInputsMixin:
-    """Runs SeTok once per image and expands each `<image>` to its own token count before the loss is computed.
+class SetokimInputsMixin(LossTermsMixin):
+    """Runs SeTok once per image and expands each `<image>` to its own token count before the loss is computed; adds
+    the generation head's diffusion loss when the batch holds images to generate.
 
     The collator cannot know the counts (only SeTok does), so batches arrive with one placeholder per image and
     `pixel_values`; the model, the Trainer's loss and TRL's metrics then see the expanded `input_ids` and `labels`.
+    Images in assistant turns are generation targets (see `generation_targets`): the loss is then the LM loss plus
+    `diffusion_loss_weight` x the head's MSE, logged as `diffusion_loss`.
     """
 
+    generation_mask_ratio_min: float = 0.7  # MAR: 70-100 % of a target image's tokens hidden
+    diffusion_noise_repeats: int = 4  # noise draws per hidden token (MAR's diffusion batch multiplier)
+    diffusion_loss_weight: float = 1.0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = self._encode_and_expand(model, inputs)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs = dict(self._encode_and_expand(model, inputs))
+        noise = inputs.pop("diffusion_noise", None)
+        if noise is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        diffusion_loss = torch.nn.functional.mse_loss(outputs.predicted_noise.float(), noise.float())
+        self.record_loss_term("diffusion_loss", diffusion_loss, model.training)
+        if model.training and self._lm_loss_scaled_for_accumulation(num_items_in_batch):
+            # The LM loss is already a share of the whole accumulated batch, so the Trainer will not divide by the
+            # number of micro-batches: the diffusion mean of this micro-batch must be divided here.
+            diffusion_loss = diffusion_loss / self.current_gradient_accumulation_steps
+        loss = loss + self.diffusion_loss_weight * diffusion_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _lm_loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        # Mirrors the Trainer's own test in `training_step`.
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return self.loss_is_scaled_for_ga
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Expanded here, so that the labels returned next to the logits are the expanded ones.
@@ -40,18 +76,44 @@ class SetokimInputsMixin:
         if "mm_encoder_outputs" in inputs:  # already expanded (prediction_step, then compute_loss)
             return inputs
         collator = self.data_collator
-        return encode_and_expand(
-            self.accelerator.unwrap_model(model),
+        unwrapped = self.accelerator.unwrap_model(model)
+        image_token_id = self.processing_class.image_token_id
+        targets = image_target_flags(inputs, image_token_id) if "pixel_values" in inputs else None
+        expanded = encode_and_expand(
+            unwrapped,
             inputs,
             self.processing_class,
             padding_side=getattr(collator, "padding_side", "right"),
             max_length=getattr(collator, "max_length", None),
         )
+        if targets is None or not bool(targets.any()):
+            return expanded
+        return add_diffusion_inputs(
+            expanded,
+            targets,
+            image_token_id=image_token_id,
+            scheduler=self._noise_scheduler(unwrapped),
+            mask_ratio_min=self.generation_mask_ratio_min,
+            noise_repeats=self.diffusion_noise_repeats,
+        )
+
+    def _noise_scheduler(self, model):
+        if getattr(self, "_diffusion_scheduler", None) is None:
+            if getattr(model, "generation_head", None) is None:
+                raise ValueError(
+                    "The batch has images in assistant turns (images to generate) but the model has no generation "
+                    "head: build it with `use_generation_head=True`, or move the images to user turns."
+                )
+            from ..image_generation import noise_scheduler_for
+
+            self._diffusion_scheduler = noise_scheduler_for(model.config)
+        return self._diffusion_scheduler
 
 
 class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
     """`Trainer` for stage 2. `processing_class` must be the `SetokimProcessor`; `new_token_ids` default to the
-    config's image, `[Img]` and `[/Img]` ids."""
+    config's image, `[Img]` and `[/Img]` ids. `generation_mask_ratio_min`, `diffusion_noise_repeats` and
+    `diffusion_loss_weight` set the generation loss (see `SetokimInputsMixin`)."""
 
     def __init__(
         self,
@@ -59,15 +121,33 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         args=None,
         *,
         train_language_model: bool = False,
+        train_generation_head: bool = False,
         new_token_ids: list[int] | None = None,
+        generation_mask_ratio_min: float = 0.7,
+        diffusion_noise_repeats: int = 4,
+        diffusion_loss_weight: float = 1.0,
         **kwargs,
     ):
         if not isinstance(model, SetokimForConditionalGeneration):
             raise TypeError(f"`model` must be a SetokimForConditionalGeneration, got {type(model).__name__}.")
         if kwargs.get("processing_class") is None:
             raise ValueError("`processing_class` must be the model's SetokimProcessor (it expands the placeholders).")
+        if train_generation_head and model.generation_head is None:
+            raise ValueError(
+                "`train_generation_head=True` needs a model with a generation head (`config.use_generation_head`; "
+                "`transformers_setok.add_generation_head` adds one)."
+            )
+        if not 0.0 <= generation_mask_ratio_min <= 1.0:
+            raise ValueError(f"`generation_mask_ratio_min` must lie in [0, 1], got {generation_mask_ratio_min}.")
+        repeats_ok = isinstance(diffusion_noise_repeats, int) and not isinstance(diffusion_noise_repeats, bool)
+        if not repeats_ok or diffusion_noise_repeats < 1:
+            raise ValueError(f"`diffusion_noise_repeats` must be a positive integer, got {diffusion_noise_repeats!r}.")
         config = model.config
         self.train_language_model = train_language_model
+        self.train_generation_head = train_generation_head
+        self.generation_mask_ratio_min = generation_mask_ratio_min
+        self.diffusion_noise_repeats = diffusion_noise_repeats
+        self.diffusion_loss_weight = diffusion_loss_weight
         self.new_token_ids = sorted(
             set(new_token_ids or (config.image_token_id, config.boi_token_id, config.eoi_token_id))
         )
@@ -90,6 +170,8 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
     def _select_trainable_parameters(self, model):
         model.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(True)
+        if self.train_generation_head:
+            model.generation_head.requires_grad_(True)
         if self.train_language_model:
             model.model.language_model.requires_grad_(True)
             model.lm_head.requires_grad_(True)

@@ -1,0 +1,115 @@
+"""Training inputs of the generation head: which image tokens are hidden, and what the head must denoise (spec 2).
+
+An image inside an assistant turn is a target: the LLM must write `[Img]`, its n tokens and `[/Img]`. For each target
+image (after `encode_and_expand`, so SeTok has run and n is known):
+
+    mask ratio r ~ U[mask_ratio_min, 1]       MAR's 70-100 %: k = round(r * n) tokens, at least one, chosen at random
+    hidden tokens                              keep the `<image>` embedding (the mask) as LLM input; the others get
+                                               their projected SeTok token, as in understanding
+    each hidden token x0 (SeTok width)         R noise draws: t ~ U{0..T-1}, eps ~ N(0, I), x_t = add_noise(x0, eps, t)
+
+The model conditions its head on the LLM's hidden state at each hidden position and returns the predicted eps; the
+trainer's loss is the MSE against eps. The schedule is a diffusers scheduler built from the model's config, the same
+one `transformers_setok.image_generation` samples with.
+"""
+
+from collections.abc import Mapping
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+__all__ = ["add_diffusion_inputs", "image_target_flags", "sample_hidden_tokens"]
+
+
+def image_target_flags(batch: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """`(P,)` bool, one entry per image placeholder of a collated (not yet expanded) batch, in placeholder order: True
+    where the placeholder is a target (the collator labels a placeholder inside an assistant turn with its own id)."""
+    input_ids = batch["input_ids"]
+    real = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
+    placeholders = (input_ids == image_token_id) & real
+    labels = batch.get("labels")
+    if labels is None:
+        return torch.zeros(int(placeholders.sum()), dtype=torch.bool, device=input_ids.device)
+    return labels[placeholders] == image_token_id
+
+
+def sample_hidden_tokens(
+    counts: torch.Tensor, mask_ratio_min: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """For images of `counts` `(M,)` tokens: a flat `(sum(counts),)` bool, image after image, True on the tokens to
+    hide. Each image hides round(r * n) of its n tokens (at least one), r ~ U[mask_ratio_min, 1], at random places."""
+    if not 0.0 <= mask_ratio_min <= 1.0:
+        raise ValueError(f"`mask_ratio_min` must lie in [0, 1], got {mask_ratio_min}.")
+    device = counts.device
+    ratios = mask_ratio_min + (1.0 - mask_ratio_min) * torch.rand(len(counts), generator=generator).to(device)
+    num_hidden = (ratios * counts).round().long().clamp(min=1)
+    num_hidden = torch.minimum(num_hidden, counts)
+    image = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    scores = torch.rand(len(image), generator=generator, dtype=torch.float64).to(device)
+    # Sorting by (image, random score) shuffles each image's tokens in place; a token's rank inside its image then
+    # decides whether it is among the first k.
+    order = torch.argsort(image.double() * 2 + scores)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(image)
+    rank[order] = torch.arange(len(image), device=device) - starts[image[order]]
+    return rank < num_hidden[image]
+
+
+def add_diffusion_inputs(
+    expanded: Mapping,
+    image_is_target: torch.Tensor,
+    *,
+    image_token_id: int,
+    scheduler,
+    mask_ratio_min: float = 0.7,
+    noise_repeats: int = 4,
+) -> dict:
+    """Adds to an expanded batch (see `encode_and_expand`) the generation head's inputs for its target images.
+
+    `image_is_target` `(P,)` (from `image_target_flags`) says which images are targets. Returns a new dict with:
+    `masked_image_tokens` `(B, T)`, the target images' features removed from `mm_encoder_outputs` at hidden
+    positions, `noisy_image_tokens` `(R * N, token_dim)`, `diffusion_timesteps` `(R * N,)` and `diffusion_noise`
+    (the eps to predict; pop it before calling the model). N is the number of hidden tokens, R `noise_repeats`.
+    """
+    if noise_repeats < 1:
+        raise ValueError(f"`noise_repeats` must be a positive integer, got {noise_repeats}.")
+    features = expanded["mm_encoder_outputs"]["image"]
+    projected = list(features.pooler_output)
+    counts = torch.tensor([len(tokens) for tokens in projected], device=image_is_target.device)
+    if len(image_is_target) != len(counts):
+        raise ValueError(f"{len(image_is_target)} target flags for {len(counts)} images.")
+    target_positions = expanded["labels"] == image_token_id  # target `<image>` tokens, row-major = image order
+    target_counts = counts[image_is_target]
+    if int(target_positions.sum()) != int(target_counts.sum()):
+        raise ValueError(
+            f"The expanded labels mark {int(target_positions.sum())} image targets, the target images have "
+            f"{int(target_counts.sum())} tokens."
+        )
+    hidden = sample_hidden_tokens(target_counts, mask_ratio_min).to(target_positions.device)
+    masked_image_tokens = torch.zeros_like(target_positions)
+    masked_image_tokens[target_positions] = hidden
+
+    setok_tokens = features.last_hidden_state  # (P, L_max, token_dim), before the projector: what the head draws
+    target_images = image_is_target.nonzero().flatten().tolist()
+    clean = torch.cat([setok_tokens[i, : int(counts[i])] for i in target_images])[hidden.to(setok_tokens.device)]
+    hidden_per_image = dict(zip(target_images, hidden.split(target_counts.tolist())))
+    visible = [
+        tokens[~hidden_per_image[i].to(tokens.device)] if i in hidden_per_image else tokens
+        for i, tokens in enumerate(projected)
+    ]
+
+    clean = clean.float().repeat(noise_repeats, 1)
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
+    batch = dict(expanded)
+    batch["mm_encoder_outputs"] = {
+        **expanded["mm_encoder_outputs"],
+        "image": BaseModelOutputWithPooling(last_hidden_state=setok_tokens, pooler_output=visible),
+    }
+    batch.update(
+        masked_image_tokens=masked_image_tokens,
+        noisy_image_tokens=scheduler.add_noise(clean, noise, timesteps),
+        diffusion_timesteps=timesteps,
+        diffusion_noise=noise,
+    )
+    return batch
