@@ -16,7 +16,13 @@ from test_setok_trainer import text_tokenizer
 from test_setokim_processor import tiny_processor, tiny_setokim, word_tokenizer
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Trainer
 
-from transformers_setok import SetokForImageReconstruction, SetokImageProcessor, SetokimForConditionalGeneration, cli
+from transformers_setok import (
+    SetokForImageReconstruction,
+    SetokImageProcessor,
+    SetokimForConditionalGeneration,
+    SetokModel,
+    cli,
+)
 from transformers_setok.training import runners
 from transformers_setok.training.config import ConfigError, load_config
 from transformers_setok.training.setok_trainer import SetokTrainer
@@ -121,6 +127,16 @@ def tokenizer_config(tmp_path, image_text, concept_tokenizer, **training) -> dic
         "output_dir": str(tmp_path / "run-tokenizer"),
         "model": {"setok_config": copy.deepcopy(TINY_SETOK_CONFIG), "text_tokenizer": str(concept_tokenizer)},
         "data": {"path": str(image_text), "text_source": "concepts"},
+        "training": {**CPU_TRAINING, **training},
+    }
+
+
+def pretrain_config(tmp_path, image_text, setok_dir, llm_dir, **training) -> dict:
+    return {
+        "stage": "pretrain",
+        "output_dir": str(tmp_path / "run-pretrain"),
+        "model": {"setok": str(setok_dir), "language_model": str(llm_dir)},
+        "data": {"format": "image_text", "path": str(image_text), "caption_prompt": "what is in the image ?"},
         "training": {**CPU_TRAINING, **training},
     }
 
@@ -251,6 +267,154 @@ def test_bad_config_is_named_before_anything_is_built(case, tmp_path, image_text
     with pytest.raises(SystemExit, match=message):  # the CLI prints the same message and exits non-zero
         train("tokenizer", path)
     assert not (tmp_path / "run-tokenizer").exists()
+
+
+def _head(**keys):
+    """Sets `keys` in `model`, with the generation head trained."""
+
+    def edit(config):
+        config["model"].update(train_generation_head=True, **keys)
+
+    return edit
+
+
+def _text_to_image(**keys):
+    """Sets `keys` in `data`, with text-to-image chats and the generation head trained."""
+
+    def edit(config):
+        config["model"]["train_generation_head"] = True
+        config["data"].update({"text_to_image": True, **keys})
+
+    return edit
+
+
+BAD_PRETRAIN_CONFIGS = {
+    "string for train_generation_head": (
+        _set("model", "train_generation_head", "yes"),
+        r"`model.train_generation_head` must be true or false, got 'yes'",
+    ),
+    "head width 0": (_head(generation_head_width=0), r"`model.generation_head_width` must be at least 1, got 0\."),
+    "head depth 0": (_head(generation_head_depth=0), r"`model.generation_head_depth` must be at least 1, got 0\."),
+    "float for the head width": (
+        _head(generation_head_width=1.5),
+        r"`model.generation_head_width` must be an integer, got 1.5",
+    ),
+    "no noise draws": (_head(diffusion_noise_repeats=0), r"`model.diffusion_noise_repeats` must be at least 1, got 0"),
+    "mask ratio above 1": (
+        _head(generation_mask_ratio_min=1.5),
+        r"`model.generation_mask_ratio_min` must lie in \[0, 1\], got 1.5",
+    ),
+    "negative mask ratio": (
+        _head(generation_mask_ratio_min=-0.1),
+        r"`model.generation_mask_ratio_min` must lie in \[0, 1\], got -0.1",
+    ),
+    "negative diffusion weight": (
+        _head(diffusion_loss_weight=-1),
+        r"`model.diffusion_loss_weight` must be >= 0, got -1",
+    ),
+    # Checked even when the head is not trained: a value nothing reads is still a mistake worth naming.
+    "head width 0 without the head": (
+        _set("model", "generation_head_width", 0),
+        r"`model.generation_head_width` must be at least 1",
+    ),
+    "string for text_to_image": (
+        _set("data", "text_to_image", "yes"),
+        r"`data.text_to_image` must be true or false, got 'yes'",
+    ),
+    "nothing to train on": (
+        _set("data", "captioning", False),
+        r"`data.captioning` and `data.text_to_image` are both false: nothing would be trained",
+    ),
+    "nothing to train on, head or not": (
+        _text_to_image(captioning=False, text_to_image=False),
+        r"`data.captioning` and `data.text_to_image` are both false",
+    ),
+    "text to image without the head": (
+        _set("data", "text_to_image", True),
+        r"`data.text_to_image` trains the generation head: set `model.train_generation_head: true`",
+    ),
+    "text-to-image template without a field": (
+        _text_to_image(text_to_image_template="Draw it."),
+        r"`data.text_to_image_template` 'Draw it.' does not use the caption, .*as in 'Draw \{\}.'",
+    ),
+    "text-to-image template with a named field": (
+        _text_to_image(text_to_image_template="Draw {caption}."),
+        r"`data.text_to_image_template` 'Draw \{caption\}.' cannot be filled with a caption \(KeyError",
+    ),
+    "text-to-image template with two fields": (
+        _text_to_image(text_to_image_template="{} and {}"),
+        r"`data.text_to_image_template` '\{\} and \{\}' cannot be filled with a caption \(IndexError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PRETRAIN_CONFIGS))
+def test_bad_pretrain_config_is_named_before_anything_is_built(
+    case, tmp_path, image_text, setok_dir, llm_dir, no_training
+):
+    edit, message = BAD_PRETRAIN_CONFIGS[case]
+    config = pretrain_config(tmp_path, image_text, setok_dir, llm_dir)
+    edit(config)
+    path = write_config(tmp_path / "bad.yaml", config)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, "pretrain")
+    with pytest.raises(SystemExit, match=message):
+        train("pretrain", path)
+    assert not (tmp_path / "run-pretrain").exists()
+
+
+def test_generation_head_sources_of_a_saved_setokim(tmp_path, image_text, setokim_dir, setok_dir, no_training):
+    """`init_from` a Setokim without a head: `setok` (the stage-1 SeTok) must come along to add one, and only then."""
+    config = {
+        "stage": "pretrain",
+        "output_dir": str(tmp_path / "run-pretrain"),
+        "model": {"init_from": str(setokim_dir), "train_generation_head": True},
+        "data": {"path": str(image_text), "text_to_image": True},
+        "training": CPU_TRAINING,
+    }
+    assert json.loads((setokim_dir / "config.json").read_text()).get("use_generation_head") is not True
+
+    def attempt(error, message):
+        path = write_config(tmp_path / "pretrain.yaml", config)
+        with pytest.raises(error, match=message):
+            load_config(path, "pretrain")
+        with pytest.raises(SystemExit, match=message):
+            train("pretrain", path)
+
+    attempt(ConfigError, r"`model.init_from` .*setokim has no generation head: set `model.setok`")
+    config["model"]["setok"] = str(setokim_dir)
+    attempt(ConfigError, r"`model.setok`: .*setokim holds a model of type 'setokim', but this stage needs a 'setok'")
+    config["model"]["setok"] = str(tmp_path / "no-setok")
+    attempt(FileNotFoundError, r"`model.setok`: no such folder: .*no-setok")
+    config["model"]["setok"] = str(setok_dir)
+    loaded = load_config(write_config(tmp_path / "pretrain.yaml", config), "pretrain")
+    assert loaded.model.setok == str(setok_dir) and loaded.data.text_to_image
+
+    # Without the head to add, `setok` has nothing to do next to `init_from`.
+    config["model"] = {"init_from": str(setokim_dir), "setok": str(setok_dir)}
+    config["data"] = {"path": str(image_text)}
+    attempt(ConfigError, r"`model.init_from` continues a saved Setokim: drop `model.setok`")
+    config["model"] = {"init_from": str(setokim_dir), "train_generation_head": True, "language_model": "some/llm"}
+    attempt(ConfigError, r"`model.init_from` continues a saved Setokim: drop `model.language_model`")
+
+
+def test_generation_head_needs_a_setok_with_its_detokenizer(
+    tmp_path, image_text, setokim_dir, setok_dir, llm_dir, no_training
+):
+    bare = tmp_path / "bare-setok"
+    SetokModel(tiny_config()).save_pretrained(bare)
+    message = r"`model.setok`: .*bare-setok holds a SetokModel, but this stage needs a SetokForImageReconstruction"
+    headless = {"init_from": str(setokim_dir), "setok": str(bare), "train_generation_head": True}
+    assembled = {"setok": str(bare), "language_model": str(llm_dir), "train_generation_head": True}
+    for model in (headless, assembled):
+        config = pretrain_config(tmp_path, image_text, setok_dir, llm_dir)
+        config["model"] = model
+        config["data"]["text_to_image"] = True
+        path = write_config(tmp_path / "bad.yaml", config)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, "pretrain")
+        with pytest.raises(SystemExit, match=message):
+            train("pretrain", path)
 
 
 def test_bad_yaml_files(tmp_path):
@@ -440,6 +604,66 @@ def test_pretrain_stage_assembles_trains_and_resumes(tmp_path, image_text, setok
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
 
 
+def test_pretrain_stage_trains_a_new_generation_head(tmp_path, image_text, setok_dir, llm_dir):
+    # Two steps of 4 cover the 8 chats: the 4 captioning ones and the 4 text-to-image ones.
+    config = pretrain_config(tmp_path, image_text, setok_dir, llm_dir, per_device_train_batch_size=4)
+    config["model"].update(train_generation_head=True, generation_head_width=32, generation_head_depth=1)
+    config["data"].update(text_to_image=True, text_to_image_template="the image ? {}")
+    path = write_config(tmp_path / "pretrain.yaml", config)
+
+    records = runners._load_data(load_config(path, "pretrain").data, conversations=True)
+    assert len(records) == 2 * len(CONCEPTS)
+    captions = [f"a {concepts[0]}" for concepts in CONCEPTS.values()]
+    assert [chat[0]["content"][0]["text"] for chat in records["messages"][len(CONCEPTS) :]] == [
+        f"the image ? {caption}" for caption in captions
+    ]
+    assert all(chat[1]["content"][0]["type"] == "image" for chat in records["messages"][len(CONCEPTS) :])
+
+    train("pretrain", path)
+    output_dir = Path(config["output_dir"])
+    state = trainer_state(output_dir)
+    assert state["global_step"] == 2
+    assert any("diffusion_loss" in entry for entry in state["log_history"])
+    final = output_dir / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["use_generation_head"] is True
+    assert (saved["generation_head_width"], saved["generation_head_depth"]) == (32, 1)
+
+    model = SetokimForConditionalGeneration.from_pretrained(final)
+    assert model.generation_head is not None and model.image_decoder is not None
+    # The detokenizer is stage 1's, copied and left as it was.
+    detokenizer = SetokForImageReconstruction.from_pretrained(setok_dir).detokenizer.state_dict()
+    assert all(torch.equal(weight, detokenizer[name]) for name, weight in model.image_decoder.state_dict().items())
+
+    # The saved model has its head: it continues with `init_from` alone, no `setok` needed.
+    config = dict(config, output_dir=str(tmp_path / "again"))
+    config["model"] = {"init_from": str(final), "train_generation_head": True}
+    config["training"] = dict(config["training"], max_steps=1)
+    train("pretrain", write_config(tmp_path / "again.yaml", config))
+    assert trainer_state(tmp_path / "again")["global_step"] == 1
+
+
+def test_pretrain_stage_adds_a_head_to_a_saved_setokim(tmp_path, image_text, setokim_dir, setok_dir):
+    config = {
+        "stage": "pretrain",
+        "output_dir": str(tmp_path / "run-pretrain"),
+        "model": {
+            "init_from": str(setokim_dir),
+            "setok": str(setok_dir),
+            "train_generation_head": True,
+            "generation_head_width": 32,
+            "generation_head_depth": 1,
+        },
+        "data": {"path": str(image_text), "captioning": False, "text_to_image": True},
+        "training": dict(CPU_TRAINING, max_steps=1),
+    }
+    train("pretrain", write_config(tmp_path / "pretrain.yaml", config))
+    state = trainer_state(config["output_dir"])
+    assert state["global_step"] == 1 and "diffusion_loss" in state["log_history"][0]
+    model = SetokimForConditionalGeneration.from_pretrained(Path(config["output_dir"]) / "final")
+    assert model.config.use_generation_head and model.generation_head is not None
+
+
 def test_sft_stage_with_lora_and_merged_adapters(tmp_path, llava, setokim_dir):
     config = {
         "stage": "sft",
@@ -506,6 +730,14 @@ def test_sft_config_errors(tmp_path, llava, setokim_dir, no_training):
     [
         ("pretrain", {"format": "llava", "caption_prompt": "Caption it."}, "caption_prompt", "image_text"),
         ("pretrain", {"format": "hub", "caption_prompt": "Caption it."}, "caption_prompt", "image_text"),
+        ("pretrain", {"format": "llava", "captioning": False}, "captioning", "image_text"),
+        ("pretrain", {"format": "hub", "text_to_image": True}, "text_to_image", "image_text"),
+        (
+            "pretrain",
+            {"format": "llava", "text_to_image_template": "Draw {}."},
+            "text_to_image_template",
+            "image_text",
+        ),
         ("pretrain", {"format": "image_text", "split": "validation"}, "split", "hub"),
         ("sft", {"format": "llava", "image_column": "pictures"}, "image_column", "hub"),
         ("sft", {"format": "llava", "messages_column": "chat"}, "messages_column", "hub"),
@@ -518,7 +750,14 @@ def test_data_keys_another_format_would_ignore_are_refused(tmp_path, stage, data
     message = rf"`data.{key}` applies to the `{used_by}` format only; .*`{data['format']}`"
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path / "bad.yaml", config), stage, check_paths=False)
-    defaults = {"caption_prompt": "Describe the image.", "split": "train", "image_column": "images"}
+    defaults = {
+        "caption_prompt": "Describe the image.",
+        "captioning": True,
+        "text_to_image": False,
+        "text_to_image_template": "Generate an image of {}",
+        "split": "train",
+        "image_column": "images",
+    }
     config["data"][key] = defaults.get(key, "messages")
     load_config(write_config(tmp_path / "ok.yaml", config), stage, check_paths=False)  # the default is harmless
 

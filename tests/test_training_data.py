@@ -15,6 +15,7 @@ from transformers_setok.training.data import (
     IMAGE_TEXT_FEATURES,
     DataValidationError,
     _text_to_parts,
+    captions_to_generation_messages,
     captions_to_messages,
     load_hub_dataset,
     load_image_text_jsonl,
@@ -326,6 +327,30 @@ def test_captions_to_messages(tmp_path, folder, caplog):
     concepts_only = pairs.filter(lambda caption: caption is None, input_columns="caption")
     with pytest.raises(ValueError, match="none of the 1 records has a caption"):
         captions_to_messages(concepts_only)
+
+
+def test_captions_to_generation_messages(tmp_path, folder, caplog):
+    pairs = load_image_text_jsonl(write_jsonl(tmp_path / "pairs.jsonl", IMAGE_TEXT_LINES), folder)
+    with caplog.at_level(logging.WARNING, logger="transformers_setok"):
+        dataset = captions_to_generation_messages(pairs, template="Draw {}, please.")
+    assert "captions_to_generation_messages: left out 1 of 3 records" in caplog.text
+    assert dataset.features == CONVERSATION_FEATURES
+    # The user asks in words (no image), the assistant answers with the image.
+    assert dataset["messages"] == [
+        [
+            {"role": "user", "content": [text(f"Draw {caption}, please.")]},
+            {"role": "assistant", "content": [IMAGE]},
+        ]
+        for caption in ("A square of noise.", "Tall noise.")
+    ]
+    assert image_paths(dataset) == image_paths(pairs)[:2]  # still the files, not re-encoded copies
+    assert image_sizes(dataset) == [[SIZES["a.png"]], [SIZES["b.png"]]]
+    assert captions_to_generation_messages(pairs)["messages"][1][0]["content"] == [
+        text("Generate an image of Tall noise.")
+    ]  # the default template, filled as is
+    concepts_only = pairs.filter(lambda caption: caption is None, input_columns="caption")
+    with pytest.raises(ValueError, match="captions_to_generation_messages: none of the 1 records has a caption"):
+        captions_to_generation_messages(concepts_only)
 
 
 # --- Hub datasets ---

@@ -25,12 +25,12 @@ __all__ = ["SetokimImageGenerationOutput", "SetokimTextToImagePipeline", "noise_
 
 
 def noise_scheduler_for(config) -> DDPMScheduler:
-    """The DDPM schedule of a Setokim's generation head, from its `SetokimConfig` (eps prediction; no clipping: SeTok
-    tokens are not bounded like pixels)."""
+    """The DDPM schedule of a Setokim's generation head, from its `SetokimConfig` (no clipping: SeTok tokens are not
+    bounded like pixels)."""
     return DDPMScheduler(
         num_train_timesteps=config.diffusion_num_train_timesteps,
         beta_schedule=config.diffusion_beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=config.diffusion_prediction_type,
         clip_sample=False,
     )
 
@@ -186,6 +186,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         prompt_length = inputs["input_ids"].shape[1]
 
         token_dim = config.vision_config.token_dim
+        token_scale = config.generation_token_scale or 1.0  # the head draws scaled tokens (see SetokimConfig)
         tokens = torch.zeros(batch, longest, token_dim, device=device)
         known = torch.zeros(batch, longest, dtype=torch.bool, device=device)
         rounds = min(num_rounds, longest)
@@ -210,7 +211,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=visible)},
             )
             condition = outputs.last_hidden_state[:, prompt_length:][due]
-            tokens[due] = self._denoise(condition, token_dim, num_inference_steps, generator)
+            tokens[due] = self._denoise(condition, token_dim, num_inference_steps, generator) / token_scale
             known |= due
         return tokens
 
@@ -222,6 +223,6 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         sample = sample * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(sample, t)
-            noise = self.model.generation_head(model_input, t, condition).float()
-            sample = scheduler.step(noise, t, sample, generator=generator).prev_sample
+            prediction = self.model.generation_head(model_input, t, condition).float()
+            sample = scheduler.step(prediction, t, sample, generator=generator).prev_sample
         return sample

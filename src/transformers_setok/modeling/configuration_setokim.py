@@ -24,7 +24,13 @@ class SetokimConfig(PreTrainedConfig):
             paper's 1024 and 3).
         diffusion_num_train_timesteps (`int`), diffusion_beta_schedule (`str`): the noise schedule the head is trained
             and sampled with, as diffusers' `DDPMScheduler` names them (cosine: "squaredcos_cap_v2").
+        diffusion_prediction_type (`str`): what the head predicts, "v_prediction" (the velocity; stable at the cosine
+            schedule's near-zero signal end, where an eps prediction's error is amplified ~10^4 times when x_0 is
+            recovered) or "epsilon" (the noise, as in MAR).
         diffusion_num_inference_steps (`int`): default number of denoising steps when sampling.
+        generation_token_scale (`float`, *optional*): SeTok tokens are multiplied by it before diffusion (and drawn
+            tokens divided by it), so that the head works on unit-variance data, like latent diffusion's VAE scaling
+            factor. Stage 2 sets it to 1 / std of the training images' tokens when it is unset.
     """
 
     model_type = "setokim"
@@ -45,7 +51,9 @@ class SetokimConfig(PreTrainedConfig):
     generation_head_depth: int = 3
     diffusion_num_train_timesteps: int = 1000
     diffusion_beta_schedule: str = "squaredcos_cap_v2"
+    diffusion_prediction_type: str = "v_prediction"
     diffusion_num_inference_steps: int = 100
+    generation_token_scale: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -65,6 +73,13 @@ class SetokimConfig(PreTrainedConfig):
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.diffusion_prediction_type not in ("v_prediction", "epsilon"):
+            raise ValueError(
+                f"`diffusion_prediction_type` must be 'v_prediction' or 'epsilon', got {self.diffusion_prediction_type!r}."
+            )
+        scale = self.generation_token_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+            raise ValueError(f"`generation_token_scale` must be a positive number or None, got {scale!r}.")
 
 
 __all__ = ["SetokimConfig"]

@@ -1,11 +1,12 @@
 """Setokim's generation head: a small MLP denoiser that draws one SeTok token from the LLM's hidden state (MAR style).
 
     hidden state h_i at a target position  ->  condition c = embed(h_i) + embed(t)
-    noisy token x_t (token_dim)            ->  Linear -> depth x [adaLN residual MLP block] -> adaLN -> Linear -> eps
+    noisy token x_t (token_dim)            ->  Linear -> depth x [adaLN residual MLP block] -> adaLN -> Linear -> v
 
-The head only predicts the noise eps of one token vector given its timestep and its condition; the noise schedule
-(how x_t is made during training, how x_0 is recovered when sampling) belongs to a diffusers scheduler, outside this
-file, so the module ships as Hub remote code with torch alone. Its width and depth are the paper's 1024 and 3
+The head only predicts, for one noisy token vector, its velocity v (or its noise eps, after
+`config.diffusion_prediction_type`) given the timestep and the condition; the noise schedule (how x_t is made during
+training, how x_0 is recovered when sampling) belongs to a diffusers scheduler, outside this file, so the module ships
+as Hub remote code with torch alone. Its width and depth are the paper's 1024 and 3
 (upstream swapped them, building a 1024-deep, 3-wide net).
 """
 
@@ -64,7 +65,7 @@ class SetokimAdaLNBlock(nn.Module):
 
 class SetokimAdaLNOutput(nn.Module):
     """Final adaLN (no affine parameters of its own) and the projection back to the token width; both start at zero,
-    so a fresh head predicts eps = 0."""
+    so a fresh head predicts 0."""
 
     def __init__(self, width: int, out_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -78,7 +79,7 @@ class SetokimAdaLNOutput(nn.Module):
 
 
 class SetokimDiffusionHead(nn.Module):
-    """eps-prediction MLP over single token vectors.
+    """Denoising MLP over single token vectors (predicts v or eps).
 
     Args:
         token_dim: width of a SeTok token (what is denoised).
@@ -96,7 +97,7 @@ class SetokimDiffusionHead(nn.Module):
 
     def forward(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """`noisy_tokens` `(N, token_dim)`, `timesteps` `(N,)` (or a scalar), `condition` `(N, condition_dim)` ->
-        predicted noise `(N, token_dim)`."""
+        the prediction `(N, token_dim)`."""
         if noisy_tokens.ndim != 2 or condition.ndim != 2 or noisy_tokens.shape[0] != condition.shape[0]:
             raise ValueError(
                 "`noisy_tokens` and `condition` must be `(N, token_dim)` and `(N, condition_dim)` with the same N, got "

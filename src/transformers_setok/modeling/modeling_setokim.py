@@ -45,12 +45,13 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*):
         The projected SeTok tokens of all images of the batch, in placeholder order.
-    predicted_noise (`torch.FloatTensor` of shape `(R * num_masked, token_dim)`, *optional*):
-        The generation head's noise prediction for `noisy_image_tokens`, when they were given.
+    diffusion_prediction (`torch.FloatTensor` of shape `(R * num_masked, token_dim)`, *optional*):
+        The generation head's output for `noisy_image_tokens` (the velocity or the noise, after
+        `config.diffusion_prediction_type`), when they were given.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
-    predicted_noise: torch.FloatTensor | None = None
+    diffusion_prediction: torch.FloatTensor | None = None
 
 
 class SetokimProjector(nn.Module):
@@ -319,7 +320,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         noisy_image_tokens (`(R * N, token_dim)`, *optional*): noised SeTok tokens of the N masked positions, R noise
             draws each: row `r * N + j` belongs to the j-th masked position (row-major order of the mask).
         diffusion_timesteps (`(R * N,)`, *optional*): their diffusion timesteps. With `noisy_image_tokens`, the
-            output's `predicted_noise` holds the head's prediction; the trainer forms the loss (it owns the schedule).
+            output's `diffusion_prediction` holds the head's output; the trainer forms the loss (it owns the schedule).
         """
         if (noisy_image_tokens is None) != (diffusion_timesteps is None):
             raise ValueError("Pass `noisy_image_tokens` and `diffusion_timesteps` together.")
@@ -339,9 +340,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        predicted_noise = None
+        diffusion_prediction = None
         if noisy_image_tokens is not None:
-            predicted_noise = self.predict_noise(
+            diffusion_prediction = self.run_generation_head(
                 noisy_image_tokens, diffusion_timesteps, hidden_states[masked_image_tokens]
             )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -359,12 +360,12 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
-            predicted_noise=predicted_noise,
+            diffusion_prediction=diffusion_prediction,
         )
 
-    def predict_noise(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor):
+    def run_generation_head(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor):
         """The generation head on `noisy_tokens` `(R * N, token_dim)` at `timesteps` `(R * N,)`, conditioned on the
-        hidden states `condition` `(N, hidden_size)` (each used R times, in order) -> predicted noise."""
+        hidden states `condition` `(N, hidden_size)` (each used R times, in order) -> `(R * N, token_dim)`."""
         self._require_generation_head()
         if condition.shape[0] == 0 or noisy_tokens.shape[0] % condition.shape[0]:
             raise ValueError(

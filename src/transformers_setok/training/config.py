@@ -137,7 +137,7 @@ class PretrainDataConfig:
     # image_text only: each pair as a captioning chat, and/or as a text-to-image chat (needs the generation head).
     captioning: bool = True
     text_to_image: bool = False
-    text_to_image_template: str = "Generate an image of {}."  # the user turn; `{}` is the caption
+    text_to_image_template: str = "Generate an image of {}"  # the user turn; `{}` is the caption
     max_length: int | None = None  # longest sample, image tokens included; longer ones are an error, never cut
 
 
@@ -236,6 +236,12 @@ def load_config(path, stage: str | None = None, *, check_paths: bool = True, ove
     _check_data(config.data, check_paths)
     if getattr(config.data, "text_to_image", False) and not config.model.train_generation_head:
         raise ConfigError("`data.text_to_image` trains the generation head: set `model.train_generation_head: true`.")
+    if file_stage == "pretrain" and config.data.format == "image_text":
+        if config.model.train_generation_head and not config.data.text_to_image:
+            raise ConfigError(
+                "`model.train_generation_head` needs text-to-image chats: set `data.text_to_image: true` (captions "
+                "alone never reach the head)."
+            )
     build_training_arguments(config)  # the Trainer's own checks, now rather than after the model has loaded
     return config
 
@@ -486,9 +492,18 @@ def _check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
                     f"`model.init_from` {model.init_from} has no generation head: set `model.setok` (the stage-1 "
                     "SeTok, whose detokenizer the new head draws for) so that one can be added."
                 )
-            check_checkpoint_type(model.setok, "model.setok", EXPECTED_MODEL_TYPE["tokenizer"])
+            check_checkpoint_type(
+                model.setok, "model.setok", EXPECTED_MODEL_TYPE["tokenizer"], "SetokForImageReconstruction"
+            )
+        elif model.setok is not None:
+            raise ConfigError(
+                f"`model.init_from` {model.init_from} already has a generation head: drop `model.setok`, which only "
+                "supplies the detokenizer of a new one."
+            )
     else:
-        check_checkpoint_type(model.setok, "model.setok", EXPECTED_MODEL_TYPE["tokenizer"])
+        # A generation head needs the stage-1 detokenizer, which only the full SetokForImageReconstruction holds.
+        architecture = "SetokForImageReconstruction" if model.train_generation_head else None
+        check_checkpoint_type(model.setok, "model.setok", EXPECTED_MODEL_TYPE["tokenizer"], architecture)
         _check_source(model.language_model, "model.language_model", check_paths)
         _check_source(model.tokenizer, "model.tokenizer", check_paths)
 

@@ -173,7 +173,7 @@ def captions_to_messages(dataset, prompt: str = "Describe the image."):
     return _captions_to_chats(dataset, _caption_to_conversation, "captions_to_messages", prompt=prompt)
 
 
-def captions_to_generation_messages(dataset, template: str = "Generate an image of {}."):
+def captions_to_generation_messages(dataset, template: str = "Generate an image of {}"):
     """Image-text pairs -> text-to-image conversations for stage 2 (the generation head): the user asks with
     `template.format(caption)`, the assistant answers with the image. Records without a caption are left out, with a
     count in the log."""

@@ -6,10 +6,13 @@ image (after `encode_and_expand`, so SeTok has run and n is known):
     mask ratio r ~ U[mask_ratio_min, 1]       MAR's 70-100 %: k = round(r * n) tokens, at least one, chosen at random
     hidden tokens                              keep the `<image>` embedding (the mask) as LLM input; the others get
                                                their projected SeTok token, as in understanding
-    each hidden token x0 (SeTok width)         R noise draws: t ~ U{0..T-1}, eps ~ N(0, I), x_t = add_noise(x0, eps, t)
+    each hidden token x0 (SeTok width)         scaled by `config.generation_token_scale` (unit variance, see
+                                               `estimate_token_scale`), then R noise draws: t ~ U{0..T-1},
+                                               eps ~ N(0, I), x_t = add_noise(x0, eps, t); the target is the
+                                               velocity get_velocity(x0, eps, t) (or eps)
 
-The model conditions its head on the LLM's hidden state at each hidden position and returns the predicted eps; the
-trainer's loss is the MSE against eps. The schedule is a diffusers scheduler built from the model's config, the same
+The model conditions its head on the LLM's hidden state at each hidden position and returns its prediction; the
+trainer's loss is the MSE against the target. The schedule is a diffusers scheduler built from the model's config, the same
 one `transformers_setok.image_generation` samples with.
 """
 
@@ -18,7 +21,46 @@ from collections.abc import Mapping
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-__all__ = ["add_diffusion_inputs", "image_target_flags", "sample_hidden_tokens"]
+__all__ = ["add_diffusion_inputs", "estimate_token_scale", "image_target_flags", "sample_hidden_tokens"]
+
+
+@torch.no_grad()
+def estimate_token_scale(model, records, collator, max_images: int = 64, batch_size: int = 8) -> float:
+    """1 / std of the SeTok tokens of the first `max_images` images of `records` (in order, so every process and a
+    resumed run get the same value): the factor that brings the head's targets to unit variance."""
+    tower = model.model.vision_tower
+    total = squares = count = 0.0
+    batch, seen = [], 0
+    for record in records:
+        if seen >= max_images:
+            break
+        images = record.get("images") or ([record["image"]] if record.get("image") is not None else [])
+        for image in images[: max_images - seen]:
+            batch.append(image)
+            seen += 1
+        if len(batch) >= batch_size or seen >= max_images:
+            total, squares, count = _accumulate(tower, collator, batch, total, squares, count)
+            batch = []
+    if batch:
+        total, squares, count = _accumulate(tower, collator, batch, total, squares, count)
+    if count == 0:
+        raise ValueError("No image to estimate the generation token scale from.")
+    variance = squares / count - (total / count) ** 2
+    if not variance > 0:
+        raise ValueError("SeTok's tokens of the training images are constant: no scale brings them to unit variance.")
+    return float(variance**-0.5)
+
+
+def _accumulate(tower, collator, images, total, squares, count):
+    pixel_values = collator.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    was_training = tower.training
+    tower.eval()
+    try:
+        encoded = tower(pixel_values.to(tower.device))
+    finally:
+        tower.train(was_training)
+    tokens = encoded.last_hidden_state[encoded.attention_mask.bool()].double()
+    return total + float(tokens.sum()), squares + float(tokens.pow(2).sum()), count + tokens.numel()
 
 
 def image_target_flags(batch: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
@@ -61,15 +103,17 @@ def add_diffusion_inputs(
     *,
     image_token_id: int,
     scheduler,
+    token_scale: float = 1.0,
     mask_ratio_min: float = 0.7,
     noise_repeats: int = 4,
 ) -> dict:
     """Adds to an expanded batch (see `encode_and_expand`) the generation head's inputs for its target images.
 
-    `image_is_target` `(P,)` (from `image_target_flags`) says which images are targets. Returns a new dict with:
+    `image_is_target` `(P,)` (from `image_target_flags`) says which images are targets; the targets are the hidden
+    SeTok tokens times `token_scale`. Returns a new dict with:
     `masked_image_tokens` `(B, T)`, the target images' features removed from `mm_encoder_outputs` at hidden
-    positions, `noisy_image_tokens` `(R * N, token_dim)`, `diffusion_timesteps` `(R * N,)` and `diffusion_noise`
-    (the eps to predict; pop it before calling the model). N is the number of hidden tokens, R `noise_repeats`.
+    positions, `noisy_image_tokens` `(R * N, token_dim)`, `diffusion_timesteps` `(R * N,)` and `diffusion_target`
+    (what the head must predict, after the scheduler's `prediction_type`; pop it before calling the model). N is the number of hidden tokens, R `noise_repeats`.
     """
     if noise_repeats < 1:
         raise ValueError(f"`noise_repeats` must be a positive integer, got {noise_repeats}.")
@@ -98,7 +142,7 @@ def add_diffusion_inputs(
         for i, tokens in enumerate(projected)
     ]
 
-    clean = clean.float().repeat(noise_repeats, 1)
+    clean = (clean.float() * token_scale).repeat(noise_repeats, 1)
     noise = torch.randn_like(clean)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
     batch = dict(expanded)
@@ -110,6 +154,15 @@ def add_diffusion_inputs(
         masked_image_tokens=masked_image_tokens,
         noisy_image_tokens=scheduler.add_noise(clean, noise, timesteps),
         diffusion_timesteps=timesteps,
-        diffusion_noise=noise,
+        diffusion_target=_prediction_target(scheduler, clean, noise, timesteps),
     )
     return batch
+
+
+def _prediction_target(scheduler, clean, noise, timesteps):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    raise ValueError(f"The generation head predicts 'epsilon' or 'v_prediction', not {kind!r}.")

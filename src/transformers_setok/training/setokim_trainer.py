@@ -10,22 +10,28 @@ What trains (the spec's table; upstream froze its own projector here by mistake)
 
 Captioning chats train understanding; text-to-image chats (the image in the assistant turn) train generation: the
 LLM learns to write `[Img]`, the image's length and `[/Img]` (cross-entropy), and the head learns to denoise the
-hidden tokens from the LLM's hidden states (MSE on the noise, see `generation_targets`). Both kinds may share a batch.
+hidden tokens from the LLM's hidden states (MSE, see `generation_targets`). Both kinds may share a batch.
 
 Only some rows of the embedding matrix may move, so its gradient is masked to those rows while training, and the
 matrix is kept out of weight decay: with a zero gradient AdamW leaves a row exactly where it was, but decay would
 still shrink it.
 """
 
+import json
+import os
+
 import torch
 from transformers import Trainer
+from transformers.utils import logging
 
 from ..modeling import SetokimForConditionalGeneration
 from .collators import encode_and_expand
-from .generation_targets import add_diffusion_inputs, image_target_flags
+from .generation_targets import add_diffusion_inputs, estimate_token_scale, image_target_flags
 from .loss_terms import LossTermsMixin
 
 __all__ = ["SetokimInputsMixin", "SetokimPretrainTrainer"]
+
+logger = logging.get_logger(__name__)
 
 
 class SetokimInputsMixin(LossTermsMixin):
@@ -44,13 +50,13 @@ class SetokimInputsMixin(LossTermsMixin):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(self._encode_and_expand(model, inputs))
-        noise = inputs.pop("diffusion_noise", None)
-        if noise is None:
+        target = inputs.pop("diffusion_target", None)
+        if target is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        diffusion_loss = torch.nn.functional.mse_loss(outputs.predicted_noise.float(), noise.float())
+        diffusion_loss = torch.nn.functional.mse_loss(outputs.diffusion_prediction.float(), target.float())
         self.record_loss_term("diffusion_loss", diffusion_loss, model.training)
         if model.training and self._lm_loss_scaled_for_accumulation(num_items_in_batch):
             # The LM loss is already a share of the whole accumulated batch, so the Trainer will not divide by the
@@ -93,6 +99,7 @@ class SetokimInputsMixin(LossTermsMixin):
             targets,
             image_token_id=image_token_id,
             scheduler=self._noise_scheduler(unwrapped),
+            token_scale=unwrapped.config.generation_token_scale or 1.0,
             mask_ratio_min=self.generation_mask_ratio_min,
             noise_repeats=self.diffusion_noise_repeats,
         )
@@ -156,11 +163,26 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
             raise ValueError(f"`new_token_ids` must lie in [0, {vocab}), got {self.new_token_ids}.")
         self._select_trainable_parameters(model)
         super().__init__(model=model, args=args, **kwargs)
+        if train_generation_head and config.generation_token_scale is None:
+            config.generation_token_scale = estimate_token_scale(model, self.train_dataset, self.data_collator)
+            logger.info(
+                "Generation token scale (1 / std of the training images' tokens): %.4g", config.generation_token_scale
+            )
         if not train_language_model and (self.is_fsdp_enabled or _zero_stage(self.accelerator) == 3):
             raise ValueError(
                 "Training only the new token rows masks the embedding gradient per row, which FSDP and DeepSpeed "
                 "ZeRO-3 (sharded parameters) bypass: use DDP or ZeRO-1/2, or `train_language_model=True`."
             )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        # The token scale is part of what the head learnt: a resumed run keeps the checkpoint's, not a new estimate.
+        config_file = os.path.join(resume_from_checkpoint, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as file:
+                scale = json.load(file).get("generation_token_scale")
+            if scale is not None:
+                self.accelerator.unwrap_model(model or self.model).config.generation_token_scale = scale
 
     def _row_trained_matrices(self, model) -> list[torch.nn.Parameter]:
         """The embedding matrix and an untied LM head (one tensor when tied)."""
