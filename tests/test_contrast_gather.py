@@ -93,7 +93,9 @@ def gather_worker(rank: int, store: str, results):
         ids, attention = padded(local[rank]["texts"], "left")
         texts = torch.randn(len(ids), 8)
         rows = slice(2 * rank, 2 * rank + 2)
-        results[rank] = gather_contrast_batch(tokens[rows], mask[rows], texts, ids, attention, local[rank]["positives"])
+        results[rank] = gather_contrast_batch(
+            tokens[rows], mask[rows], texts, ids, attention, local[rank]["positives"]
+        )
     finally:
         dist.destroy_process_group()
 

@@ -73,7 +73,9 @@ def test_new_token_rows_start_at_the_mean_embedding(assembled, reference):
 def test_generates_from_a_real_photo(assembled, photos):
     model, processor = assembled
     cat = Image.fromarray(photos["chelsea"])
-    messages = [{"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "Describe this."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": cat}, {"type": "text", "text": "Describe this."}]}
+    ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = model.prepare_inputs(processor, [prompt], [cat])
     count = inputs["mm_encoder_outputs"]["image"].pooler_output[0].shape[0]
