@@ -3,9 +3,11 @@
     idx files -> PNGs, stage-1 JSONL, stage-2 captions, stage-3 LLaVA JSON, held-out LLaVA JSON (in the work dir)
     stage 1   setok train tokenizer  a tiny SigLIP-style encoder, merger and detokenizer from scratch; the concept
                                      contrast against the class names through the packaged all-MiniLM-L6-v2
-    stage 2   setok train pretrain   SeTok (frozen) + a random tiny Llama with a word-level tokenizer, on captions
+    stage 2   setok train pretrain   SeTok (frozen) + a random tiny Llama with a word-level tokenizer, on captions,
+                                     and the generation head on the same pairs read as text-to-image
     stage 3   setok train sft        "What is in the image?" -> the class name, full fine-tuning
     eval      greedy answers on held-out images (t10k); exact match with the class name -> accuracy
+              images drawn by the stage-2 model for each class name, answered by the stage-3 model -> accuracy
 
 Each stage runs from a YAML file in examples/fashion_mnist/ with the work dir's paths filled in, written to
 <work-dir>/configs/ and trained by `setok train` (the command a user runs), so the real loaders, checks and runners
@@ -135,14 +137,16 @@ def prepare_data(data_dir: Path, folder: Path, train_per_class: int, heldout_per
 # The language model: random weights, a real (word-level) tokenizer
 
 
-def vocabulary(caption_prompt: str) -> list[str]:
-    """Every word the chats hold. The chat template writes `User:` and `Assistant:`; class names stay whole words,
-    so an answer is one token per word and decodes back to exactly the class name."""
-    texts = ["User: Assistant: System:", QUESTION, caption_prompt] + [CAPTION.format(name) for name in CLASSES]
+def vocabulary(prompts: list[str]) -> list[str]:
+    """Every word the chats hold: the chat template's `User:` and `Assistant:`, the question, the stage-2 `prompts`
+    (templates' `{}` left empty) and the captions. Class names stay whole words, so an answer is one token per word
+    and decodes back to exactly the class name."""
+    texts = ["User: Assistant: System:", QUESTION, *(prompt.format("") for prompt in prompts)]
+    texts += [CAPTION.format(name) for name in CLASSES]
     return sorted({word for text in texts for word in text.split()})
 
 
-def word_tokenizer(caption_prompt: str):
+def word_tokenizer(prompts: list[str]):
     """A word-level tokenizer over `vocabulary`. Why not MiniLM's WordPiece: it lower-cases and splits `T-shirt/top`
     into five pieces that decode as `t - shirt / top`, wraps every text in [CLS] ... [SEP], and its 30522 rows would
     be most of a 128-wide LLM's weights and of each step's softmax, almost all of them never seen here."""
@@ -150,7 +154,7 @@ def word_tokenizer(caption_prompt: str):
     from transformers import PreTrainedTokenizerFast
 
     special = ["<pad>", "<unk>", "<s>", "</s>"]
-    words = special + vocabulary(caption_prompt)
+    words = special + vocabulary(prompts)
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -158,11 +162,11 @@ def word_tokenizer(caption_prompt: str):
     )
 
 
-def write_language_model(folder: Path, caption_prompt: str, hidden_size: int, num_layers: int, seed: int):
+def write_language_model(folder: Path, prompts: list[str], hidden_size: int, num_layers: int, seed: int):
     """A randomly initialised Llama and its tokenizer, saved as the causal-LM checkpoint that stage 2 assembles."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = word_tokenizer(caption_prompt)
+    tokenizer = word_tokenizer(prompts)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -321,6 +325,46 @@ def answer_questions(model_dir: Path, images, questions, batch_size: int = 100) 
     return answers, counts
 
 
+@torch.no_grad()
+def generation_accuracy(work: Path, template: str, question: list[dict], per_class: int, seed: int) -> dict:
+    """The stage-2 model draws `per_class` images for each class name (the text-to-image prompt of its training);
+    the stage-3 model answers "What is in the image?" on them: the share answered with the prompted class. Also
+    saves a grid of the first 8 per class to <work>/generated.png."""
+    from transformers import AutoProcessor
+
+    from transformers_setok import SetokimForConditionalGeneration
+    from transformers_setok.image_generation import SetokimTextToImagePipeline, noise_scheduler_for
+
+    pretrain_dir = work / "runs" / "pretrain" / "final"
+    model = SetokimForConditionalGeneration.from_pretrained(pretrain_dir).eval()
+    processor = AutoProcessor.from_pretrained(pretrain_dir)
+    pipe = SetokimTextToImagePipeline(model=model, processor=processor, scheduler=noise_scheduler_for(model.config))
+    pipe.set_progress_bar_config(disable=True)
+    names = [name for name in CLASSES for _ in range(per_class)]
+    prompts = [template.format(CAPTION.format(name)) for name in names]
+    output = pipe(prompts, generator=torch.Generator().manual_seed(seed))
+    images = [image.convert("RGB") for image in output.images]
+    answers, _ = answer_questions(work / "runs" / "sft" / "final", images, [question] * len(images))
+    save_grid(work / "generated.png", images, per_class)
+    counts = [len(tokens) for tokens in output.image_tokens]
+    return {
+        **score(answers, names),
+        "per_class": per_class,
+        "tokens_per_image": {"mean": float(np.mean(counts)), "min": int(min(counts)), "max": int(max(counts))},
+    }
+
+
+def save_grid(path: Path, images, per_class: int, columns: int = 8, size: int = 56):
+    """One row per class: its first `columns` images, upscaled to `size` pixels."""
+    columns = min(columns, per_class)
+    grid = PIL.Image.new("RGB", (columns * size, len(CLASSES) * size), "white")
+    for row in range(len(CLASSES)):
+        for column in range(columns):
+            image = images[row * per_class + column].resize((size, size), PIL.Image.NEAREST)
+            grid.paste(image, (column * size, row * size))
+    grid.save(path)
+
+
 def score(predicted: list[str], expected: list[str]) -> dict:
     per_class = {}
     for name in CLASSES:
@@ -340,10 +384,12 @@ def score(predicted: list[str], expected: list[str]) -> dict:
 def results_table(metrics: dict) -> str:
     stages = metrics["stages"]
     tokens = metrics["tokens_per_image"]
+    generated = metrics["generation"]
+    generated_tokens = generated["tokens_per_image"]
     heldout = f"{metrics['num_heldout']} {metrics['heldout_split']} images"
     stage_rows = [
         ("1 tokenizer", "tiny SigLIP-style encoder (from scratch), merger, detokenizer", "image + class name"),
-        ("2 pretrain", "projector + whole random Llama (SeTok frozen)", "captions"),
+        ("2 pretrain", "projector + whole random Llama + generation head (SeTok frozen)", "captions, text-to-image"),
         ("3 sft", "projector + whole LLM, full fine-tuning", '"What is in the image?" -> class'),
     ]
     lines = [
@@ -367,6 +413,10 @@ def results_table(metrics: dict) -> str:
         "| stage 1 alone: concept-contrast zero-shot accuracy (same images) | "
         f"{metrics['concept_zero_shot_accuracy']:.1%} |",
         f"| SeTok tokens per image, mean (min - max) | {tokens['mean']:.2f} ({tokens['min']} - {tokens['max']}) |",
+        f"| text-to-image: images drawn by the stage-2 model for a class name that the stage-3 model names as that "
+        f"class ({generated['per_class']} per class) | **{generated['accuracy']:.1%}** (chance 10%) |",
+        f"| tokens per drawn image, mean (min - max) | {generated_tokens['mean']:.2f} "
+        f"({generated_tokens['min']} - {generated_tokens['max']}) |",
         f"| training images (class-balanced, train split) | {metrics['num_train']} |",
         f"| total wall time (data, 3 stages, evaluation) | {metrics['total_seconds'] / 60:.1f} min |",
     ]
@@ -416,6 +466,9 @@ def parse_args(argv=None):
     for stage in STAGES:
         parser.add_argument(f"--{stage}-steps", type=int, default=None, help="default: the example config's")
     parser.add_argument("--batch-size", type=int, default=None, help="every stage's; default: the configs'")
+    parser.add_argument(
+        "--generated-per-class", type=int, default=20, help="images the stage-2 model draws per class name"
+    )
     parser.add_argument("--llm-hidden-size", type=int, default=128)
     parser.add_argument("--llm-layers", type=int, default=2)
     # On a 2-core machine whose other core is busy, two threads wait on each other: a stage-1 step took 5 s with 2
@@ -449,8 +502,9 @@ def main(argv=None) -> dict:
     data, num_train, num_heldout = prepare_data(
         Path(args.data_dir), work / "data", args.train_per_class, args.heldout_per_class, args.heldout_split, args.seed
     )
-    caption_prompt = read_example("pretrain")["data"]["caption_prompt"]
-    write_language_model(work / "llm", caption_prompt, args.llm_hidden_size, args.llm_layers, args.seed)
+    pretrain_data = read_example("pretrain")["data"]
+    prompts = [pretrain_data["caption_prompt"], pretrain_data["text_to_image_template"]]
+    write_language_model(work / "llm", prompts, args.llm_hidden_size, args.llm_layers, args.seed)
     data_seconds = time.perf_counter() - start
     print(f"Data: {num_train} training and {num_heldout} held-out images in {work / 'data'} ({data_seconds:.0f} s)")
 
@@ -465,12 +519,16 @@ def main(argv=None) -> dict:
     template = read_example("tokenizer")["data"]["concept_template"]
     zero_shot = concept_zero_shot_accuracy(work / "runs" / "tokenizer" / "final", template, images, expected)
     predicted, counts = answer_questions(work / "runs" / "sft" / "final", images, questions)
+    generation = generation_accuracy(
+        work, pretrain_data["text_to_image_template"], questions[0], args.generated_per_class, args.seed
+    )
     eval_seconds = time.perf_counter() - eval_start
 
     metrics = {
         **score(predicted, expected),
         "chance": 1 / len(CLASSES),
         "concept_zero_shot_accuracy": zero_shot,
+        "generation": generation,
         "tokens_per_image": {"mean": float(np.mean(counts)), "min": int(min(counts)), "max": int(max(counts))},
         "num_train": num_train,
         "num_heldout": num_heldout,

@@ -99,7 +99,7 @@ def test_fashion_mnist_end_to_end_smoke(tmp_path):
     work = tmp_path / "fashion"
     command = [sys.executable, str(SCRIPT), "--work-dir", str(work), "--train-per-class", "4"]
     command += ["--data-dir", str(digits_as_idx(tmp_path / "idx"))]
-    command += ["--heldout-per-class", "2", "--batch-size", "8"]
+    command += ["--heldout-per-class", "2", "--batch-size", "8", "--generated-per-class", "2"]
     command += ["--tokenizer-steps", "3", "--pretrain-steps", "2", "--sft-steps", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -108,7 +108,7 @@ def test_fashion_mnist_end_to_end_smoke(tmp_path):
     metrics = json.loads((work / "metrics.json").read_text())
     expected_keys = {
         "accuracy", "chance", "answers_that_are_class_names", "per_class_accuracy", "concept_zero_shot_accuracy",
-        "tokens_per_image", "num_train", "num_heldout", "heldout_split", "stages", "total_seconds",
+        "tokens_per_image", "num_train", "num_heldout", "heldout_split", "stages", "total_seconds", "generation",
     }  # fmt: skip
     assert expected_keys <= set(metrics)
     assert metrics["num_train"] == 40 and metrics["num_heldout"] == 20 and metrics["heldout_split"] == "t10k"
@@ -131,6 +131,13 @@ def test_fashion_mnist_end_to_end_smoke(tmp_path):
         assert Path(config.output_dir) == work / "runs" / stage
         assert (work / "runs" / stage / "final" / "config.json").is_file()
     assert "last_concept_loss" in metrics["stages"]["tokenizer"]  # the concept contrast ran in stage 1
+
+    # Stage 2 trained a generation head; its images were drawn (2 per class) and classified by the stage-3 model.
+    generation = metrics["generation"]
+    assert generation["per_class"] == 2 and 0.0 <= generation["accuracy"] <= 1.0
+    assert 1 <= generation["tokens_per_image"]["min"] <= generation["tokens_per_image"]["max"]
+    assert PIL.Image.open(work / "generated.png").size == (2 * 56, 10 * 56)
+    assert json.loads((work / "runs" / "pretrain" / "final" / "config.json").read_text())["use_generation_head"]
 
     # The held-out images are test-split images, the training ones train-split images.
     heldout = json.loads((work / "data" / "heldout_qa.json").read_text())
