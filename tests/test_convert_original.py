@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, SiglipConfig, SiglipMode
 
 from transformers_setok import SetokForImageReconstruction, SetokimConfig, SetokimForConditionalGeneration
 from transformers_setok.conversion import (
+    GENERATION_HEAD_REASON,
     UNRECOGNISED,
     ConversionError,
     build_converted_model,
@@ -391,8 +392,8 @@ def test_mllm_conversion_maps_llm_projector_and_tokenizer():
     result = convert_mllm_state_dict(sd, config)
     assert set(result.mapped) | set(result.unmapped) == set(sd)
     assert sorted(result.unrecognised) == sorted(JUNK)
-    assert result.unmapped["model.diffloss.net.res_blocks.0.w"] == "generation head not implemented yet"
-    assert "not implemented" in result.unmapped["model.mm_out_projector.0.weight"]
+    assert result.unmapped["model.diffloss.net.res_blocks.0.w"] == GENERATION_HEAD_REASON
+    assert "output projector of upstream's generation path" in result.unmapped["model.mm_out_projector.0.weight"]
     assert result.unmapped["model.layers.0.self_attn.rotary_emb.inv_freq"].startswith("recomputed")
     assert all("detokenizer" in reason for key, reason in result.unmapped.items() if "vision_generator" in key)
     assert result.mapped["model.vision_tower.out.weight"] == ["model.vision_tower.merger.output_proj.weight"]

@@ -444,3 +444,13 @@ def test_add_generation_head_takes_the_stage_one_detokenizer(processor, tmp_path
     SetokForImageReconstruction(tiny_config()).model.save_pretrained(tmp_path / "encoder-only")
     with pytest.raises(ValueError, match="no trained detokenizer"):
         add_generation_head(tiny_setokim(processor), str(tmp_path / "encoder-only"))
+
+
+def test_the_model_card_says_whether_the_model_draws(processor, model):
+    from transformers_setok.training.model_card import render_setokim_card
+
+    card = render_setokim_card(model.config, name="tiny", repo="me/tiny", provenance="")
+    assert "It also draws images" in card and "2 adaLN blocks of width 48" in card
+    assert "draws images" not in render_setokim_card(
+        tiny_setokim(processor).config, name="t", repo="me/t", provenance=""
+    )

@@ -58,6 +58,10 @@ DETOKENIZER_REASON = (
     "upstream detokenizer (BERT Q-Former mapper + timm ViT pixel decoder, no output head) is a different "
     "architecture from ours"
 )
+GENERATION_HEAD_REASON = (
+    "upstream's diffusion head swapped width and depth (3 wide, 1024 blocks deep; spec 7), a different network from "
+    "ours (1024 wide, 3 deep): train `generation_head` in stage 2"
+)
 OUR_DETOKENIZER_REASON = "no upstream counterpart (upstream's detokenizer differs and had no output head): train it"
 DISCRIMINATOR_REASON = (
     "upstream NLayerDiscriminator normalises with BatchNorm2d, ours with GroupNorm(1): its convolutions were trained "
@@ -440,10 +444,16 @@ def convert_mllm_state_dict(upstream: dict[str, torch.Tensor], config: SetokimCo
     """An upstream Setokim (LLaVA-style Llama) state dict -> a `SetokimForConditionalGeneration` state dict."""
     conv = _Conversion(strip_ddp_prefix(upstream), SetokimForConditionalGeneration, config)
     _convert_tokenizer(conv, "model.vision_tower.", "model.vision_tower.", config.vision_config)
-    conv.skip("model.vision_generator.", f"Setokim holds no detokenizer; besides, the {DETOKENIZER_REASON}")
+    conv.skip(
+        "model.vision_generator.",
+        f"Setokim's image_decoder is our stage-1 detokenizer (add_generation_head); the {DETOKENIZER_REASON}",
+    )
     _convert_projector(conv, "model.mm_in_projector.", "model.multi_modal_projector.", config)
-    conv.skip("model.mm_out_projector.", "output projector of the generation path: not implemented yet")
-    conv.skip("model.diffloss.", "generation head not implemented yet")
+    conv.skip(
+        "model.mm_out_projector.",
+        "output projector of upstream's generation path: ours conditions the generation head on the hidden states",
+    )
+    conv.skip("model.diffloss.", GENERATION_HEAD_REASON)
     _convert_language_model(conv, config)
     conv.warn(
         "image_token_id / boi_token_id / eoi_token_id come from the config: check them against the upstream "

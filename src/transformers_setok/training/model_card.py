@@ -42,5 +42,18 @@ def render_setokim_card(config, *, name: str, repo: str, provenance: str) -> str
         text_layers=text.num_hidden_layers,
         text_width=text.hidden_size,
         vocab_size=text.vocab_size,
+        generation=_generation_paragraph(config),
         **_setok_fields(config.vision_config),
+    )
+
+
+def _generation_paragraph(config) -> str:
+    if not getattr(config, "use_generation_head", False):
+        return ""
+    return (
+        "\n\nIt also draws images: the LLM writes `[Img]`, the image's length and `[/Img]`, and a diffusion head "
+        f"({config.generation_head_depth} adaLN blocks of width {config.generation_head_width}, "
+        f"{config.diffusion_prediction_type}, `{config.diffusion_beta_schedule}` schedule) conditioned on its hidden "
+        "states draws each SeTok token, which SeTok's detokenizer paints. Sampling needs the `transformers-setok` "
+        "package with diffusers: `transformers_setok.image_generation.SetokimTextToImagePipeline`."
     )
