@@ -426,6 +426,8 @@ def results_table(metrics: dict) -> str:
 def write_report(work: Path, metrics: dict) -> str:
     table = results_table(metrics)
     per_class = ", ".join(f"{name} {value:.0%}" for name, value in metrics["per_class_accuracy"].items())
+    drawn = metrics["generation"]["per_class_accuracy"]
+    drawn_per_class = ", ".join(f"{name} {value:.0%}" for name, value in drawn.items())
     report = "\n".join(
         [
             "# Fashion-MNIST end to end: SeTok -> Setokim -> instruction tuning, on the CPU",
@@ -433,6 +435,8 @@ def write_report(work: Path, metrics: dict) -> str:
             table,
             "",
             f"Per class: {per_class}.",
+            "",
+            f"Text-to-image, per class drawn: {drawn_per_class}. The first drawn images: `generated.png`.",
             "",
             f"Machine: {metrics['machine']}. The configs that ran are in `configs/`, the models in `runs/*/final`.",
             "",
