@@ -287,9 +287,8 @@ def test_other_models_processors_and_formatting_are_refused(processor, records, 
 # Two processes
 
 
-def test_two_process_accelerate_launch_synchronises_every_trained_weight(tmp_path):
-    """Each rank trains on other records; identical LoRA and projector weights afterwards prove that DDP averaged the
-    gradients, the projector's too, although it runs in `encode_and_expand` outside DDP's forward."""
+def launch_two_processes(tmp_path, mode: str) -> list[dict]:
+    """tests/accelerate_training_script.py in `mode` under `accelerate launch` with two CPU processes (gloo)."""
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -299,7 +298,7 @@ def test_two_process_accelerate_launch_synchronises_every_trained_weight(tmp_pat
     # `--cpu` alone would start a single process: only the torchrun launcher starts several on one machine.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    command += [str(TESTS / "accelerate_sft_script.py"), str(tmp_path)]
+    command += [str(TESTS / "accelerate_training_script.py"), str(tmp_path), mode]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -309,8 +308,24 @@ def test_two_process_accelerate_launch_synchronises_every_trained_weight(tmp_pat
         assert report["distributed_type"].endswith("MULTI_CPU")
         assert len(report["batches"]) == 2 and len(report["losses"]) == 2
         assert report["projector"] != report["projector_before"], "the projector trained"
+        assert report["trained"] != report["trained_before"], f"the {mode} weights trained"
     assert ranks[0]["batches"] != ranks[1]["batches"], "the ranks saw different records"
+    assert ranks[0]["projector"] == ranks[1]["projector"]
+    assert ranks[0]["trained"] == ranks[1]["trained"]
+    return ranks
+
+
+def test_two_process_accelerate_launch_synchronises_every_trained_weight(tmp_path):
+    """Each rank trains on other records; identical LoRA and projector weights afterwards prove that DDP averaged the
+    gradients, the projector's too, although it runs in `encode_and_expand` outside DDP's forward."""
+    ranks = launch_two_processes(tmp_path, "sft")
     has_image = [[IMAGE_ID in batch[0] for batch in report["batches"]] for report in ranks]
     assert any(a != b for a, b in zip(*has_image)), "one step had an image on one rank only"
-    assert ranks[0]["projector"] == ranks[1]["projector"]
-    assert ranks[0]["lora"] == ranks[1]["lora"]
+
+
+def test_two_process_stage_two_synchronises_the_generation_head(tmp_path):
+    """Stage 2 with the generation head under DDP: in a step where one rank draws an image and the other captions,
+    the head gets a gradient on one rank only; identical heads afterwards prove DDP reduced it all the same."""
+    ranks = launch_two_processes(tmp_path, "generation")
+    draws = [[IMAGE_ID in labels[0] for labels in report["labels"]] for report in ranks]
+    assert any(a != b for a, b in zip(*draws)), "one step drew an image on one rank only"

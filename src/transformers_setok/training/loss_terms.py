@@ -3,6 +3,7 @@
 from collections import defaultdict
 
 import torch
+from accelerate.utils import gather_object
 
 __all__ = ["LossTermsMixin"]
 
@@ -10,7 +11,7 @@ __all__ = ["LossTermsMixin"]
 class LossTermsMixin:
     """For a `Trainer` subclass: `record_loss_term(name, value, training)` during `compute_loss`; training logs then
     carry each term averaged over the steps since the previous log, evaluations `{prefix}_{name}` averaged over their
-    batches (both averaged over processes too)."""
+    batches (both over all processes)."""
 
     @property
     def _loss_terms(self) -> dict[str, defaultdict]:
@@ -37,11 +38,24 @@ class LossTermsMixin:
         super().log(logs, *args, **kwargs)
 
     def _mean_loss_terms(self, split: str) -> dict[str, float]:
-        """Each recorded term averaged over its steps (and over processes); the record is then cleared."""
+        """Each recorded term averaged over its steps on all processes; the record is then cleared.
+
+        Processes may have recorded different terms (a batch without images to draw has no diffusion loss), so they
+        first agree on the names; then every process reduces a (sum, count) pair for each, in the same order."""
+        record = self._loss_terms[split]
+        names = sorted(record)
+        if self.accelerator.num_processes > 1:
+            names = sorted(set().union(*gather_object([names])))
         means = {}
-        for name, values in self._loss_terms[split].items():
-            if values:
-                mean = self.accelerator.gather_for_metrics(torch.stack(values).mean()[None]).mean()
-                means[name] = round(mean.item(), 6)
-        self._loss_terms[split].clear()
+        for name in names:
+            values = record.get(name, [])
+            stats = torch.tensor(
+                [float(torch.stack(values).sum()) if values else 0.0, len(values)],
+                dtype=torch.float64,
+                device=self.accelerator.device,
+            )
+            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+            if count:
+                means[name] = round(total / count, 6)
+        record.clear()
         return means

@@ -1,9 +1,10 @@
-"""A two-step stage-3 LoRA run for `accelerate launch` (used by tests/test_sft_trainer.py, not collected by pytest).
+"""Two-step training runs for `accelerate launch` (used by tests/test_sft_trainer.py, not collected by pytest):
+stage 3 with LoRA (`sft`), or stage 2 with the generation head (`generation`).
 
-Usage: accelerate launch --multi_gpu --num_processes 2 tests/accelerate_sft_script.py OUT_DIR (with
-ACCELERATE_USE_CPU=true on a CPU machine). Every rank builds the same tiny model, processor and four records, trains
-two steps on its own share of the records and writes `rank{R}.json`: the batches it saw, its losses and the SHA-256 of
-its trained weights (LoRA and projector), which the test compares across ranks.
+Usage: accelerate launch --multi_gpu --num_processes 2 tests/accelerate_training_script.py OUT_DIR sft|generation
+(with ACCELERATE_USE_CPU=true on a CPU machine). Every rank builds the same tiny model, processor and four records,
+trains two steps on its own share of the records and writes `rank{R}.json`: the batches it saw, its losses and the
+SHA-256 of its trained weights (LoRA or generation head, and projector), which the test compares across ranks.
 """
 
 import hashlib
@@ -18,8 +19,10 @@ from datasets import Dataset
 from PIL import Image
 from skimage import data
 from test_setokim_processor import tiny_processor, tiny_setokim
+from transformers import TrainingArguments
 
 from transformers_setok.training.collators import SetokimChatCollator
+from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 from transformers_setok.training.sft_trainer import SetokimSFTTrainer, setokim_lora_config, setokim_sft_config
 
 QUESTIONS = ["what is in the image ?", "what is the cat ?", "what is the image ?", "what is in the cat ?"]
@@ -40,12 +43,24 @@ def records() -> list[dict]:
     return with_images + [{"images": [], "messages": chat(QUESTIONS[3], "the cat", image=False)}]
 
 
+def generation_records() -> list[dict]:
+    """Three text-to-image chats and one captioning chat: whatever the shuffle, the captioning chat shares a step
+    with a drawn image on the other rank, so the head gets a gradient on one rank only in that step."""
+    images = [Image.fromarray(getattr(data, photo)()) for photo in PHOTOS]
+    drawn = [
+        {"images": [image], "messages": [user(caption), {"role": "assistant", "content": [{"type": "image"}]}]}
+        for image, caption in zip(images, ("a cat", "the cat", "a cat"))
+    ]
+    return drawn + [{"images": [images[0]], "messages": [user(None, QUESTIONS[0]), assistant("a cat")]}]
+
+
 class RecordingCollator(SetokimChatCollator):
     """Keeps the ids of every batch, to show that the two ranks trained on different records."""
 
     def __call__(self, examples):
         batch = super().__call__(examples)
         self.seen = getattr(self, "seen", []) + [batch["input_ids"].tolist()]
+        self.seen_labels = getattr(self, "seen_labels", []) + [batch["labels"].tolist()]
         return batch
 
 
@@ -61,17 +76,10 @@ def trained_weights(model, part: str):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad and part in name]
 
 
-def main(out_dir: Path):
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    np.random.seed(0)
-    processor = tiny_processor()
-    model = tiny_setokim(processor)
-    collator = RecordingCollator(processor)
-    args = setokim_sft_config(
+def build_trainer(mode: str, out_dir: Path, processor, collator):
+    common = dict(
         output_dir=str(out_dir),
         use_cpu=True,
-        bf16=False,
         max_steps=2,
         per_device_train_batch_size=1,
         learning_rate=1e-2,
@@ -80,14 +88,34 @@ def main(out_dir: Path):
         report_to="none",
         seed=0,
     )
-    trainer = SetokimSFTTrainer(
-        model,
-        args,
+    if mode == "generation":
+        return SetokimPretrainTrainer(
+            model=tiny_setokim(processor, use_generation_head=True),
+            args=TrainingArguments(**common, remove_unused_columns=False),
+            data_collator=collator,
+            train_dataset=Dataset.from_list(generation_records()),
+            processing_class=processor,
+            train_generation_head=True,
+        )
+    return SetokimSFTTrainer(
+        tiny_setokim(processor),
+        setokim_sft_config(**common, bf16=False),
         data_collator=collator,
         train_dataset=Dataset.from_list(records()),
         processing_class=processor,
         peft_config=setokim_lora_config(r=4, lora_alpha=8),
     )
+
+
+def main(out_dir: Path, mode: str):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    processor = tiny_processor()
+    collator = RecordingCollator(processor)
+    trainer = build_trainer(mode, out_dir, processor, collator)
+    part = "generation_head" if mode == "generation" else "lora_"
+    head_before = digest(trained_weights(trainer.model, part))
     before = digest(trained_weights(trainer.model, "multi_modal_projector"))
     trainer.train()
 
@@ -98,13 +126,15 @@ def main(out_dir: Path):
         "distributed_type": str(state.distributed_type),
         "backend": state.backend,
         "batches": collator.seen,
+        "labels": collator.seen_labels,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "projector_before": before,
         "projector": digest(trained_weights(trainer.model, "multi_modal_projector")),
-        "lora": digest(trained_weights(trainer.model, "lora_")),
+        "trained_before": head_before,
+        "trained": digest(trained_weights(trainer.model, part)),
     }
     (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])
