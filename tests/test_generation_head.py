@@ -276,9 +276,13 @@ def test_generation_needs_a_head(processor, records, tmp_path):
             trainer_for(tiny_setokim(processor, use_generation_head=True), processor, records, tmp_path, **bad)
 
 
-def test_gradient_accumulation_gives_the_diffusion_loss_of_the_whole_batch(processor, records, tmp_path, monkeypatch):
-    """bs 2 == 2 x bs 1 accumulated, the diffusion term included, once the random draws are made equal (every token
-    hidden, one fixed noise vector and timestep)."""
+@pytest.mark.parametrize("pair", [(0, 1), (0, 2)], ids=["drawn+captioned", "drawn+drawn"])
+def test_gradient_accumulation_gives_the_diffusion_loss_of_the_whole_batch(
+    processor, records, tmp_path, monkeypatch, pair
+):
+    """bs 2 == 2 x bs 1 accumulated, on a text-to-image chat next to a captioning one: the LM loss counts the image's
+    target tokens (which the collated batch does not show) and the diffusion loss is a mean over the target tokens of
+    the whole accumulated batch. The random draws are made equal: every token hidden, one fixed noise and timestep."""
     monkeypatch.setattr(torch, "randn_like", lambda x, **kwargs: torch.linspace(-1, 1, x.shape[-1]).expand_as(x))
     monkeypatch.setattr(torch, "randint", lambda low, high, size, **kwargs: torch.full(size, 321))
 
@@ -288,7 +292,13 @@ def test_gradient_accumulation_gives_the_diffusion_loss_of_the_whole_batch(proce
         for parameter in model.generation_head.parameters():
             torch.nn.init.normal_(parameter, std=0.05)
         trainer = trainer_for(
-            model, processor, records[:3:2], tmp_path, max_steps=1, generation_mask_ratio_min=1.0, **kwargs
+            model,
+            processor,
+            [records[i] for i in pair],
+            tmp_path,
+            max_steps=1,
+            generation_mask_ratio_min=1.0,
+            **kwargs,
         )
         trainer.train()
         return trainer.state.log_history[0]
@@ -297,6 +307,22 @@ def test_gradient_accumulation_gives_the_diffusion_loss_of_the_whole_batch(proce
     accumulated = first_step(per_device_train_batch_size=1, gradient_accumulation_steps=2)
     assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-4)
     assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
+def test_the_loss_normaliser_counts_every_target_token_of_the_drawn_images(model, processor, records, tmp_path):
+    """The Trainer counts the labels of the collated batch, where an image to draw is one placeholder; the count must
+    be the expanded batch's (the image's `[Img]`, tokens and `[/Img]`), which the model's loss sums over."""
+    trainer = trainer_for(model, processor, records, tmp_path)
+    batches = [SetokimChatCollator(processor)(records[:2]), SetokimChatCollator(processor)(records[2:])]
+    counted = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
+    expanded = [encode_and_expand(model, batch, processor)["labels"] for batch in batches]
+    assert int(counted) == sum(int(labels[:, 1:].ne(-100).sum()) for labels in expanded)
+    counts = [
+        len(tokens)
+        for batch in batches
+        for tokens in encode_and_expand(model, batch, processor)["mm_encoder_outputs"]["image"].pooler_output
+    ]
+    assert trainer._target_tokens_in_batch == counts[0] + counts[2]  # the two drawn images' tokens
 
 
 def test_resuming_gives_the_same_later_losses(processor, records, tmp_path):
@@ -351,8 +377,12 @@ def test_pipeline_draws_reproducible_images(model, processor):
     # What the pipeline returns is the decoder's image of its tokens.
     expected = model.decode_image_tokens(first.image_tokens[0][None], torch.tensor([len(first.image_tokens[0])]))
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(processor.image_processor.postprocess(expected)[0]))
+    greedy = pipe("a cat", sample_length=False, **kwargs).image_tokens[0]
+    assert len(greedy) == len(pipe("a cat", sample_length=False, **kwargs).image_tokens[0])  # no randomness in n
     with pytest.raises(ValueError, match="`num_unmasking_rounds`"):
         pipe("a cat", num_unmasking_rounds=0)
+    with pytest.raises(ValueError, match="`generator` must be one torch.Generator"):
+        pipe("a cat", generator=[torch.Generator()])
     with pytest.raises(ValueError, match="`output_type`"):
         pipe("a cat", output_type="np")
 

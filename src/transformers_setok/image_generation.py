@@ -2,7 +2,8 @@
 masked unmasking), SeTok's detokenizer paints them.
 
     prompt -> chat template -> ... "Assistant: " [Img]
-    1. length     greedy `generate`, allowed tokens `<image>` (at least one) and `[/Img]`: n tokens
+    1. length     `generate` (sampled; greedy with `sample_length=False`), allowed tokens `<image>` (at least one) and
+                  `[/Img]`: n tokens
     2. tokens     K rounds; in each, the LLM reads the prompt and the n slots (drawn tokens projected, the rest the
                   `<image>` mask embedding); the hidden states of the slots due this round condition the head, and a
                   diffusers scheduler runs the denoising loop. The number still hidden follows MAR's cosine schedule
@@ -10,7 +11,8 @@ masked unmasking), SeTok's detokenizer paints them.
     3. pixels     `model.decode_image_tokens` -> the image processor's normalisation undone -> PIL images
 
 The schedule is `noise_scheduler_for(model.config)`, the one the head was trained with (training/generation_targets).
-Any diffusers scheduler with the same `num_train_timesteps` may replace it, e.g. `DDIMScheduler.from_config(...)`.
+Another diffusers sampler may replace it if built on the same schedule and prediction type, e.g.
+`DDIMScheduler.from_config(noise_scheduler_for(model.config).config)`.
 """
 
 import math
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 __all__ = ["SetokimImageGenerationOutput", "SetokimTextToImagePipeline", "noise_scheduler_for", "revealed_counts"]
@@ -81,6 +84,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         num_unmasking_rounds: int = 8,
         max_image_tokens: int | None = None,
+        sample_length: bool = True,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
     ) -> SetokimImageGenerationOutput:
@@ -89,11 +93,15 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         num_inference_steps: denoising steps per token (default `config.diffusion_num_inference_steps`).
         num_unmasking_rounds: rounds of step 2 (at most one per token).
         max_image_tokens: cap on an image's token count (default SeTok's `max_num_clusters`, else its patch count).
-        generator: a `torch.Generator` for reproducible images.
+        sample_length: sample the token count from the LLM (True) or take the greedy one, which tends to overshoot:
+            it stops only once `[/Img]` is more likely than another `<image>`.
+        generator: one `torch.Generator` (on any device) for reproducible images.
         output_type: "pil" or "pt" (normalised pixel tensors).
         """
         model = self.model
         model._require_generation_head()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be one torch.Generator, got {type(generator).__name__}.")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"`output_type` must be 'pil' or 'pt', got {output_type!r}.")
         if (
@@ -108,7 +116,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"`max_image_tokens` must be a positive integer, got {max_image_tokens!r}.")
 
         inputs = self._encode_prompts(prompt)
-        num_tokens = self._image_lengths(inputs, max_image_tokens)
+        num_tokens = self._image_lengths(inputs, max_image_tokens, sample_length, generator)
         tokens = self._draw_tokens(
             inputs,
             num_tokens,
@@ -149,7 +157,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
 
     # --- step 1: how many tokens ---------------------------------------------------------------------------------------
 
-    def _image_lengths(self, inputs, max_image_tokens: int) -> torch.Tensor:
+    def _image_lengths(self, inputs, max_image_tokens: int, sample: bool, generator) -> torch.Tensor:
         config = self.model.config
         image_id, eoi_id = config.image_token_id, config.eoi_token_id
         prompt_length = inputs["input_ids"].shape[1]
@@ -161,14 +169,23 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
             return [eoi_id] if drawn >= max_image_tokens or ids[-1] == eoi_id else [image_id, eoi_id]
 
         pad_id = self.processor.tokenizer.pad_token_id
-        sequences = self.model.generate(
-            **inputs,
+        options = dict(
             max_new_tokens=max_image_tokens + 1,
-            do_sample=False,
             prefix_allowed_tokens_fn=allowed,
             eos_token_id=eoi_id,
             pad_token_id=eoi_id if pad_id is None else pad_id,
         )
+        if not sample:
+            sequences = self.model.generate(**inputs, do_sample=False, **options)
+        else:
+            # `generate` samples from the global RNG: seed it from `generator`, leaving the caller's RNG untouched.
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=_device_of(generator)))
+            devices = [self.model.device] if self.model.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                sequences = self.model.generate(
+                    **inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, **options
+                )
         return (sequences[:, prompt_length:] == image_id).sum(1)
 
     # --- step 2: the tokens ---------------------------------------------------------------------------------------------
@@ -190,7 +207,9 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         tokens = torch.zeros(batch, longest, token_dim, device=device)
         known = torch.zeros(batch, longest, dtype=torch.bool, device=device)
         rounds = min(num_rounds, longest)
-        orders = [torch.randperm(int(n), generator=generator).to(device) for n in num_tokens]
+        orders = [
+            torch.randperm(int(n), generator=generator, device=_device_of(generator)).to(device) for n in num_tokens
+        ]
         schedules = [revealed_counts(int(n), rounds) for n in num_tokens]
         projector = model.model.multi_modal_projector
         for k in self.progress_bar(range(rounds)):
@@ -219,10 +238,14 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         """One SeTok token per row of `condition` `(N, hidden_size)`, drawn by the scheduler's denoising loop."""
         scheduler = self.scheduler
         scheduler.set_timesteps(num_inference_steps, device=condition.device)
-        sample = torch.randn(len(condition), token_dim, generator=generator).to(condition.device)
+        sample = randn_tensor((len(condition), token_dim), generator=generator, device=condition.device)
         sample = sample * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(sample, t)
             prediction = self.model.generation_head(model_input, t, condition).float()
             sample = scheduler.step(prediction, t, sample, generator=generator).prev_sample
         return sample
+
+
+def _device_of(generator) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")

@@ -113,7 +113,9 @@ def add_diffusion_inputs(
     SeTok tokens times `token_scale`. Returns a new dict with:
     `masked_image_tokens` `(B, T)`, the target images' features removed from `mm_encoder_outputs` at hidden
     positions, `noisy_image_tokens` `(R * N, token_dim)`, `diffusion_timesteps` `(R * N,)` and `diffusion_target`
-    (what the head must predict, after the scheduler's `prediction_type`; pop it before calling the model). N is the number of hidden tokens, R `noise_repeats`.
+    (what the head must predict, after the scheduler's `prediction_type`) and `diffusion_weights` `(R * N,)`: n_i /
+    (k_i R) for a row of image i (n_i tokens, k_i hidden), so that a weighted sum of the rows' errors counts each
+    target token once; pop both before calling the model. N is the number of hidden tokens, R `noise_repeats`.
     """
     if noise_repeats < 1:
         raise ValueError(f"`noise_repeats` must be a positive integer, got {noise_repeats}.")
@@ -137,6 +139,10 @@ def add_diffusion_inputs(
     target_images = image_is_target.nonzero().flatten().tolist()
     clean = torch.cat([setok_tokens[i, : int(counts[i])] for i in target_images])[hidden.to(setok_tokens.device)]
     hidden_per_image = dict(zip(target_images, hidden.split(target_counts.tolist())))
+    per_image = torch.stack([part.sum() for part in hidden_per_image.values()])
+    image_of_row = torch.repeat_interleave(torch.arange(len(per_image), device=per_image.device), per_image)
+    weights = (target_counts.to(per_image.device) / per_image)[image_of_row].float().repeat(noise_repeats)
+    weights = weights / noise_repeats
     visible = [
         tokens[~hidden_per_image[i].to(tokens.device)] if i in hidden_per_image else tokens
         for i, tokens in enumerate(projected)
@@ -155,6 +161,7 @@ def add_diffusion_inputs(
         noisy_image_tokens=scheduler.add_noise(clean, noise, timesteps),
         diffusion_timesteps=timesteps,
         diffusion_target=_prediction_target(scheduler, clean, noise, timesteps),
+        diffusion_weights=weights.to(clean.device),
     )
     return batch
 

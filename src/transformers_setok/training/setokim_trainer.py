@@ -22,10 +22,11 @@ import os
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..modeling import SetokimForConditionalGeneration
-from .collators import encode_and_expand
+from .collators import _eval_mode, _frozen_vision_tower, encode_and_expand
 from .generation_targets import add_diffusion_inputs, estimate_token_scale, image_target_flags
 from .loss_terms import LossTermsMixin
 
@@ -50,20 +51,59 @@ class SetokimInputsMixin(LossTermsMixin):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(self._encode_and_expand(model, inputs))
-        target = inputs.pop("diffusion_target", None)
+        target, weights = inputs.pop("diffusion_target", None), inputs.pop("diffusion_weights", None)
         if target is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        diffusion_loss = torch.nn.functional.mse_loss(outputs.diffusion_prediction.float(), target.float())
-        self.record_loss_term("diffusion_loss", diffusion_loss, model.training)
-        if model.training and self._lm_loss_scaled_for_accumulation(num_items_in_batch):
-            # The LM loss is already a share of the whole accumulated batch, so the Trainer will not divide by the
-            # number of micro-batches: the diffusion mean of this micro-batch must be divided here.
-            diffusion_loss = diffusion_loss / self.current_gradient_accumulation_steps
+        errors = (outputs.diffusion_prediction.float() - target.float()).pow(2).mean(-1)  # one per row
+        error_sum = (weights * errors).sum()  # each target token of this micro-batch counted once
+        local_mean = error_sum / weights.sum()
+        self.record_loss_term("diffusion_loss", local_mean, model.training)
+        total = getattr(self, "_target_tokens_in_batch", None)
+        if model.training and total and self._lm_loss_scaled_for_accumulation(num_items_in_batch):
+            # Like the LM loss: a share of the mean over every target token of the accumulated batch on all
+            # processes (the Trainer neither divides by the micro-batches nor DDP's average undoes the processes).
+            diffusion_loss = error_sum / total * self.accelerator.num_processes
+        else:
+            diffusion_loss = local_mean
         loss = loss + self.diffusion_loss_weight * diffusion_loss
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """The Trainer counts the labels of the collated batches, but an image to draw becomes n + 2 labelled tokens
+        where the collator wrote one placeholder: the count gets the n + 1 missing ones (SeTok runs on the target
+        images for n, an extra encoder pass for them only). Also totals the target tokens of the accumulated batch
+        on all processes, for the diffusion loss's normaliser."""
+        if getattr(self.accelerator.unwrap_model(self.model), "generation_head", None) is None:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        counts = [self._target_token_counts(batch) for batch in batch_samples]
+        total = torch.tensor(float(sum(sum(c) for c in counts)), device=device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        self._target_tokens_in_batch = float(total)
+        proxies = []
+        for batch, batch_counts in zip(batch_samples, counts):
+            if not batch_counts or "labels" not in batch:
+                proxies.append(batch)
+                continue
+            labels = batch["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", True) else batch["labels"]
+            count = int(labels.ne(-100).sum()) + sum(n + 1 for n in batch_counts)
+            proxies.append({"labels": batch["labels"], "shift_labels": torch.zeros(count, dtype=torch.long)})
+        return super()._get_num_items_in_batch(proxies, device)
+
+    @torch.no_grad()
+    def _target_token_counts(self, batch) -> list[int]:
+        if "pixel_values" not in batch or "labels" not in batch:
+            return []
+        targets = image_target_flags(batch, self.processing_class.image_token_id)
+        if not bool(targets.any()):
+            return []
+        tower = _frozen_vision_tower(self.accelerator.unwrap_model(self.model))
+        with _eval_mode(tower):
+            encoded = tower(batch["pixel_values"][targets.to(batch["pixel_values"].device)].to(tower.device))
+        return encoded.num_tokens.tolist()
 
     def _lm_loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         # Mirrors the Trainer's own test in `training_step`.
@@ -174,15 +214,14 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
                 "ZeRO-3 (sharded parameters) bypass: use DDP or ZeRO-1/2, or `train_language_model=True`."
             )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+    def _restore_token_scale(self, checkpoint: str):
         # The token scale is part of what the head learnt: a resumed run keeps the checkpoint's, not a new estimate.
-        config_file = os.path.join(resume_from_checkpoint, "config.json")
+        config_file = os.path.join(checkpoint, "config.json")
         if os.path.isfile(config_file):
             with open(config_file, encoding="utf-8") as file:
                 scale = json.load(file).get("generation_token_scale")
             if scale is not None:
-                self.accelerator.unwrap_model(model or self.model).config.generation_token_scale = scale
+                self.accelerator.unwrap_model(self.model).config.generation_token_scale = scale
 
     def _row_trained_matrices(self, model) -> list[torch.nn.Parameter]:
         """The embedding matrix and an untied LM head (one tensor when tied)."""
@@ -208,7 +247,12 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         matrices = {id(p) for p in self._row_trained_matrices(self.accelerator.unwrap_model(model))}
         return [name for name, p in model.named_parameters() if name in names and id(p) not in matrices]
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):  # read here: DeepSpeed and FSDP resume without the model hooks
+            self._restore_token_scale(os.fspath(checkpoint))
         handles = []
         if not self.train_language_model:
             model = self.accelerator.unwrap_model(self.model)
@@ -217,7 +261,7 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
                 keep[self.new_token_ids] = 1
                 handles.append(matrix.register_hook(lambda grad, keep=keep: grad * keep))
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
