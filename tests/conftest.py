@@ -53,6 +53,15 @@ def tiny_training_arguments(output_dir, **overrides):
     return TrainingArguments(**{**kwargs, **overrides})
 
 
+def assert_accumulation_matches_one_batch(first_step):
+    """`first_step(**training_overrides)` -> the first training log: one batch of 2 and 2 accumulated batches of 1 must
+    log the same loss and gradient norm."""
+    whole = first_step(per_device_train_batch_size=2)
+    accumulated = first_step(per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-4)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
 def user(*parts):
     """A user chat message: `None` parts are images, strings are text."""
     return {
