@@ -283,8 +283,12 @@ def test_gradient_accumulation_gives_the_diffusion_loss_of_the_whole_batch(
     """bs 2 == 2 x bs 1 accumulated, on a text-to-image chat next to a captioning one: the LM loss counts the image's
     target tokens (which the collated batch does not show) and the diffusion loss is a mean over the target tokens of
     the whole accumulated batch. The random draws are made equal: every token hidden, one fixed noise and timestep."""
-    monkeypatch.setattr(torch, "randn_like", lambda x, **kwargs: torch.linspace(-1, 1, x.shape[-1]).expand_as(x))
-    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kwargs: torch.full(size, 321))
+    from transformers_setok.training import generation_targets
+
+    def fixed(clean, num_train_timesteps, generator=None):
+        return torch.linspace(-1, 1, clean.shape[-1]).expand_as(clean), torch.full((len(clean),), 321)
+
+    monkeypatch.setattr(generation_targets, "draw_noise", fixed)
 
     def first_step(**kwargs):
         torch.manual_seed(0)

@@ -106,9 +106,11 @@ def add_diffusion_inputs(
     token_scale: float = 1.0,
     mask_ratio_min: float = 0.7,
     noise_repeats: int = 4,
+    generator: torch.Generator | None = None,
 ) -> dict:
     """Adds to an expanded batch (see `encode_and_expand`) the generation head's inputs for its target images.
 
+    `generator` (a CPU `torch.Generator`) draws the masks, noise and timesteps; the global RNG when None.
     `image_is_target` `(P,)` (from `image_target_flags`) says which images are targets; the targets are the hidden
     SeTok tokens times `token_scale`. Returns a new dict with:
     `masked_image_tokens` `(B, T)`, the target images' features removed from `mm_encoder_outputs` at hidden
@@ -131,7 +133,7 @@ def add_diffusion_inputs(
             f"The expanded labels mark {int(target_positions.sum())} image targets, the target images have "
             f"{int(target_counts.sum())} tokens."
         )
-    hidden = sample_hidden_tokens(target_counts, mask_ratio_min).to(target_positions.device)
+    hidden = sample_hidden_tokens(target_counts.cpu(), mask_ratio_min, generator).to(target_positions.device)
     masked_image_tokens = torch.zeros_like(target_positions)
     masked_image_tokens[target_positions] = hidden
 
@@ -149,8 +151,7 @@ def add_diffusion_inputs(
     ]
 
     clean = (clean.float() * token_scale).repeat(noise_repeats, 1)
-    noise = torch.randn_like(clean)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
+    noise, timesteps = draw_noise(clean, scheduler.config.num_train_timesteps, generator)
     batch = dict(expanded)
     batch["mm_encoder_outputs"] = {
         **expanded["mm_encoder_outputs"],
@@ -164,6 +165,13 @@ def add_diffusion_inputs(
         diffusion_weights=weights.to(clean.device),
     )
     return batch
+
+
+def draw_noise(clean: torch.Tensor, num_train_timesteps: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps ~ N(0, I) like `clean` `(M, D)`, and a timestep ~ U{0..T-1} per row."""
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+    timesteps = torch.randint(0, num_train_timesteps, (len(clean),), generator=generator).to(clean.device)
+    return noise, timesteps
 
 
 def _prediction_target(scheduler, clean, noise, timesteps):

@@ -142,7 +142,15 @@ class SetokimInputsMixin(LossTermsMixin):
             token_scale=unwrapped.config.generation_token_scale or 1.0,
             mask_ratio_min=self.generation_mask_ratio_min,
             noise_repeats=self.diffusion_noise_repeats,
+            generator=self._diffusion_generator(),
         )
+
+    def _diffusion_generator(self) -> torch.Generator:
+        """A generator for this batch's masks and noise. Its seed comes from the global RNG (which the Trainer seeds and
+        restores on resume, so runs repeat) plus the process index: under DDP every process draws other noise and
+        timesteps instead of the same ones."""
+        seed = int(torch.randint(2**62, (1,))) + self.accelerator.process_index
+        return torch.Generator().manual_seed(seed)
 
     def _noise_scheduler(self, model):
         if getattr(self, "_diffusion_scheduler", None) is None:
