@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_accumulation_matches_one_batch, tiny_config, tiny_training_arguments
+from conftest import assert_accumulation_matches_one_batch, tiny_config
 from PIL import Image
+from test_pretrain_trainer import trainer_for as pretrain_trainer_for
 from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -21,7 +22,6 @@ from transformers_setok.training.generation_targets import (
     image_target_flags,
     sample_hidden_tokens,
 )
-from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 
 
 @pytest.fixture
@@ -54,22 +54,9 @@ def records(photos):
 
 
 def trainer_for(model, processor, records, tmp_path, **kwargs):
-    options = {
-        key: kwargs.pop(key)
-        for key in list(kwargs)
-        if key
-        in ("train_language_model", "train_generation_head", "generation_mask_ratio_min", "diffusion_noise_repeats")
-    }
-    options.setdefault("train_generation_head", True)
-    args = tiny_training_arguments(tmp_path, **{"learning_rate": 1e-2, **kwargs})
-    return SetokimPretrainTrainer(
-        model=model.train(),
-        args=args,
-        train_dataset=records,
-        data_collator=SetokimChatCollator(processor),
-        processing_class=processor,
-        **options,
-    )
+    """Stage 2 as test_pretrain_trainer builds it, training the head by default and without weight decay."""
+    defaults = {"train_generation_head": True, "weight_decay": 0.0}
+    return pretrain_trainer_for(model, processor, records, tmp_path, **{**defaults, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------------------------------

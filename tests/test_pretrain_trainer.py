@@ -1,5 +1,7 @@
 """Stage 2 through SetokimPretrainTrainer: exactly the projector and the new token rows train (or the whole LLM)."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -29,8 +31,17 @@ def captions(photos):
     return [record("chelsea", "a cat"), record("coffee", "a cup"), record("astronaut", "a man"), record("rocket", "a")]
 
 
+# SetokimPretrainTrainer's own keyword arguments; `trainer_for` sends every other keyword to TrainingArguments.
+TRAINER_OPTIONS = set(inspect.signature(SetokimPretrainTrainer.__init__).parameters) - {
+    "self",
+    "model",
+    "args",
+    "kwargs",
+}
+
+
 def trainer_for(model, processor, records, tmp_path, **kwargs) -> SetokimPretrainTrainer:
-    train_language_model = kwargs.pop("train_language_model", False)
+    options = {key: kwargs.pop(key) for key in list(kwargs) if key in TRAINER_OPTIONS}
     args = tiny_training_arguments(tmp_path, **{"learning_rate": 1e-2, "weight_decay": 0.1, **kwargs})
     return SetokimPretrainTrainer(
         model=model.train(),
@@ -38,7 +49,7 @@ def trainer_for(model, processor, records, tmp_path, **kwargs) -> SetokimPretrai
         train_dataset=records,
         data_collator=SetokimChatCollator(processor),
         processing_class=processor,
-        train_language_model=train_language_model,
+        **options,
     )
 
 
