@@ -1,14 +1,15 @@
-# Each target builds its own virtual environment (torch pinned through constraints.txt), installs, then runs.
+# Each target builds its own virtual environment, installs, then runs. The stack is pinned: constraints.txt holds the
+# tested versions (the top of each range in pyproject.toml), constraints-oldest.txt the bottom of each range.
 PYTHON ?= python3
 VENV ?= .venv
-PIP = $(VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt
+QUIET = -q --disable-pip-version-check
 
-.PHONY: demo test lint benchmark benchmark-setokim
+.PHONY: demo test test-oldest test-latest lint benchmark benchmark-setokim
 
 $(VENV)/.installed-%: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e ".[$*]"
+	$(VENV)/bin/python -m pip install $(QUIET) -c constraints.txt torch==2.13.0
+	$(VENV)/bin/python -m pip install $(QUIET) -c constraints.txt -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.installed-demo
@@ -16,6 +17,28 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q
+
+# The oldest supported versions (transformers 5.23.0 and the lower bound of every other range), in their own venv.
+.venv-oldest/.installed: pyproject.toml constraints-oldest.txt
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install $(QUIET) -c constraints-oldest.txt torch==2.13.0
+	.venv-oldest/bin/python -m pip install $(QUIET) -c constraints-oldest.txt -e ".[dev]"
+	touch $@
+
+test-oldest: .venv-oldest/.installed
+	.venv-oldest/bin/python -m pytest -q
+
+# The newest releases of the stack, past the upper bounds (pip warns that they are outside the ranges): run this
+# before raising a bound, then raise it and the pins together.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	echo "torch==2.13.0" > .venv-latest/torch.txt
+	.venv-latest/bin/python -m pip install $(QUIET) -c .venv-latest/torch.txt torch==2.13.0
+	.venv-latest/bin/python -m pip install $(QUIET) -c .venv-latest/torch.txt -e ".[dev]"
+	.venv-latest/bin/python -m pip install $(QUIET) -c .venv-latest/torch.txt -U \
+		transformers trl peft accelerate diffusers datasets huggingface_hub
+	.venv-latest/bin/python -m pip list | grep -i -E "^(transformers|trl|peft|accelerate|diffusers|datasets|huggingface)"
+	.venv-latest/bin/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests scripts

@@ -81,7 +81,9 @@ def test_push_uploads_the_folder_as_is(hub, exported, monkeypatch, private, xet)
     repo = hub.repos["me/tiny"]
     assert repo.private is private
     assert repo.files == folder_files(exported)
-    assert {"config.json", "model.safetensors", "README.md", "pipeline_setokim.py"} <= set(repo.files)
+    assert {"config.json", "model.safetensors", "README.md", "modeling_setokim.py", "compat_setokim.py"} <= set(
+        repo.files
+    )
     assert len(repo.commits) == 2  # the repo's initial commit and the upload
     assert url == f"{hub.endpoint}/me/tiny/commit/{repo.head}"
     assert {r.route for r in hub.requests} <= {"create_repo", "validate_yaml", "preupload", "commit"}

@@ -1,13 +1,14 @@
-"""pipeline("image-text-to-text") on a saved Setokim: chat messages, text with images, batches."""
+"""pipeline("image-text-to-text") on a saved Setokim: transformers' own pipeline, with chat messages, text with
+images, batches; with the package installed and, for an exported folder, with `trust_remote_code` without it."""
 
 import pytest
 import torch
 from PIL import Image
 from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import pipeline
+from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 
 from transformers_setok import SetokimForConditionalGeneration
-from transformers_setok.processing.pipeline_setokim import SetokimImageTextToTextPipeline
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,16 @@ def expected_ids(pipe, text, images, **kwargs):
     return out[:, inputs["input_ids"].shape[1] :]
 
 
-def test_plain_pipeline_call_uses_the_setokim_pipeline(saved):
+def test_plain_pipeline_call_uses_transformers_own_pipeline(saved):
     pipe = pipeline("image-text-to-text", model=str(saved))
-    assert isinstance(pipe, SetokimImageTextToTextPipeline)
+    assert type(pipe) is ImageTextToTextPipeline
     assert isinstance(pipe.model, SetokimForConditionalGeneration)
+
+
+def test_the_deprecated_subclass_still_imports():
+    from transformers_setok.processing.pipeline_setokim import SetokimImageTextToTextPipeline
+
+    assert issubclass(SetokimImageTextToTextPipeline, ImageTextToTextPipeline)
 
 
 def test_text_with_images_matches_direct_generation(saved, images):
@@ -79,22 +86,49 @@ def test_batched_samples_with_different_image_counts(saved, images):
         assert torch.as_tensor(result["generated_token_ids"])[-3:].tolist() == alone.tolist()
 
 
-def test_exported_folder_runs_the_pipeline_without_the_package(saved, tmp_path, images):
-    import json
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def exported(saved, tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from transformers_setok.export import export_setokim
 
     model, processor = AutoModelForImageTextToText.from_pretrained(saved), AutoProcessor.from_pretrained(saved)
-    folder = export_setokim(model, processor, tmp_path / "export", name="tiny", repo="me/tiny")
-    for name in ("model.safetensors", "modeling_setokim.py", "processing_setokim.py", "pipeline_setokim.py"):
-        assert (folder / name).is_file(), name
-    assert "transformers>=5.23,<6" in (folder / "README.md").read_text()
+    folder = export_setokim(model, processor, tmp_path_factory.mktemp("export") / "tiny", name="tiny", repo="me/tiny")
     assert not hasattr(type(model), "_auto_class") or type(model).__dict__.get("_auto_class") is None
+    return folder
+
+
+def test_exported_folder_declares_no_custom_pipeline_and_states_the_tested_range(exported):
+    import json
+
+    from transformers_setok.training.model_card import supported_transformers
+
+    for name in ("model.safetensors", "modeling_setokim.py", "processing_setokim.py", "compat_setokim.py"):
+        assert (exported / name).is_file(), name
+    assert "custom_pipelines" not in json.loads((exported / "config.json").read_text())
+    assert f"transformers{supported_transformers()}" in (exported / "README.md").read_text()
+    assert supported_transformers().startswith(">=5.23,<")
+
+
+def test_exported_folder_runs_the_pipeline_with_the_package_installed(exported, saved, images):
+    pipe = pipeline("image-text-to-text", model=str(exported))  # no trust_remote_code needed: the classes are known
+    assert type(pipe.model) is SetokimForConditionalGeneration
+    result = pipe(
+        images=[images["chelsea"]], text="what is <image> ?", max_new_tokens=3, do_sample=False, return_tensors=True
+    )
+    expected = expected_ids(
+        pipeline("image-text-to-text", model=str(saved)), ["what is <image> ?"], [images["chelsea"]]
+    )
+    assert torch.as_tensor(result[0]["generated_token_ids"])[-3:].tolist() == expected[0].tolist()
+
+
+def test_exported_folder_runs_the_pipeline_without_the_package(exported, saved, tmp_path, images):
+    import json
+    import subprocess
+    import sys
+
     images["chelsea"].save(tmp_path / "cat.png")
+    images["coffee"].save(tmp_path / "cup.png")
     child = f"""
 import importlib.abc, json, sys
 class Hide(importlib.abc.MetaPathFinder):
@@ -104,10 +138,19 @@ class Hide(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Hide())
 from PIL import Image
 from transformers import pipeline
-pipe = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
-out = pipe(images=[Image.open({str(tmp_path / "cat.png")!r})], text="what is <image> ?", max_new_tokens=3,
-           do_sample=False, return_tensors=True)
-print(json.dumps({{"ids": out[0]["generated_token_ids"][-3:].tolist(), "hidden": "transformers_setok" not in sys.modules}}))
+pipe = pipeline("image-text-to-text", model={str(exported)!r}, trust_remote_code=True)
+cat, cup = Image.open({str(tmp_path / "cat.png")!r}), Image.open({str(tmp_path / "cup.png")!r})
+single = pipe(images=[cat], text="what is <image> ?", max_new_tokens=3, do_sample=False, return_tensors=True)
+batched = pipe(images=[[cat], [cup, cat]], text=["what is <image> ?", "<image> a <image>"], max_new_tokens=3,
+               do_sample=False, batch_size=2, return_tensors=True)
+chat = [{{"role": "user", "content": [{{"type": "image", "image": cup}}, {{"type": "text", "text": "what is in the image ?"}}]}}]
+answer = pipe(text=chat, max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]["content"]
+print(json.dumps({{
+    "single": single[0]["generated_token_ids"][-3:].tolist(),
+    "batched": [r["generated_token_ids"][-3:].tolist() for r in batched],
+    "chat": answer,
+    "hidden": "transformers_setok" not in sys.modules,
+}}))
 """
     result = subprocess.run(
         [sys.executable, "-c", child],
@@ -119,5 +162,18 @@ print(json.dumps({{"ids": out[0]["generated_token_ids"][-3:].tolist(), "hidden":
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     pipe = pipeline("image-text-to-text", model=str(saved))
-    expected = expected_ids(pipe, ["what is <image> ?"], [Image.open(tmp_path / "cat.png")])[0].tolist()
-    assert report == {"ids": expected, "hidden": True}
+    cat, cup = Image.open(tmp_path / "cat.png"), Image.open(tmp_path / "cup.png")
+    prompt = pipe.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the image ?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert report == {
+        "single": expected_ids(pipe, ["what is <image> ?"], [cat])[0].tolist(),
+        "batched": [
+            expected_ids(pipe, ["what is <image> ?"], [cat])[0].tolist(),
+            expected_ids(pipe, ["<image> a <image>"], [cup, cat])[0].tolist(),
+        ],
+        "chat": pipe.tokenizer.decode(expected_ids(pipe, [prompt], [cup])[0], skip_special_tokens=True),
+        "hidden": True,
+    }

@@ -109,13 +109,33 @@ def test_each_image_expands_to_its_own_count(processor, photos):
     assert inputs["attention_mask"][1].sum() == 2
 
 
-@pytest.mark.parametrize(
-    "counts, message",
-    [(None, "image_token_counts` is required"), ([3], "has 1 entries for 2 images"), ([3, 0], "positive integers")],
-)
+@pytest.mark.parametrize("counts, message", [([3], "has 1 entries for 2 images"), ([3, 0], "positive integers")])
 def test_counts_are_checked(processor, photos, counts, message):
     with pytest.raises(ValueError, match=message):
         processor(text="<image> <image>", images=[photos["astronaut"], photos["coffee"]], image_token_counts=counts)
+
+
+def test_without_counts_each_image_keeps_one_placeholder(processor, photos):
+    inputs = processor(text="what is <image> the <image> ?", images=[photos["astronaut"], photos["coffee"]])
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    assert tokens == ["what", "is", "<image>", "the", "<image>", "?"]
+    assert len(inputs["pixel_values"]) == 2
+
+
+def test_image_block_is_the_one_spelling_of_an_image(processor):
+    assert processor.image_block(2) == "[Img]<image><image>[/Img]"
+    with pytest.raises(ValueError, match="positive integer"):
+        processor.image_block(0)
+
+
+def test_nested_images_are_checked_per_prompt(processor, photos):
+    image = photos["coffee"]
+    with pytest.raises(ValueError, match=r"Prompt 0 of `text` holds 2 <image> placeholders but `images\[0\]` holds 1"):
+        processor(text=["<image> <image> a", "cat"], images=[[image], [image]], image_token_counts=[2, 3])
+    with pytest.raises(ValueError, match="2 lists of images for 3 prompts"):
+        processor(text=["<image>", "<image>", "a"], images=[[image], [image]])
+    inputs = processor(text=["<image> a", "<image> cat"], images=[[image], [image]], padding=True)
+    assert [row.count(processor.image_token_id) for row in inputs["input_ids"]] == [1, 1]
 
 
 def test_placeholders_must_match_the_images(processor, photos):

@@ -5,7 +5,6 @@ Importing the package registers the classes with the Auto API (`AutoConfig`, `Au
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
-from transformers.pipelines import PIPELINE_REGISTRY
 
 from .assembly import add_generation_head, build_setokim
 from .modeling import (
@@ -37,10 +36,6 @@ AutoModelForImageTextToText.register(SetokimConfig, SetokimForConditionalGenerat
 AutoImageProcessor.register(SetokConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
 AutoImageProcessor.register(SetokimConfig, image_processor_classes={"pil": SetokImageProcessor}, exist_ok=True)
 AutoProcessor.register(SetokimConfig, SetokimProcessor, exist_ok=True)
-# Setokim encodes images before expanding the prompt; the subclass defers to transformers' pipeline for other models.
-PIPELINE_REGISTRY.supported_tasks["image-text-to-text"]["impl"] = (
-    "transformers_setok.processing.pipeline_setokim.SetokimImageTextToTextPipeline"
-)
 
 __all__ = [
     "SetokConfig",

@@ -1,40 +1,28 @@
 """Self-contained Setokim folders for the Hub: weights, remote code, processor, model card."""
 
-import shutil
 from pathlib import Path
 
-from .processing import pipeline_setokim
 from .training.model_card import render_setokim_card
 
 __all__ = ["export_setokim", "push_folder_to_hub"]
-
-PIPELINE = {
-    "image-text-to-text": {
-        "impl": "pipeline_setokim.SetokimImageTextToTextPipeline",
-        "pt": ["AutoModelForImageTextToText"],
-        "type": "multimodal",
-    }
-}
 
 
 def export_setokim(model, processor, folder, *, name: str, repo: str, provenance: str = "") -> Path:
     """Write `model` and `processor` to `folder` so that it loads with `trust_remote_code=True` anywhere.
 
-    The folder holds the weights (safetensors), the modeling, processing and pipeline code with `auto_map` and
-    `custom_pipelines`, the processor, tokenizer and chat template, the generation config and a model card filled
+    The folder holds the weights (safetensors), the modeling and processing code with `auto_map` (transformers' own
+    `pipeline("image-text-to-text")` runs it), the processor, tokenizer and chat template, the generation config and a model card filled
     from `model_cards/setokim.md` with the real config. The classes and config are left as they were.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     classes = (type(model), type(model.config), type(processor), type(processor.image_processor))
     previous_auto = {cls: cls.__dict__.get("_auto_class") for cls in classes}
-    previous_pipelines = getattr(model.config, "custom_pipelines", None)
     try:
         model.register_for_auto_class("AutoModelForImageTextToText")
         model.config.register_for_auto_class()
         processor.register_for_auto_class("AutoProcessor")
         processor.image_processor.register_for_auto_class("AutoImageProcessor")
-        model.config.custom_pipelines = PIPELINE
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
     finally:
@@ -43,8 +31,6 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
                 cls._auto_class = auto_class
             elif "_auto_class" in cls.__dict__:
                 delattr(cls, "_auto_class")
-        model.config.custom_pipelines = previous_pipelines
-    shutil.copy(pipeline_setokim.__file__, folder / "pipeline_setokim.py")
     card = render_setokim_card(model.config, name=name, repo=repo, provenance=provenance)
     (folder / "README.md").write_text(card)
     return folder

@@ -35,7 +35,13 @@ class SetokimConfig(PreTrainedConfig):
 
     model_type = "setokim"
     # Outputs that evaluation must not gather as predictions (their shapes vary from batch to batch).
-    keys_to_ignore_at_inference = ["past_key_values", "image_hidden_states", "diffusion_prediction"]
+    keys_to_ignore_at_inference = [
+        "cache",
+        "past_key_values",
+        "image_hidden_states",
+        "image_outputs",
+        "diffusion_prediction",
+    ]
     sub_configs_defaults = {
         "vision_config": SetokConfig,
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),

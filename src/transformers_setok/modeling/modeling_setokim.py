@@ -6,6 +6,9 @@
 Each image contributes exactly its own token count, so the placeholders can only be expanded once SeTok has run.
 `get_image_features` returns the per-image features as a list; `forward` and `generate` take them back through
 `mm_encoder_outputs={"image": ...}`, so an image is encoded once even though its count decides the prompt length.
+`generate` also takes a plain prompt, one `<image>` per image, with `pixel_values`, as every transformers VLM does:
+it encodes the images once, expands the placeholders (`placeholders_setokim.py`) and returns sequences that begin
+with the caller's own `input_ids`.
 
 Generation (`config.use_generation_head`), MAR style: an image the model draws is a run of `<image>` targets between
 `[Img]` and `[/Img]`. Target positions named in `masked_image_tokens` keep the `<image>` embedding (the mask
@@ -25,9 +28,11 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
+from .compat_setokim import CACHE_OUTPUT_FIELD, cache_kwargs, cache_of, resolve_cache
 from .configuration_setokim import SetokimConfig
 from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear
 from .modeling_setok import SetokDetokenizer, SetokModel
+from .placeholders_setokim import expand_image_placeholders, image_blocks
 
 
 @dataclass
@@ -35,9 +40,13 @@ class SetokimModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*):
         The projected SeTok tokens of all images of the batch, in placeholder order.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        What `get_image_features` returned for the batch's images (`pooler_output`: one `(n_i, hidden_size)` tensor
+        per image), whether this forward encoded them or was given them.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -45,12 +54,15 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*):
         The projected SeTok tokens of all images of the batch, in placeholder order.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        What `get_image_features` returned for the batch's images.
     diffusion_prediction (`torch.FloatTensor` of shape `(R * num_masked, token_dim)`, *optional*):
         The generation head's output for `noisy_image_tokens` (the velocity or the noise, after
         `config.diffusion_prediction_type`), when they were given.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
     diffusion_prediction: torch.FloatTensor | None = None
 
 
@@ -74,7 +86,7 @@ class SetokimPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     # SeTok stays on one device (its clustering works on whole images); the LLM's own layers are added by transformers.
     _no_split_modules = ["SetokModel"]
     _supports_flash_attn = True
@@ -181,13 +193,15 @@ class SetokimModel(SetokimPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         masked_image_tokens: torch.BoolTensor | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> SetokimModelOutputWithPast:
         r"""
+        cache (`Cache`, *optional*): the KV cache (`past_key_values`, its name before transformers 5.24, works too).
         masked_image_tokens (`(B, T)` bool, *optional*): `<image>` positions of images being generated whose token
             is hidden: they keep the `<image>` embedding, and the image features fill the other placeholders only.
         """
@@ -195,9 +209,10 @@ class SetokimModel(SetokimPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if pixel_values is not None and mm_encoder_outputs is not None and "image" in mm_encoder_outputs:
             raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
+        cache = resolve_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         self._check_context_length(inputs_embeds.shape[1], past)
 
         masked_image_tokens = self._check_masked_image_tokens(masked_image_tokens, input_ids, inputs_embeds)
@@ -217,16 +232,17 @@ class SetokimModel(SetokimPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            **cache_kwargs(self.language_model, cache),
             **kwargs,
         )
         return SetokimModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            image_outputs=image_outputs,
+            **{CACHE_OUTPUT_FIELD: cache_of(outputs)},
         )
 
 
@@ -294,6 +310,80 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         inputs["mm_encoder_outputs"] = {"image": features}
         return inputs
 
+    def _placeholder_ids(self) -> dict[str, int]:
+        config = self.config
+        return {
+            "image_token_id": config.image_token_id,
+            "boi_token_id": config.boi_token_id,
+            "eoi_token_id": config.eoi_token_id,
+        }
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ):
+        r"""`GenerationMixin.generate`, with the images encoded once, before the prompt is read.
+
+        The prompt may come in either form (`placeholders_setokim.py`):
+        - unexpanded, one `<image>` per image, as `processor(images=..., text=...)` gives it without
+          `image_token_counts`: SeTok runs once on `pixel_values`, each placeholder becomes `[Img]`, that image's
+          tokens, `[/Img]` (re-padded on the left), and the returned sequences begin with the caller's `input_ids`
+          followed by the new tokens, as for any transformers VLM (`scores`, `logits` cover the new tokens only);
+        - expanded, `[Img] <image> x n_i [/Img]` per image, with `pixel_values` or `mm_encoder_outputs={"image":
+          get_image_features(...)}`: each block must hold its image's SeTok count.
+        Mixed forms, placeholders without images, or images without placeholders are errors naming the counts.
+        """
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        image_outputs = mm_encoder_outputs.get("image")
+        if pixel_values is not None and image_outputs is not None:
+            raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
+        if input_ids is None:
+            if pixel_values is not None:
+                raise ValueError("`pixel_values` need `input_ids` that hold one `<image>` placeholder per image.")
+            return super().generate(attention_mask=attention_mask, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+        blocks = image_blocks(input_ids, attention_mask, **self._placeholder_ids())
+        if blocks.any_unexpanded and blocks.any_expanded:
+            raise ValueError(
+                "`input_ids` mix unexpanded `<image>` placeholders with expanded `[Img] ... [/Img]` blocks: give "
+                "every image as one `<image>` (with `pixel_values`), or every image expanded to its token count."
+            )
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        counts = [] if image_outputs is None else [len(features) for features in image_outputs.pooler_output]
+
+        if not blocks.any_unexpanded:
+            declared = [count for row in blocks.expanded_counts for count in row]
+            _check_image_counts(declared, counts, expanded=True)
+            if image_outputs is not None:
+                mm_encoder_outputs["image"] = image_outputs
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs=mm_encoder_outputs, **kwargs
+            )
+
+        _check_image_counts([1] * sum(blocks.num_unexpanded), counts, expanded=False)
+        pad_token_id = self.generation_config.pad_token_id
+        expanded = expand_image_placeholders(
+            {"input_ids": input_ids, "attention_mask": attention_mask},
+            counts,
+            **self._placeholder_ids(),
+            pad_token_id=0 if pad_token_id is None else int(pad_token_id),
+            padding_side="left",  # the prompts must end where generation starts
+        )
+        mm_encoder_outputs["image"] = image_outputs
+        output = super().generate(
+            input_ids=expanded["input_ids"],
+            attention_mask=expanded["attention_mask"],
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        return _with_caller_prompt(output, input_ids, prompt_length=expanded["input_ids"].shape[1])
+
     @can_return_tuple
     def forward(
         self,
@@ -301,7 +391,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -309,6 +399,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         masked_image_tokens: torch.BoolTensor | None = None,
         noisy_image_tokens: torch.Tensor | None = None,
         diffusion_timesteps: torch.Tensor | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> SetokimCausalLMOutputWithPast:
         r"""
@@ -333,7 +424,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             masked_image_tokens=masked_image_tokens,
@@ -356,11 +447,12 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         return SetokimCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
             diffusion_prediction=diffusion_prediction,
+            **{CACHE_OUTPUT_FIELD: cache_of(outputs)},
         )
 
     def run_generation_head(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor):
@@ -374,6 +466,36 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             )
         repeats = noisy_tokens.shape[0] // condition.shape[0]
         return self.generation_head(noisy_tokens, timesteps, condition.repeat(repeats, 1))
+
+
+def _check_image_counts(declared: list[int], counts: list[int], *, expanded: bool):
+    """`declared`: the prompt's image token count per image (1 per bare placeholder); `counts`: SeTok's."""
+    if len(declared) != len(counts):
+        form = "`[Img] ... [/Img]` blocks" if expanded else "`<image>` placeholders"
+        raise ValueError(
+            f"Image features and image tokens do not match: the prompts hold {len(declared)} {form} but "
+            f"{len(counts)} images were given. Pass one image per placeholder, in order."
+        )
+    if expanded:
+        for index, (mine, setok) in enumerate(zip(declared, counts)):
+            if mine != setok:
+                raise ValueError(
+                    f"Image features and image tokens do not match: image {index} is expanded to {mine} `<image>` "
+                    f"tokens, but SeTok gives it {setok}. Expand with the counts of `get_image_features`, or pass "
+                    "one unexpanded `<image>` per image."
+                )
+
+
+def _with_caller_prompt(output, input_ids: torch.Tensor, prompt_length: int):
+    """`generate`'s output on the expanded prompts, with the sequences' prompt part replaced by the caller's."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    per_prompt = sequences.shape[0] // input_ids.shape[0]  # num_return_sequences / beams
+    prompt = input_ids.to(sequences.device).repeat_interleave(per_prompt, dim=0)
+    aligned = torch.cat([prompt, sequences[:, prompt_length:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return aligned
+    output.sequences = aligned
+    return output
 
 
 __all__ = ["SetokimForConditionalGeneration", "SetokimModel", "SetokimPreTrainedModel"]

@@ -1,13 +1,15 @@
 """Processor of Setokim: SeTok's image processor and the LLM's tokenizer.
 
-SeTok decides each image's token count, so the count exists only after SeTok has run. The processor therefore
-expands placeholders from counts it is given (`image_token_counts`), and the flow is:
+SeTok decides each image's token count, so the count exists only after SeTok has run. Two flows:
+
+    inputs = processor(images=images, text=prompts, return_tensors="pt")   # one `<image>` per image, unexpanded
+    model.generate(**inputs)        # SeTok runs once inside generate, which expands the placeholders itself
 
     features = model.get_image_features(**processor.image_processor(images, return_tensors="pt"))
     inputs = processor(text=prompts, images=images, image_token_counts=[len(f) for f in features.pooler_output])
-    model.generate(**inputs, mm_encoder_outputs={"image": features})   # SeTok does not run a second time
+    model(**inputs, mm_encoder_outputs={"image": features})   # expanded here; what forward and training need
 
-`SetokimForConditionalGeneration.prepare_inputs(processor, text, images)` does exactly this in one call.
+`SetokimForConditionalGeneration.prepare_inputs(processor, text, images)` does the second in one call.
 """
 
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
@@ -45,9 +47,11 @@ class SetokimProcessor(ProcessorMixin):
     r"""
     Holds a [`SetokImageProcessor`] and the LLM's tokenizer.
 
-    Each `image_token` in the text is expanded to `boi_token`, `image_token` x n_i, `eoi_token`, where n_i is the
-    image's SeTok token count passed as `image_token_counts`. The tokenizer gets the three special tokens added when
-    it lacks them (resize the LLM's embeddings to `len(processor.tokenizer)` afterwards).
+    With `image_token_counts` (n_i, the SeTok token count of each image, in placeholder order), each `image_token`
+    in the text is expanded to `image_block(n_i)`: `boi_token`, `image_token` x n_i, `eoi_token`. Without them, the
+    placeholders stay one `image_token` per image, which `SetokimForConditionalGeneration.generate` expands after
+    encoding the images. The tokenizer gets the three special tokens added when it lacks them (resize the LLM's
+    embeddings to `len(processor.tokenizer)` afterwards).
     """
 
     valid_processor_kwargs = SetokimProcessorKwargs
@@ -71,19 +75,39 @@ class SetokimProcessor(ProcessorMixin):
         )
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs)
 
+    def image_block(self, num_tokens: int) -> str:
+        """The text of one image of `num_tokens` SeTok tokens: `[Img]`, `<image>` x num_tokens, `[/Img]`."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"An image's token count must be a positive integer, got {num_tokens!r}.")
+        return self.boi_token + self.image_token * num_tokens + self.eoi_token
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, image_token_counts=None, **kwargs) -> str:
-        num_images = len(image_inputs["pixel_values"])
         if image_token_counts is None:
-            raise ValueError(
-                "`image_token_counts` is required with images: SeTok decides each image's token count. Run "
-                "`model.get_image_features(...)` first, or use `model.prepare_inputs(processor, text, images)`."
-            )
+            return self.image_token  # left for `generate` to expand once SeTok has run
+        num_images = len(image_inputs["pixel_values"])
         if len(image_token_counts) != num_images:
             raise ValueError(f"`image_token_counts` has {len(image_token_counts)} entries for {num_images} images.")
         count = image_token_counts[image_idx]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"`image_token_counts` must hold positive integers, got {count!r}.")
-        return self.boi_token + self.image_token * count + self.eoi_token
+        return self.image_block(count)
+
+    def validate_inputs(self, images=None, text=None, **kwargs):
+        super().validate_inputs(images=images, text=text, **kwargs)
+        # transformers checks the total only: with one list of images per prompt, each prompt must hold its own.
+        nested = isinstance(images, (list, tuple)) and images and all(isinstance(g, (list, tuple)) for g in images)
+        prompts = [text] if isinstance(text, str) else text
+        if not nested or prompts is None:
+            return
+        if len(images) != len(prompts):
+            raise ValueError(f"`images` holds {len(images)} lists of images for {len(prompts)} prompts in `text`.")
+        for index, (group, prompt) in enumerate(zip(images, prompts)):
+            found = prompt.count(self.image_token)
+            if found != len(group):
+                raise ValueError(
+                    f"Prompt {index} of `text` holds {found} {self.image_token} placeholders but `images[{index}]` "
+                    f"holds {len(group)} images."
+                )
 
     def __call__(self, images=None, text=None, **kwargs):
         for image in _flat(images):

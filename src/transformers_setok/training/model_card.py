@@ -1,15 +1,23 @@
-"""Model cards filled from the templates in the repository's `model_cards/` folder with a model's real config."""
+"""Model cards filled from the templates of the top-level `model_cards/` folder (shipped inside the package as
+`transformers_setok.model_cards`, so a wheel install has them) with a model's real config."""
 
-from pathlib import Path
-
-TEMPLATES = Path(__file__).resolve().parents[3] / "model_cards"
+import re
+from importlib import metadata, resources
 
 
 def _template(name: str) -> str:
-    path = TEMPLATES / name
-    if not path.is_file():
-        raise FileNotFoundError(f"Model card template not found: {path} (run from a source checkout).")
-    return path.read_text()
+    return resources.files("transformers_setok.model_cards").joinpath(name).read_text(encoding="utf-8")
+
+
+def supported_transformers() -> str:
+    """The transformers range this package allows, and CI tests at both ends, as pyproject.toml declares it."""
+    for requirement in metadata.requires("transformers-setok") or []:
+        match = re.fullmatch(r"transformers\s*\(?([^;()]+)\)?", requirement.split(";")[0].strip())
+        if match:
+            # Lower bound first, as people write it: ">=5.23,<5.25".
+            specifiers = sorted(match.group(1).replace(" ", "").split(","), key=lambda spec: not spec.startswith(">"))
+            return ",".join(specifiers)
+    raise RuntimeError("The installed transformers-setok declares no transformers requirement.")
 
 
 def _setok_fields(config) -> dict:
@@ -28,7 +36,9 @@ def _setok_fields(config) -> dict:
 
 def render_setok_card(config, *, name: str, repo: str, provenance: str) -> str:
     """The SeTok card for `config` (a `SetokConfig`)."""
-    return _template("setok.md").format(name=name, repo=repo, provenance=provenance, **_setok_fields(config))
+    return _template("setok.md").format(
+        name=name, repo=repo, provenance=provenance, transformers=supported_transformers(), **_setok_fields(config)
+    )
 
 
 def render_setokim_card(config, *, name: str, repo: str, provenance: str) -> str:
@@ -43,6 +53,7 @@ def render_setokim_card(config, *, name: str, repo: str, provenance: str) -> str
         text_width=text.hidden_size,
         vocab_size=text.vocab_size,
         generation=_generation_paragraph(config),
+        transformers=supported_transformers(),
         **_setok_fields(config.vision_config),
     )
 
