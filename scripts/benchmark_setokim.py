@@ -6,7 +6,7 @@ the timing process LLaVA's vision tower *is* SeTok's encoder module, read at the
 Only what differs between the two designs differs: LLaVA hands the LLM all 729 patches through a 2-layer GELU
 projector; Setokim clusters them with SeTok and hands over one token per cluster through a 2-layer GELU projector.
 
-Per model, on the same prompt and photo(s) (`training/photos.py`), it reports the visual tokens per image, the time to
+Per model, on the same prompt and photo(s) (`demo/photos.py`), it reports the visual tokens per image, the time to
 first token, the decode speed, the vision part alone and the peak memory of one request, and checks the targets:
 Setokim's TTFT at most 0.6x LLaVA's, decode speed within 5% (Setokim at least 0.95x LLaVA's tokens/s).
 
@@ -62,8 +62,8 @@ from transformers_setok import (
     SetokimForConditionalGeneration,
     SetokModel,
 )
+from transformers_setok.demo.photos import HELD_OUT_PHOTOS, load_photos
 from transformers_setok.modeling.modeling_setokim import SetokimProjector
-from transformers_setok.training.photos import HELD_OUT_PHOTOS, load_photos
 
 TTFT_TARGET, DECODE_TOLERANCE = 0.6, 0.05
 MODELS = ("setokim", "llava")

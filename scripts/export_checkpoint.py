@@ -8,7 +8,7 @@ import argparse
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import transformers_setok  # noqa: F401  (registers the Setokim classes)
-from transformers_setok.export import export_setokim, push_folder_to_hub
+from transformers_setok.hub import export_setokim, push_folder_to_hub
 
 
 def main(argv=None):

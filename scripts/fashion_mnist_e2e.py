@@ -333,7 +333,8 @@ def generation_accuracy(work: Path, template: str, question: list[dict], per_cla
     from transformers import AutoProcessor
 
     from transformers_setok import SetokimForConditionalGeneration
-    from transformers_setok.image_generation import SetokimTextToImagePipeline, noise_scheduler_for
+    from transformers_setok.generation import noise_scheduler_for
+    from transformers_setok.pipelines import SetokimTextToImagePipeline
 
     pretrain_dir = work / "runs" / "pretrain" / "final"
     model = SetokimForConditionalGeneration.from_pretrained(pretrain_dir).eval()

@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 from transformers_setok import SetokImageProcessor, SetokModel, visualize_clusters
 from transformers_setok.cli import main
-from transformers_setok.training.model_card import render_setok_card, supported_transformers
+from transformers_setok.hub.model_card import render_setok_card, supported_transformers
 from transformers_setok.visualization import cluster_palette
 
 

@@ -15,7 +15,8 @@ from transformers_setok import (
     SetokimForConditionalGeneration,
     add_generation_head,
 )
-from transformers_setok.image_generation import SetokimTextToImagePipeline, noise_scheduler_for, revealed_counts
+from transformers_setok.generation import noise_scheduler_for, revealed_counts
+from transformers_setok.pipelines import SetokimTextToImagePipeline
 from transformers_setok.training.collators import SetokimChatCollator, encode_and_expand
 from transformers_setok.training.generation_targets import (
     add_diffusion_inputs,
@@ -465,7 +466,7 @@ def test_add_generation_head_takes_the_stage_one_detokenizer(processor, tmp_path
 
 
 def test_the_model_card_says_whether_the_model_draws(processor, model):
-    from transformers_setok.training.model_card import render_setokim_card
+    from transformers_setok.hub.model_card import render_setokim_card
 
     card = render_setokim_card(model.config, name="tiny", repo="me/tiny", provenance="")
     assert "It also draws images" in card and "2 adaLN blocks of width 48" in card

@@ -28,8 +28,8 @@ import json, sys
 from pathlib import Path
 import torch
 import transformers_setok
-from transformers_setok.export import export_setokim
-from transformers_setok.training.model_card import supported_transformers
+from transformers_setok.hub import export_setokim
+from transformers_setok.hub.model_card import supported_transformers
 sys.path.insert(0, sys.argv[2])
 from conftest import tiny_config
 from test_setokim_processor import tiny_processor, tiny_setokim
@@ -111,3 +111,22 @@ def test_the_wheel_installs_and_its_features_work(tmp_path):
     assert (tmp_path / "demo" / "report.md").is_file()
     assert "SeTok demo" in (tmp_path / "demo" / "model" / "README.md").read_text()
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "old, names",
+    [
+        ("transformers_setok.image_generation", ["SetokimTextToImagePipeline", "noise_scheduler_for"]),
+        ("transformers_setok.export", ["export_setokim", "push_folder_to_hub"]),
+        ("transformers_setok.training.model_card", ["render_setokim_card"]),
+        ("transformers_setok.training.demo", ["run_demo"]),
+        ("transformers_setok.training.photos", ["load_photos"]),
+    ],
+)
+def test_moved_modules_keep_their_old_path_for_one_release(old, names):
+    import importlib
+
+    sys.modules.pop(old, None)
+    with pytest.warns(FutureWarning, match="moved to"):
+        module = importlib.import_module(old)
+    assert all(hasattr(module, name) for name in names)

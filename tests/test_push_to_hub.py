@@ -15,7 +15,7 @@ from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import hub as transformers_hub
 
-from transformers_setok.export import export_setokim, push_folder_to_hub
+from transformers_setok.hub import export_setokim, push_folder_to_hub
 
 TOKEN = "hf_standin_token"
 

@@ -90,7 +90,7 @@ def test_batched_samples_with_different_image_counts(saved, images):
 def exported(saved, tmp_path_factory):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from transformers_setok.export import export_setokim
+    from transformers_setok.hub import export_setokim
 
     model, processor = AutoModelForImageTextToText.from_pretrained(saved), AutoProcessor.from_pretrained(saved)
     folder = export_setokim(model, processor, tmp_path_factory.mktemp("export") / "tiny", name="tiny", repo="me/tiny")
@@ -101,7 +101,7 @@ def exported(saved, tmp_path_factory):
 def test_exported_folder_declares_no_custom_pipeline_and_states_the_tested_range(exported):
     import json
 
-    from transformers_setok.training.model_card import supported_transformers
+    from transformers_setok.hub.model_card import supported_transformers
 
     for name in ("model.safetensors", "modeling_setokim.py", "processing_setokim.py", "compat_setokim.py"):
         assert (exported / name).is_file(), name

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None):
         # Not returned: the console script passes main()'s value to sys.exit, which would read a dict as a failure.
         train(args.stage, args.config, args.resume)
     elif args.command == "demo":
-        from .training.demo import run_demo
+        from .demo import run_demo
 
         metrics = run_demo(args.out, args.steps, args.batch_size, args.learning_rate, args.vision_model, args.seed)
         print(

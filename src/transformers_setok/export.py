@@ -1,54 +1,8 @@
-"""Self-contained Setokim folders for the Hub: weights, remote code, processor, model card."""
+"""Deprecated path: export and push are `transformers_setok.hub`."""
 
-from pathlib import Path
+from ._deprecation import warn_moved
+from .hub.export import export_setokim, push_folder_to_hub
 
-from .training.model_card import render_setokim_card
+warn_moved(__name__, "transformers_setok.hub")
 
 __all__ = ["export_setokim", "push_folder_to_hub"]
-
-
-def export_setokim(model, processor, folder, *, name: str, repo: str, provenance: str = "") -> Path:
-    """Write `model` and `processor` to `folder` so that it loads with `trust_remote_code=True` anywhere.
-
-    The folder holds the weights (safetensors), the modeling and processing code with `auto_map` (transformers' own
-    `pipeline("image-text-to-text")` runs it), the processor, tokenizer and chat template, the generation config and a model card filled
-    from `model_cards/setokim.md` with the real config. The classes and config are left as they were.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    classes = (type(model), type(model.config), type(processor), type(processor.image_processor))
-    previous_auto = {cls: cls.__dict__.get("_auto_class") for cls in classes}
-    try:
-        model.register_for_auto_class("AutoModelForImageTextToText")
-        model.config.register_for_auto_class()
-        processor.register_for_auto_class("AutoProcessor")
-        processor.image_processor.register_for_auto_class("AutoImageProcessor")
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    finally:
-        for cls, auto_class in previous_auto.items():
-            if auto_class is not None:
-                cls._auto_class = auto_class
-            elif "_auto_class" in cls.__dict__:
-                delattr(cls, "_auto_class")
-    card = render_setokim_card(model.config, name=name, repo=repo, provenance=provenance)
-    (folder / "README.md").write_text(card)
-    return folder
-
-
-def push_folder_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload a folder written by `export_setokim` to `repo_id`, creating the repo if needed; returns the commit URL.
-
-    The endpoint follows `HF_ENDPOINT`. Pushing an unchanged folder again makes no commit and returns the URL of the
-    last one.
-    """
-    from huggingface_hub import HfApi
-
-    # Checked before anything reaches the Hub, so that a wrong path does not leave an empty repo behind.
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        problem = "has no config.json" if folder.is_dir() else "is not a folder"
-        raise FileNotFoundError(f"`folder` {str(folder)!r} {problem}; expected a folder written by `export_setokim`")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload Setokim"))

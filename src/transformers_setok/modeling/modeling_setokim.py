@@ -15,7 +15,7 @@ Generation (`config.use_generation_head`), MAR style: an image the model draws i
 embedding) instead of receiving a token; the LLM's hidden state at each of them conditions `generation_head`, a
 diffusion MLP that denoises that position's SeTok token, and `image_decoder` (SeTok's detokenizer) turns the drawn
 tokens into pixels. The noise schedule and the sampling loop come from diffusers, outside this file
-(`transformers_setok.image_generation`).
+(`transformers_setok.generation`, `transformers_setok.pipelines`).
 """
 
 from dataclasses import dataclass

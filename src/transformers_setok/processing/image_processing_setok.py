@@ -45,6 +45,18 @@ class SetokImageProcessor(PilBackend):
     model_input_names = ["pixel_values"]
     valid_kwargs = SetokImagesKwargs
 
+    @classmethod
+    def from_encoder(cls, name_or_path: str, image_size: int) -> "SetokImageProcessor":
+        """A SeTok processor with a pretrained encoder checkpoint's mean, std and resampling, resizing to its square
+        input `image_size` (CLIP-style processors resize the shortest edge and crop, which would not give the square
+        grid SeTok's position embedding expects)."""
+        from transformers import AutoImageProcessor
+
+        encoder_processor = AutoImageProcessor.from_pretrained(name_or_path).to_dict()
+        keys = ("image_mean", "image_std", "resample", "rescale_factor")
+        settings = {key: encoder_processor[key] for key in keys if key in encoder_processor}
+        return cls(size={"height": image_size, "width": image_size}, **settings)
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         # Every image is converted to RGB here (grayscale, alpha, palette, 16-bit), whatever `do_convert_rgb` says.
         rgb = to_rgb_uint8(image, input_data_format=input_data_format)

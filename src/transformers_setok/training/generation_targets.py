@@ -13,7 +13,7 @@ image (after `encode_and_expand`, so SeTok has run and n is known):
 
 The model conditions its head on the LLM's hidden state at each hidden position and returns its prediction; the
 trainer's loss is the MSE against the target. The schedule is a diffusers scheduler built from the model's config, the same
-one `transformers_setok.image_generation` samples with.
+one `transformers_setok.pipelines.SetokimTextToImagePipeline` samples with (`transformers_setok.generation`).
 """
 
 from collections.abc import Mapping

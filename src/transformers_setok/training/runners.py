@@ -211,7 +211,6 @@ def build_tokenizer_model(model_config):
 
     from ..modeling import SetokConfig, SetokForImageReconstruction
     from ..processing import SetokImageProcessor
-    from .demo import processor_for_encoder
 
     if model_config.init_from is not None:
         model = SetokForImageReconstruction.from_pretrained(model_config.init_from)
@@ -224,7 +223,7 @@ def build_tokenizer_model(model_config):
             model_config.vision_model, model_config.text_model, **(model_config.setok_config or {})
         )
         if model_config.vision_model is not None:
-            image_processor = processor_for_encoder(model_config.vision_model, model.config.image_size)
+            image_processor = SetokImageProcessor.from_encoder(model_config.vision_model, model.config.image_size)
         else:
             image_processor = _square_processor(model.config.image_size)
     else:

@@ -159,7 +159,7 @@ class SetokimInputsMixin(LossTermsMixin):
                     "The batch has images in assistant turns (images to generate) but the model has no generation "
                     "head: build it with `use_generation_head=True`, or move the images to user turns."
                 )
-            from ..image_generation import noise_scheduler_for
+            from ..generation import noise_scheduler_for
 
             self._diffusion_scheduler = noise_scheduler_for(model.config)
         return self._diffusion_scheduler
