@@ -4,7 +4,8 @@ python scripts/convert_original_setok.py --checkpoint pytorch_model.bin --out se
 
 A stage-1 tokenizer file becomes a SetokForImageReconstruction, a full MLLM a SetokimForConditionalGeneration. The
 report lists what was mapped, what has no counterpart and why, which of our weights keep their initialisation, and
-where the result is not exactly upstream's network. The logic lives in `transformers_setok.conversion`.
+where the result is not exactly upstream's network. The logic lives in `transformers_setok.conversion`, whose entry
+point is `transformers_setok/conversion/convert.py`.
 """
 
 import argparse
