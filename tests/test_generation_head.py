@@ -17,12 +17,12 @@ from transformers_setok import (
 )
 from transformers_setok.generation import noise_scheduler_for, revealed_counts
 from transformers_setok.pipelines import SetokimTextToImagePipeline
-from transformers_setok.training.collators import SetokimChatCollator, encode_and_expand
+from transformers_setok.training.collators import SetokimChatCollator
 from transformers_setok.training.generation_targets import (
-    add_diffusion_inputs,
     image_target_flags,
     sample_hidden_tokens,
 )
+from transformers_setok.training.step_inputs import DiffusionSettings, prepare_step
 
 
 @pytest.fixture
@@ -177,38 +177,56 @@ def test_diffusion_inputs_of_a_mixed_batch(model, processor, records):
     flags = image_target_flags(batch, processor.image_token_id)
     assert flags.tolist() == [True, False, True, False]
     model.model.vision_tower.requires_grad_(False)
-    expanded = encode_and_expand(model, batch, processor)
     scheduler = noise_scheduler_for(model.config)
-    inputs = add_diffusion_inputs(
-        expanded, flags, image_token_id=processor.image_token_id, scheduler=scheduler, noise_repeats=3
-    )
-    features = expanded["mm_encoder_outputs"]["image"]
+    step = prepare_step(model, batch, processor, diffusion=DiffusionSettings(scheduler, noise_repeats=3))
+    inputs = step.model_kwargs
+    with torch.no_grad():
+        features = model.get_image_features(batch["pixel_values"])
     counts = [len(tokens) for tokens in features.pooler_output]
     hidden = inputs["masked_image_tokens"]
     num_hidden = int(hidden.sum())
     # Only target images hide tokens, 70-100 % of each; their visible rest is what the features still hold.
-    assert bool((expanded["input_ids"][hidden] == processor.image_token_id).all())
-    assert bool((expanded["labels"][hidden] == processor.image_token_id).all())
+    assert bool((inputs["input_ids"][hidden] == processor.image_token_id).all())
+    assert bool((inputs["labels"][hidden] == processor.image_token_id).all())
     visible = [len(tokens) for tokens in inputs["mm_encoder_outputs"]["image"].pooler_output]
     assert visible[1] == counts[1] and visible[3] == counts[3]
     assert sum(counts) - sum(visible) == num_hidden
     for image in (0, 2):
         assert max(1, round(0.7 * counts[image])) <= counts[image] - visible[image] <= counts[image]
-    assert inputs["noisy_image_tokens"].shape == inputs["diffusion_target"].shape == (3 * num_hidden, 48)
+    assert inputs["noisy_image_tokens"].shape == step.diffusion.target.shape == (3 * num_hidden, 48)
+    assert step.diffusion.num_target_tokens == counts[0] + counts[2]
     # The hidden SeTok tokens (before the projector) are the clean samples: the velocity target and x_t give them
     # back, x0 = sqrt(abar) x_t - sqrt(1 - abar) v.
     tokens = torch.cat([features.last_hidden_state[i, : counts[i]] for i in (0, 2)])
-    is_hidden = hidden[expanded["labels"] == processor.image_token_id]
+    is_hidden = hidden[inputs["labels"] == processor.image_token_id]
     clean = tokens[is_hidden].repeat(3, 1)
     abar = scheduler.alphas_cumprod[inputs["diffusion_timesteps"]][:, None]
-    recovered = abar.sqrt() * inputs["noisy_image_tokens"] - (1 - abar).sqrt() * inputs["diffusion_target"]
+    recovered = abar.sqrt() * inputs["noisy_image_tokens"] - (1 - abar).sqrt() * step.diffusion.target
     torch.testing.assert_close(recovered, clean, atol=1e-5, rtol=1e-4)
-    scaled = add_diffusion_inputs(
-        expanded, flags, image_token_id=processor.image_token_id, scheduler=scheduler, token_scale=10.0
-    )
-    abar = scheduler.alphas_cumprod[scaled["diffusion_timesteps"]][:, None]
-    recovered = abar.sqrt() * scaled["noisy_image_tokens"] - (1 - abar).sqrt() * scaled["diffusion_target"]
+    scaled = prepare_step(model, batch, processor, diffusion=DiffusionSettings(scheduler, token_scale=10.0))
+    abar = scheduler.alphas_cumprod[scaled.model_kwargs["diffusion_timesteps"]][:, None]
+    recovered = abar.sqrt() * scaled.model_kwargs["noisy_image_tokens"] - (1 - abar).sqrt() * scaled.diffusion.target
+    is_hidden = scaled.model_kwargs["masked_image_tokens"][scaled.model_kwargs["labels"] == processor.image_token_id]
     assert float(recovered.abs().mean()) == pytest.approx(10 * float(tokens[is_hidden].abs().mean()), rel=0.2)
+
+
+def test_a_step_runs_setok_once_per_image(model, processor, records, tmp_path, monkeypatch):
+    """Two accumulated micro-batches with images to draw and to read: SeTok's forward runs once per micro-batch (on
+    all of its images), for the loss normaliser's count and the loss alike."""
+    calls = []
+    forward = model.model.vision_tower.forward
+    monkeypatch.setattr(
+        model.model.vision_tower,
+        "forward",
+        lambda pixels, *a, **k: calls.append(len(pixels)) or forward(pixels, *a, **k),
+    )
+    trainer = trainer_for(model, processor, records, tmp_path, per_device_train_batch_size=2)
+    calls.clear()  # the token-scale estimate at set-up runs SeTok on the training images once
+    batches = iter([SetokimChatCollator(processor)(records[:2]), SetokimChatCollator(processor)(records[2:])])
+    prepared, _ = trainer.get_batch_samples(batches, 2, torch.device("cpu"))
+    for step in prepared:
+        trainer.compute_loss(model, step)
+    assert calls == [2, 2]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -271,12 +289,12 @@ def test_gradient_accumulation_gives_the_diffusion_loss_of_the_whole_batch(
     """bs 2 == 2 x bs 1 accumulated, on a text-to-image chat next to a captioning one: the LM loss counts the image's
     target tokens (which the collated batch does not show) and the diffusion loss is a mean over the target tokens of
     the whole accumulated batch. The random draws are made equal: every token hidden, one fixed noise and timestep."""
-    from transformers_setok.training import generation_targets
+    from transformers_setok.training import step_inputs
 
     def fixed(clean, num_train_timesteps, generator=None):
         return torch.linspace(-1, 1, clean.shape[-1]).expand_as(clean), torch.full((len(clean),), 321)
 
-    monkeypatch.setattr(generation_targets, "draw_noise", fixed)
+    monkeypatch.setattr(step_inputs, "draw_noise", fixed)
 
     def first_step(**kwargs):
         torch.manual_seed(0)
@@ -303,15 +321,17 @@ def test_the_loss_normaliser_counts_every_target_token_of_the_drawn_images(model
     be the expanded batch's (the image's `[Img]`, tokens and `[/Img]`), which the model's loss sums over."""
     trainer = trainer_for(model, processor, records, tmp_path)
     batches = [SetokimChatCollator(processor)(records[:2]), SetokimChatCollator(processor)(records[2:])]
-    counted = trainer._get_num_items_in_batch(batches, torch.device("cpu"))
-    expanded = [encode_and_expand(model, batch, processor)["labels"] for batch in batches]
+    prepared, counted = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    expanded = [step.model_kwargs["labels"] for step in prepared]
     assert int(counted) == sum(int(labels[:, 1:].ne(-100).sum()) for labels in expanded)
-    counts = [
-        len(tokens)
-        for batch in batches
-        for tokens in encode_and_expand(model, batch, processor)["mm_encoder_outputs"]["image"].pooler_output
-    ]
-    assert trainer._target_tokens_in_batch == counts[0] + counts[2]  # the two drawn images' tokens
+    with torch.no_grad():
+        counts = [
+            len(tokens)
+            for batch in batches
+            for tokens in model.get_image_features(batch["pixel_values"]).pooler_output
+        ]
+    # the two drawn images' tokens, the step's total on every micro-batch that draws
+    assert [step.diffusion.step_target_tokens for step in prepared] == [counts[0] + counts[2]] * 2
 
 
 def test_resuming_gives_the_same_later_losses(processor, records, tmp_path):

@@ -19,7 +19,7 @@ from test_setokim_processor import tiny_processor, tiny_setokim
 from trl import SFTConfig
 
 from transformers_setok import SetokimForConditionalGeneration, SetokimProcessor
-from transformers_setok.training.collators import SetokimChatCollator, encode_and_expand
+from transformers_setok.training.collators import SetokimChatCollator
 from transformers_setok.training.sft_trainer import (
     SetokimSFTTrainer,
     merge_adapters,
@@ -28,6 +28,7 @@ from transformers_setok.training.sft_trainer import (
     setokim_lora_config,
     setokim_sft_config,
 )
+from transformers_setok.training.step_inputs import prepare_step
 
 TESTS = Path(__file__).parent
 IMAGE_ID = tiny_processor().image_token_id
@@ -96,7 +97,7 @@ def logits_of(model, processor, records):
     for name, module in model.named_modules():
         if name.endswith("vision_tower"):
             module.requires_grad_(False)  # a freshly loaded SeTok has a trainable merger (stage 1)
-    inputs = encode_and_expand(model, SetokimChatCollator(processor)(records), processor)
+    inputs = prepare_step(model, SetokimChatCollator(processor)(records), processor).model_kwargs
     return model(**inputs).logits
 
 
@@ -317,7 +318,7 @@ def launch_two_processes(tmp_path, mode: str) -> list[dict]:
 
 def test_two_process_accelerate_launch_synchronises_every_trained_weight(tmp_path):
     """Each rank trains on other records; identical LoRA and projector weights afterwards prove that DDP averaged the
-    gradients, the projector's too, although it runs in `encode_and_expand` outside DDP's forward."""
+    gradients, the projector's too, although it runs in `prepare_step` outside DDP's forward."""
     ranks = launch_two_processes(tmp_path, "sft")
     has_image = [[IMAGE_ID in batch[0] for batch in report["batches"]] for report in ranks]
     assert any(a != b for a, b in zip(*has_image)), "one step had an image on one rank only"

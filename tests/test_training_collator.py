@@ -1,5 +1,5 @@
 """Setokim training batches: the chat collator's label masks, the id-level expansion of image placeholders once SeTok
-has counted each image's tokens, and `encode_and_expand` against the processor's own (string-level) expansion."""
+has counted each image's tokens, and `prepare_step` against the processor's own (string-level) expansion."""
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ from transformers_setok import SetokImageProcessor, SetokimProcessor
 from transformers_setok.training.collators import (
     IGNORE_INDEX,
     SetokimChatCollator,
-    encode_and_expand,
     expand_image_placeholders,
 )
+from transformers_setok.training.step_inputs import prepare_step
 
 X = IGNORE_INDEX
 
@@ -209,7 +209,7 @@ def model(processor):
 
 def test_expanded_batch_matches_the_processor_and_per_sample_losses(model, processor, records):
     batch = SetokimChatCollator(processor)(records)
-    inputs = encode_and_expand(model, batch, processor)
+    inputs = prepare_step(model, batch, processor).model_kwargs
     assert "pixel_values" not in inputs and set(inputs["mm_encoder_outputs"]) == {"image"}
     with torch.no_grad():
         batch_loss = model(**inputs).loss
@@ -218,8 +218,14 @@ def test_expanded_batch_matches_the_processor_and_per_sample_losses(model, proce
     for i, record in enumerate(records):
         prompt = processor.apply_chat_template(record["messages"], tokenize=False)
         single = model.prepare_inputs(processor, [prompt], record["images"] or None)
+        counts = None
+        if record["images"]:
+            features = single["mm_encoder_outputs"]["image"].pooler_output
+            counts = [len(tokens) for tokens in features]
+        string_level = processor(text=[prompt], images=record["images"] or None, image_token_counts=counts)
         row = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
-        assert torch.equal(row, single["input_ids"][0])  # id-level expansion == the processor's string-level one
+        assert row.tolist() == string_level["input_ids"][0]  # id-level expansion == the processor's string-level one
+        assert torch.equal(row, single["input_ids"][0])
         answer = processor.tokenizer("a cat</s>", add_special_tokens=False)["input_ids"]
         labels = torch.full_like(single["input_ids"], X)
         labels[0, -len(answer) :] = torch.tensor(answer)
@@ -232,7 +238,7 @@ def test_expanded_batch_matches_the_processor_and_per_sample_losses(model, proce
 
 def test_projector_is_trained_and_setok_is_not(model, processor, records):
     model.train()
-    inputs = encode_and_expand(model, SetokimChatCollator(processor)(records), processor)
+    inputs = prepare_step(model, SetokimChatCollator(processor)(records), processor).model_kwargs
     features = inputs["mm_encoder_outputs"]["image"]
     assert not features.last_hidden_state.requires_grad  # no autograd graph through the frozen tower
     assert all(image.requires_grad for image in features.pooler_output)
@@ -247,11 +253,11 @@ def test_projector_is_trained_and_setok_is_not(model, processor, records):
 def test_trainable_tower_is_refused(processor, records):
     model = tiny_setokim(processor)  # SeTok's merger is trainable by default (stage 1)
     with pytest.raises(ValueError, match="vision tower has .* trainable parameters"):
-        encode_and_expand(model, SetokimChatCollator(processor)(records), processor)
+        prepare_step(model, SetokimChatCollator(processor)(records), processor)
 
 
 def test_text_only_batch_needs_no_model_images(model, processor, records):
-    inputs = encode_and_expand(model, SetokimChatCollator(processor)(records[1:2]), processor)
+    inputs = prepare_step(model, SetokimChatCollator(processor)(records[1:2]), processor).model_kwargs
     assert "mm_encoder_outputs" not in inputs
     assert model(**inputs).loss.isfinite()
 

@@ -18,6 +18,12 @@ from torch import nn
 __all__ = ["SetokimDiffusionHead"]
 
 
+def repeat_noise_draws(rows: torch.Tensor, repeats: int) -> torch.Tensor:
+    """`rows` `(N, ...)` -> `(R * N, ...)` with row `r * N + j` = `rows[j]`: the one layout of the generation head's R
+    noise draws per hidden image token, shared by its training targets and the conditions it is run on."""
+    return rows.repeat(repeats, *([1] * (rows.ndim - 1)))
+
+
 def timestep_frequencies(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps: `(N,)` -> `(N, dim)`, cos then sin."""
     half = dim // 2

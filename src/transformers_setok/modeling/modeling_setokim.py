@@ -30,7 +30,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .compat_setokim import CACHE_OUTPUT_FIELD, cache_kwargs, cache_of, resolve_cache
 from .configuration_setokim import SetokimConfig
-from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear
+from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear, repeat_noise_draws
 from .modeling_setok import SetokDetokenizer, SetokModel
 from .placeholders_setokim import expand_image_placeholders, image_blocks
 
@@ -271,7 +271,8 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def _require_generation_head(self):
+    def require_generation_head(self):
+        """Raises unless the model has a generation head (`config.use_generation_head`)."""
         if self.generation_head is None:
             raise ValueError(
                 "This Setokim has no generation head: build it with `use_generation_head=True` "
@@ -281,7 +282,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     def decode_image_tokens(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """SeTok tokens -> pixels through `image_decoder`: `tokens` `(B, L, token_dim)` (padded), `num_tokens` `(B,)`
         -> `(B, 3, H, W)`, normalised like the image processor's `pixel_values`."""
-        self._require_generation_head()
+        self.require_generation_head()
         num_tokens = torch.as_tensor(num_tokens, device=tokens.device)
         if tokens.ndim != 3 or num_tokens.shape != tokens.shape[:1]:
             raise ValueError(
@@ -294,21 +295,83 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         decoder_dtype = self.image_decoder.token_proj.weight.dtype
         return self.image_decoder(tokens.to(decoder_dtype), token_mask)
 
+    def encode_and_expand(
+        self,
+        batch: dict,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        image_outputs: BaseModelOutputWithPooling | None = None,
+        padding_side: str = "left",
+        pad_token_id: int | None = None,
+        max_length: int | None = None,
+    ) -> tuple[dict, BaseModelOutputWithPooling | None]:
+        """The one route from unexpanded placeholders to what the LLM reads: SeTok runs once on `pixel_values`
+        (unless `image_outputs`, from `get_image_features`, are given), then each `<image>` of `batch` becomes `[Img]`,
+        that image's n_i tokens, `[/Img]` (`placeholders_setokim.expand_image_placeholders`: `labels` follow, input
+        image blocks are ignored, target images keep their tokens), re-padded on `padding_side`.
+
+        `batch`: `input_ids` `(B, T)`, optional `attention_mask` and `labels`. Returns the expanded batch and the image
+        outputs (None without images). Nothing is truncated: a row longer than `max_length` is an error.
+        """
+        if pixel_values is not None and image_outputs is not None:
+            raise ValueError("Pass either `pixel_values` or `image_outputs`, not both.")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        counts = [] if image_outputs is None else [len(features) for features in image_outputs.pooler_output]
+        if pad_token_id is None:
+            pad_token_id = self.generation_config.pad_token_id
+        expanded = expand_image_placeholders(
+            batch,
+            counts,
+            **self._placeholder_ids(),
+            pad_token_id=0 if pad_token_id is None else int(pad_token_id),  # only ever under a 0 in the mask
+            padding_side=padding_side,
+            max_length=max_length,
+        )
+        return expanded, image_outputs
+
     @torch.no_grad()
     def prepare_inputs(self, processor, text, images=None, **kwargs):
-        """Model inputs for `text` with `images`, SeTok run once: it encodes the images, hands their token counts to
-        `processor` (a `SetokimProcessor`) to expand the placeholders, and returns the tokenized text with
-        `mm_encoder_outputs`, ready for `generate(**inputs)` or `forward(**inputs)`."""
-        if images is None:
-            return processor(text=text, return_tensors="pt", **kwargs).to(self.device)
-        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(self.device)
-        features = self.get_image_features(pixel_values)
-        counts = [len(image_features) for image_features in features.pooler_output]
-        inputs = processor(text=text, images=images, image_token_counts=counts, return_tensors="pt", **kwargs)
-        inputs.pop("pixel_values")
-        inputs = inputs.to(self.device)
-        inputs["mm_encoder_outputs"] = {"image": features}
-        return inputs
+        """Model inputs for `text` with `images`, SeTok run once, placeholders expanded (`encode_and_expand`), with
+        `mm_encoder_outputs`: ready for `forward(**inputs)` (logits, loss) or `generate(**inputs)`."""
+        inputs = processor(text=text, images=images, return_tensors="pt", **kwargs).to(self.device)
+        pixel_values = inputs.pop("pixel_values", None)
+        expanded, image_outputs = self.encode_and_expand(
+            dict(inputs),
+            pixel_values,
+            padding_side=processor.tokenizer.padding_side,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        if image_outputs is not None:
+            expanded["mm_encoder_outputs"] = {"image": image_outputs}
+        return expanded
+
+    def image_token_conditions(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        masked_image_tokens: torch.BoolTensor,
+        visible_image_tokens: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The LLM's hidden states at the hidden `<image>` positions of images being drawn: what conditions the
+        generation head, `(N, hidden_size)`, N = `masked_image_tokens.sum()`, in row-major order.
+
+        `input_ids`, `attention_mask` `(B, T)` (left padding is fine: positions follow the mask);
+        `masked_image_tokens` `(B, T)` marks the hidden slots; `visible_image_tokens` holds, per image in placeholder
+        order, the SeTok tokens `(k_i, token_dim)` (before the projector) of its other, already drawn slots.
+        """
+        self.require_generation_head()
+        dtype = self.model.multi_modal_projector.linear_1.weight.dtype
+        projected = [self.model.multi_modal_projector(tokens.to(dtype)) for tokens in visible_image_tokens]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            masked_image_tokens=masked_image_tokens,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=projected)},
+        )
+        return outputs.last_hidden_state[masked_image_tokens]
 
     def _placeholder_ids(self) -> dict[str, int]:
         config = self.config
@@ -367,13 +430,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             )
 
         _check_image_counts([1] * sum(blocks.num_unexpanded), counts, expanded=False)
-        pad_token_id = self.generation_config.pad_token_id
-        expanded = expand_image_placeholders(
-            {"input_ids": input_ids, "attention_mask": attention_mask},
-            counts,
-            **self._placeholder_ids(),
-            pad_token_id=0 if pad_token_id is None else int(pad_token_id),
-            padding_side="left",  # the prompts must end where generation starts
+        # Left padding: the prompts must end where generation starts.
+        expanded, _ = self.encode_and_expand(
+            {"input_ids": input_ids, "attention_mask": attention_mask}, image_outputs=image_outputs
         )
         mm_encoder_outputs["image"] = image_outputs
         output = super().generate(
@@ -409,14 +468,15 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         masked_image_tokens (`(B, T)` bool, *optional*): hidden `<image>` targets of images being generated (see
             `SetokimModel.forward`); their N hidden states condition the generation head.
         noisy_image_tokens (`(R * N, token_dim)`, *optional*): noised SeTok tokens of the N masked positions, R noise
-            draws each: row `r * N + j` belongs to the j-th masked position (row-major order of the mask).
+            draws each, laid out by `repeat_noise_draws`: row `r * N + j` belongs to the j-th masked position
+            (row-major order of the mask).
         diffusion_timesteps (`(R * N,)`, *optional*): their diffusion timesteps. With `noisy_image_tokens`, the
             output's `diffusion_prediction` holds the head's output; the trainer forms the loss (it owns the schedule).
         """
         if (noisy_image_tokens is None) != (diffusion_timesteps is None):
             raise ValueError("Pass `noisy_image_tokens` and `diffusion_timesteps` together.")
         if noisy_image_tokens is not None:
-            self._require_generation_head()
+            self.require_generation_head()
             if masked_image_tokens is None:
                 raise ValueError("`noisy_image_tokens` need `masked_image_tokens`: the positions that condition them.")
         outputs = self.model(
@@ -458,14 +518,14 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     def run_generation_head(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor):
         """The generation head on `noisy_tokens` `(R * N, token_dim)` at `timesteps` `(R * N,)`, conditioned on the
         hidden states `condition` `(N, hidden_size)` (each used R times, in order) -> `(R * N, token_dim)`."""
-        self._require_generation_head()
+        self.require_generation_head()
         if condition.shape[0] == 0 or noisy_tokens.shape[0] % condition.shape[0]:
             raise ValueError(
                 f"`noisy_image_tokens` must hold R rows per masked image token: {noisy_tokens.shape[0]} rows for "
                 f"{condition.shape[0]} masked tokens."
             )
         repeats = noisy_tokens.shape[0] // condition.shape[0]
-        return self.generation_head(noisy_tokens, timesteps, condition.repeat(repeats, 1))
+        return self.generation_head(noisy_tokens, timesteps, repeat_noise_draws(condition, repeats))
 
 
 def _check_image_counts(declared: list[int], counts: list[int], *, expanded: bool):

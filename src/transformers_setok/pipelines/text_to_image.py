@@ -21,7 +21,6 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..generation import revealed_counts
 
@@ -77,7 +76,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         output_type: "pil" or "pt" (normalised pixel tensors).
         """
         model = self.model
-        model._require_generation_head()
+        model.require_generation_head()
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"`generator` must be one torch.Generator, got {type(generator).__name__}.")
         if output_type not in ("pil", "pt"):
@@ -93,10 +92,10 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         if isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int) or max_image_tokens < 1:
             raise ValueError(f"`max_image_tokens` must be a positive integer, got {max_image_tokens!r}.")
 
-        inputs = self._encode_prompts(prompt)
+        texts, inputs = self._encode_prompts(prompt)
         num_tokens = self._image_lengths(inputs, max_image_tokens, sample_length, generator)
         tokens = self._draw_tokens(
-            inputs,
+            texts,
             num_tokens,
             num_inference_steps or model.config.diffusion_num_inference_steps,
             num_unmasking_rounds,
@@ -110,8 +109,9 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
 
     # --- step 0: the prompts -----------------------------------------------------------------------------------------
 
-    def _encode_prompts(self, prompt) -> dict:
-        """Each prompt rendered with the chat template, the generation prompt and `[Img]`; left padded."""
+    def _encode_prompts(self, prompt) -> tuple[list[str], dict]:
+        """Each prompt rendered with the chat template and the generation prompt; and those texts opening an image
+        (`[Img]`), tokenized with left padding."""
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
@@ -124,14 +124,12 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
                 raise ValueError(f"Each prompt must be a text or a list of message dicts, got {item!r:.80}.")
             chats.append(item)
         processor = self.processor
-        texts = [
-            processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) + processor.boi_token
-            for chat in chats
-        ]
-        inputs = processor(text=texts, return_tensors="pt", padding=True, padding_side="left")
+        texts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+        opened = [text + processor.boi_token for text in texts]
+        inputs = processor(text=opened, return_tensors="pt", padding=True, padding_side="left")
         if bool((inputs["input_ids"] == processor.image_token_id).any()):
             raise ValueError("Prompts with input images are not supported by text-to-image generation yet.")
-        return inputs.to(self.model.device)
+        return texts, inputs.to(self.model.device)
 
     # --- step 1: how many tokens ---------------------------------------------------------------------------------------
 
@@ -168,17 +166,17 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
 
     # --- step 2: the tokens ---------------------------------------------------------------------------------------------
 
-    def _draw_tokens(self, inputs, num_tokens, num_inference_steps, num_rounds, generator) -> torch.Tensor:
-        model, config = self.model, self.model.config
+    def _draw_tokens(self, texts, num_tokens, num_inference_steps, num_rounds, generator) -> torch.Tensor:
+        model, config, processor = self.model, self.model.config, self.processor
         device = model.device
         batch, longest = len(num_tokens), int(num_tokens.max())
         slots = torch.arange(longest, device=device)[None] < num_tokens[:, None]  # (B, L) real image slots
-        pad_id = self.processor.tokenizer.pad_token_id
-        span_ids = torch.where(slots, config.image_token_id, config.eoi_token_id if pad_id is None else pad_id)
-        input_ids = torch.cat([inputs["input_ids"], span_ids], 1)
-        attention_mask = torch.cat([inputs["attention_mask"], slots.long()], 1)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left-padded prompts start at position 0
-        prompt_length = inputs["input_ids"].shape[1]
+        # Each prompt followed by its image of n slots, as the processor spells an image.
+        blocks = [text + processor.image_block(int(n)) for text, n in zip(texts, num_tokens)]
+        # (The tokenizer itself: the processor refuses `<image>` without images, and these slots have none yet.)
+        inputs = processor.tokenizer(blocks, return_tensors="pt", padding=True, padding_side="left").to(device)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        slot_positions = input_ids == config.image_token_id  # row-major: slot j of row b is b's j-th `<image>`
 
         token_dim = config.vision_config.token_dim
         token_scale = config.generation_token_scale or 1.0  # the head draws scaled tokens (see SetokimConfig)
@@ -189,7 +187,6 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
             torch.randperm(int(n), generator=generator, device=_device_of(generator)).to(device) for n in num_tokens
         ]
         schedules = [revealed_counts(int(n), rounds) for n in num_tokens]
-        projector = model.model.multi_modal_projector
         for k in self.progress_bar(range(rounds)):
             due = torch.zeros_like(known)
             for b in range(batch):
@@ -197,17 +194,12 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
                 due[b, orders[b][start : schedules[b][k]]] = True
             if not bool(due.any()):
                 continue
-            hidden = torch.zeros(batch, input_ids.shape[1], dtype=torch.bool, device=device)
-            hidden[:, prompt_length:] = slots & ~known
-            visible = [projector(tokens[b][known[b]].to(projector.linear_1.weight.dtype)) for b in range(batch)]
-            outputs = model.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                masked_image_tokens=hidden,
-                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=visible)},
+            hidden = torch.zeros_like(slot_positions)
+            hidden[slot_positions] = (~known)[slots]
+            conditions = model.image_token_conditions(
+                input_ids, attention_mask, hidden, [tokens[b][known[b]] for b in range(batch)]
             )
-            condition = outputs.last_hidden_state[:, prompt_length:][due]
+            condition = conditions[due[slots & ~known]]  # the hidden slots due this round, in the same order
             tokens[due] = self._denoise(condition, token_dim, num_inference_steps, generator) / token_scale
             known |= due
         return tokens
@@ -220,7 +212,7 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
         sample = sample * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(sample, t)
-            prediction = self.model.generation_head(model_input, t, condition).float()
+            prediction = self.model.run_generation_head(model_input, t, condition).float()
             sample = scheduler.step(prediction, t, sample, generator=generator).prev_sample
         return sample
 

@@ -2,8 +2,8 @@
 
     data worker (CPU, no model)   SetokimChatCollator: chat records -> input_ids / attention_mask / labels with ONE
                                   `<image>` placeholder per image, plus the batch's `pixel_values`
-    trainer (model device)        encode_and_expand: SeTok runs once -> counts n_i -> expand_image_placeholders turns
-                                  each placeholder into `[Img]`, n_i x `<image>`, `[/Img]` -> `model(**batch)`
+    trainer (model device)        step_inputs.prepare_step: SeTok runs once -> counts n_i -> `model.encode_and_expand`
+                                  turns each placeholder into `[Img]`, n_i x `<image>`, `[/Img]` -> `model(**kwargs)`
 
 After the second step input_ids and labels hold every image token, so a loss (or TRL's fused LM head, which pairs
 `hidden[:, :-1]` with `labels[:, 1:]`) sees exactly the sequence the LLM reads. The expanded ids are the ones
@@ -11,7 +11,6 @@ After the second step input_ids and labels hold every image token, so a loss (or
 """
 
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +85,8 @@ class SetokimChatCollator:
 
     Returns `input_ids`, `attention_mask`, `labels` (all `(B, T)`; labels are IGNORE_INDEX outside the assistant
     turns and on padding) and, when the batch has images, `pixel_values` `(N_images, 3, H, W)`: the images of all
-    samples, sample by sample, in placeholder order. Pass the batch through `encode_and_expand` before the model.
+    samples, sample by sample, in placeholder order. Pass the batch through `step_inputs.prepare_step` before the
+    model.
 
     `max_length` never truncates (that would cut image placeholders or answers): a longer sample is an error. It
     bounds the unexpanded length; `expand_image_placeholders(max_length=...)` and the model check the final one.
@@ -139,86 +139,23 @@ class SetokimChatCollator:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Step 2: what the trainer calls once per batch (the expansion itself, `expand_image_placeholders`, is pure tensor code
-# that the model's `generate` shares: it lives in `modeling/placeholders_setokim.py`)
+# Step 2 is `step_inputs.prepare_step` (trainer side): SeTok once, then the expansion the model's `generate` shares.
 
 
-def _special_ids(processor_or_ids) -> dict[str, int]:
-    """The four ids the expansion needs, from a SetokimProcessor or a mapping that names them."""
-    names = ("image_token_id", "boi_token_id", "eoi_token_id", "pad_token_id")
-    if isinstance(processor_or_ids, Mapping):
-        missing = [name for name in names if processor_or_ids.get(name) is None]
-        if missing:
-            raise ValueError(f"The token ids {missing} are missing.")
-        return {name: processor_or_ids[name] for name in names}
-    processor = processor_or_ids
-    pad_token_id = processor.tokenizer.pad_token_id
-    if pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token: set `processor.tokenizer.pad_token` (e.g. to its eos).")
-    return {
-        "image_token_id": processor.image_token_id,
-        "boi_token_id": processor.boi_token_id,
-        "eoi_token_id": processor.eoi_token_id,
-        "pad_token_id": pad_token_id,
-    }
+def encode_and_expand(model, batch, processor_or_ids, *, padding_side: str = "right", max_length: int | None = None):
+    """Deprecated: `transformers_setok.training.step_inputs.prepare_step(...).model_kwargs`."""
+    import warnings
 
+    from .step_inputs import prepare_step
 
-def _frozen_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's `vision_tower` submodule (found by name, so PEFT and DDP wrappers are fine), checked frozen."""
-    towers = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "vision_tower"]
-    if len(towers) != 1:
-        raise ValueError(f"Expected one `vision_tower` submodule in {type(model).__name__}, found {len(towers)}.")
-    trainable = [name for name, param in towers[0].named_parameters() if param.requires_grad]
-    if trainable:
-        raise ValueError(
-            f"The vision tower has {len(trainable)} trainable parameters (e.g. {trainable[0]!r}), but SeTok must be "
-            "frozen to train Setokim (stages 2-3): call `model.model.vision_tower.requires_grad_(False)` first."
-        )
-    return towers[0]
-
-
-@contextmanager
-def _eval_mode(module: torch.nn.Module):
-    # A frozen tower should give the same tokens in train and eval steps (the merger has dropout).
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
-def encode_and_expand(
-    model,
-    batch: Mapping[str, torch.Tensor],
-    processor_or_ids,
-    *,
-    padding_side: str = "right",
-    max_length: int | None = None,
-) -> dict:
-    """A collated batch (see `SetokimChatCollator`) -> the kwargs of `model(**kwargs)`, SeTok run once.
-
-    Pops `pixel_values`, runs `model.get_image_features` (SeTok, then the projector), reads each image's token count
-    from `pooler_output`, expands the placeholders (`expand_image_placeholders`) and adds
-    `mm_encoder_outputs={"image": features}`. A batch without images is only re-padded.
-
-    The tower must be frozen (else ValueError). The call is deliberately NOT wrapped in `torch.no_grad()`: the
-    projector runs inside `get_image_features` and must be trained. With every tower parameter frozen and
-    `pixel_values` not requiring grad, autograd records nothing for the tower, so it costs what no_grad would.
-    `padding_side` should be the collator's (either side gives the same loss).
-    """
-    batch = dict(batch)
-    pixel_values = batch.pop("pixel_values", None)
-    ids = _special_ids(processor_or_ids)
-    if pixel_values is None:
-        return expand_image_placeholders(batch, [], **ids, padding_side=padding_side, max_length=max_length)
-
-    with _eval_mode(_frozen_vision_tower(model)):
-        features = model.get_image_features(pixel_values)
-    counts = [len(image_features) for image_features in features.pooler_output]
-    expanded = expand_image_placeholders(batch, counts, **ids, padding_side=padding_side, max_length=max_length)
-    expanded["mm_encoder_outputs"] = {"image": features}
-    return expanded
+    warnings.warn(
+        "`encode_and_expand` is deprecated: use `prepare_step(model, batch, processor).model_kwargs` "
+        "(transformers_setok.training.step_inputs).",
+        FutureWarning,
+        stacklevel=2,
+    )
+    step = prepare_step(model, batch, processor_or_ids, padding_side=padding_side, max_length=max_length)
+    return dict(step.model_kwargs)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Training inputs of the generation head: which image tokens are hidden, and what the head must denoise (spec 2).
 
 An image inside an assistant turn is a target: the LLM must write `[Img]`, its n tokens and `[/Img]`. For each target
-image (after `encode_and_expand`, so SeTok has run and n is known):
+image (`step_inputs.prepare_step` puts these pieces together once SeTok has run and n is known):
 
     mask ratio r ~ U[mask_ratio_min, 1]       MAR's 70-100 %: k = round(r * n) tokens, at least one, chosen at random
     hidden tokens                              keep the `<image>` embedding (the mask) as LLM input; the others get
@@ -19,9 +19,8 @@ one `transformers_setok.pipelines.SetokimTextToImagePipeline` samples with (`tra
 from collections.abc import Mapping
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-__all__ = ["add_diffusion_inputs", "estimate_token_scale", "image_target_flags", "sample_hidden_tokens"]
+__all__ = ["draw_noise", "estimate_token_scale", "image_target_flags", "prediction_target", "sample_hidden_tokens"]
 
 
 @torch.no_grad()
@@ -97,76 +96,6 @@ def sample_hidden_tokens(
     return rank < num_hidden[image]
 
 
-def add_diffusion_inputs(
-    expanded: Mapping,
-    image_is_target: torch.Tensor,
-    *,
-    image_token_id: int,
-    scheduler,
-    token_scale: float = 1.0,
-    mask_ratio_min: float = 0.7,
-    noise_repeats: int = 4,
-    generator: torch.Generator | None = None,
-) -> dict:
-    """Adds to an expanded batch (see `encode_and_expand`) the generation head's inputs for its target images.
-
-    `generator` (a CPU `torch.Generator`) draws the masks, noise and timesteps; the global RNG when None.
-    `image_is_target` `(P,)` (from `image_target_flags`) says which images are targets; the targets are the hidden
-    SeTok tokens times `token_scale`. Returns a new dict with:
-    `masked_image_tokens` `(B, T)`, the target images' features removed from `mm_encoder_outputs` at hidden
-    positions, `noisy_image_tokens` `(R * N, token_dim)`, `diffusion_timesteps` `(R * N,)` and `diffusion_target`
-    (what the head must predict, after the scheduler's `prediction_type`) and `diffusion_weights` `(R * N,)`: n_i /
-    (k_i R) for a row of image i (n_i tokens, k_i hidden), so that a weighted sum of the rows' errors counts each
-    target token once; pop both before calling the model. N is the number of hidden tokens, R `noise_repeats`.
-    """
-    if noise_repeats < 1:
-        raise ValueError(f"`noise_repeats` must be a positive integer, got {noise_repeats}.")
-    features = expanded["mm_encoder_outputs"]["image"]
-    projected = list(features.pooler_output)
-    counts = torch.tensor([len(tokens) for tokens in projected], device=image_is_target.device)
-    if len(image_is_target) != len(counts):
-        raise ValueError(f"{len(image_is_target)} target flags for {len(counts)} images.")
-    target_positions = expanded["labels"] == image_token_id  # target `<image>` tokens, row-major = image order
-    target_counts = counts[image_is_target]
-    if int(target_positions.sum()) != int(target_counts.sum()):
-        raise ValueError(
-            f"The expanded labels mark {int(target_positions.sum())} image targets, the target images have "
-            f"{int(target_counts.sum())} tokens."
-        )
-    hidden = sample_hidden_tokens(target_counts.cpu(), mask_ratio_min, generator).to(target_positions.device)
-    masked_image_tokens = torch.zeros_like(target_positions)
-    masked_image_tokens[target_positions] = hidden
-
-    setok_tokens = features.last_hidden_state  # (P, L_max, token_dim), before the projector: what the head draws
-    target_images = image_is_target.nonzero().flatten().tolist()
-    clean = torch.cat([setok_tokens[i, : int(counts[i])] for i in target_images])[hidden.to(setok_tokens.device)]
-    hidden_per_image = dict(zip(target_images, hidden.split(target_counts.tolist())))
-    per_image = torch.stack([part.sum() for part in hidden_per_image.values()])
-    image_of_row = torch.repeat_interleave(torch.arange(len(per_image), device=per_image.device), per_image)
-    weights = (target_counts.to(per_image.device) / per_image)[image_of_row].float().repeat(noise_repeats)
-    weights = weights / noise_repeats
-    visible = [
-        tokens[~hidden_per_image[i].to(tokens.device)] if i in hidden_per_image else tokens
-        for i, tokens in enumerate(projected)
-    ]
-
-    clean = (clean.float() * token_scale).repeat(noise_repeats, 1)
-    noise, timesteps = draw_noise(clean, scheduler.config.num_train_timesteps, generator)
-    batch = dict(expanded)
-    batch["mm_encoder_outputs"] = {
-        **expanded["mm_encoder_outputs"],
-        "image": BaseModelOutputWithPooling(last_hidden_state=setok_tokens, pooler_output=visible),
-    }
-    batch.update(
-        masked_image_tokens=masked_image_tokens,
-        noisy_image_tokens=scheduler.add_noise(clean, noise, timesteps),
-        diffusion_timesteps=timesteps,
-        diffusion_target=_prediction_target(scheduler, clean, noise, timesteps),
-        diffusion_weights=weights.to(clean.device),
-    )
-    return batch
-
-
 def draw_noise(clean: torch.Tensor, num_train_timesteps: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """eps ~ N(0, I) like `clean` `(M, D)`, and a timestep ~ U{0..T-1} per row."""
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
@@ -174,7 +103,8 @@ def draw_noise(clean: torch.Tensor, num_train_timesteps: int, generator=None) ->
     return noise, timesteps
 
 
-def _prediction_target(scheduler, clean, noise, timesteps):
+def prediction_target(scheduler, clean, noise, timesteps) -> torch.Tensor:
+    """What the head must predict for `clean` noised with `noise` at `timesteps`: the noise or the velocity."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise

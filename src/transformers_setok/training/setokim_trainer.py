@@ -25,10 +25,11 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from ..generation import noise_scheduler_for
 from ..modeling import SetokimForConditionalGeneration
-from .collators import _eval_mode, _frozen_vision_tower, encode_and_expand
-from .generation_targets import add_diffusion_inputs, estimate_token_scale, image_target_flags
+from .generation_targets import estimate_token_scale
 from .loss_terms import LossTermsMixin
+from .step_inputs import DiffusionSettings, SetokimStepInputs, prepare_step
 
 __all__ = ["SetokimInputsMixin", "SetokimPretrainTrainer"]
 
@@ -36,12 +37,14 @@ logger = logging.get_logger(__name__)
 
 
 class SetokimInputsMixin(LossTermsMixin):
-    """Runs SeTok once per image and expands each `<image>` to its own token count before the loss is computed; adds
-    the generation head's diffusion loss when the batch holds images to generate.
+    """Prepares each micro-batch once per optimizer step (`step_inputs.prepare_step`: SeTok once per image, each
+    `<image>` expanded to its own token count, the generation head's inputs), then forms the loss.
 
     The collator cannot know the counts (only SeTok does), so batches arrive with one placeholder per image and
-    `pixel_values`; the model, the Trainer's loss and TRL's metrics then see the expanded `input_ids` and `labels`.
-    Images in assistant turns are generation targets (see `generation_targets`): the loss is then the LM loss plus
+    `pixel_values`. `get_batch_samples` prepares the step's micro-batches before the Trainer counts their labels, so
+    the loss normaliser counts the expanded labels (an image to draw is n + 2 labelled tokens where the collator wrote
+    one placeholder) and the model, the Trainer's loss and TRL's metrics all see the expanded `input_ids` and
+    `labels`. Images in assistant turns are generation targets: the loss is then the LM loss plus
     `diffusion_loss_weight` x the head's MSE, logged as `diffusion_loss`.
     """
 
@@ -49,19 +52,59 @@ class SetokimInputsMixin(LossTermsMixin):
     diffusion_noise_repeats: int = 4  # noise draws per hidden token (MAR's diffusion batch multiplier)
     diffusion_loss_weight: float = 1.0
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        with self.compute_loss_context_manager():
+            prepared = [self.prepare_step(self.model, self._prepare_inputs(batch)) for batch in batch_samples]
+        num_items_in_batch = super()._get_num_items_in_batch([step.model_kwargs for step in prepared], device)
+        drawn = [step.diffusion for step in prepared if step.diffusion is not None]
+        if drawn or self.accelerator.num_processes > 1:
+            total = torch.tensor(float(sum(targets.num_target_tokens for targets in drawn)), device=device)
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(total, reduction="sum")
+            for targets in drawn:
+                targets.step_target_tokens = float(total)
+        return prepared, num_items_in_batch
+
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, SetokimStepInputs):
+            return inputs  # prepared on the model's device by `get_batch_samples`
+        return super()._prepare_inputs(inputs)
+
+    def prepare_step(self, model, inputs) -> SetokimStepInputs:
+        """`step_inputs.prepare_step` with this trainer's collator, processor and generation settings."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        collator = self.data_collator
+        return prepare_step(
+            unwrapped,
+            inputs,
+            self.processing_class,
+            padding_side=getattr(collator, "padding_side", "right"),
+            max_length=getattr(collator, "max_length", None),
+            diffusion=self._diffusion_settings(unwrapped),
+            generator=self._diffusion_generator(),
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(self._encode_and_expand(model, inputs))
-        target, weights = inputs.pop("diffusion_target", None), inputs.pop("diffusion_weights", None)
-        if target is None:
+        step = inputs if isinstance(inputs, SetokimStepInputs) else self.prepare_step(model, inputs)
+        if step.diffusion is None:
             return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                model, step.model_kwargs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        errors = (outputs.diffusion_prediction.float() - target.float()).pow(2).mean(-1)  # one per row
-        error_sum = (weights * errors).sum()  # each target token of this micro-batch counted once
-        local_mean = error_sum / weights.sum()
+        loss, outputs = super().compute_loss(
+            model, step.model_kwargs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        targets = step.diffusion
+        errors = (outputs.diffusion_prediction.float() - targets.target.float()).pow(2).mean(-1)  # one per row
+        error_sum = (targets.weights * errors).sum()  # each target token of this micro-batch counted once
+        local_mean = error_sum / targets.weights.sum()
         self.record_loss_term("diffusion_loss", local_mean, model.training)
-        total = getattr(self, "_target_tokens_in_batch", None)
+        total = targets.step_target_tokens
         if model.training and total and self._lm_loss_scaled_for_accumulation(num_items_in_batch):
             # Like the LM loss: a share of the mean over every target token of the accumulated batch on all
             # processes (the Trainer neither divides by the micro-batches nor DDP's average undoes the processes).
@@ -70,40 +113,6 @@ class SetokimInputsMixin(LossTermsMixin):
             diffusion_loss = local_mean
         loss = loss + self.diffusion_loss_weight * diffusion_loss
         return (loss, outputs) if return_outputs else loss
-
-    def _get_num_items_in_batch(self, batch_samples, device):
-        """The Trainer counts the labels of the collated batches, but an image to draw becomes n + 2 labelled tokens
-        where the collator wrote one placeholder: the count gets the n + 1 missing ones (SeTok runs on the target
-        images for n, an extra encoder pass for them only). Also totals the target tokens of the accumulated batch
-        on all processes, for the diffusion loss's normaliser."""
-        if getattr(self.accelerator.unwrap_model(self.model), "generation_head", None) is None:
-            return super()._get_num_items_in_batch(batch_samples, device)
-        counts = [self._target_token_counts(batch) for batch in batch_samples]
-        total = torch.tensor(float(sum(sum(c) for c in counts)), device=device)
-        if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-        self._target_tokens_in_batch = float(total)
-        proxies = []
-        for batch, batch_counts in zip(batch_samples, counts):
-            if not batch_counts or "labels" not in batch:
-                proxies.append(batch)
-                continue
-            labels = batch["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", True) else batch["labels"]
-            count = int(labels.ne(-100).sum()) + sum(n + 1 for n in batch_counts)
-            proxies.append({"labels": batch["labels"], "shift_labels": torch.zeros(count, dtype=torch.long)})
-        return super()._get_num_items_in_batch(proxies, device)
-
-    @torch.no_grad()
-    def _target_token_counts(self, batch) -> list[int]:
-        if "pixel_values" not in batch or "labels" not in batch:
-            return []
-        targets = image_target_flags(batch, self.processing_class.image_token_id)
-        if not bool(targets.any()):
-            return []
-        tower = _frozen_vision_tower(self.accelerator.unwrap_model(self.model))
-        with _eval_mode(tower):
-            encoded = tower(batch["pixel_values"][targets.to(batch["pixel_values"].device)].to(tower.device))
-        return encoded.num_tokens.tolist()
 
     def _lm_loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         # Mirrors the Trainer's own test in `training_step`.
@@ -114,36 +123,11 @@ class SetokimInputsMixin(LossTermsMixin):
         ) or self.compute_loss_func is not None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Expanded here, so that the labels returned next to the logits are the expanded ones.
-        inputs = self._encode_and_expand(model, inputs)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-    def _encode_and_expand(self, model, inputs):
-        if "mm_encoder_outputs" in inputs:  # already expanded (prediction_step, then compute_loss)
-            return inputs
-        collator = self.data_collator
-        unwrapped = self.accelerator.unwrap_model(model)
-        image_token_id = self.processing_class.image_token_id
-        targets = image_target_flags(inputs, image_token_id) if "pixel_values" in inputs else None
-        expanded = encode_and_expand(
-            unwrapped,
-            inputs,
-            self.processing_class,
-            padding_side=getattr(collator, "padding_side", "right"),
-            max_length=getattr(collator, "max_length", None),
+        # Prepared here, so that the labels returned next to the logits are the expanded ones.
+        step = (
+            inputs if isinstance(inputs, SetokimStepInputs) else self.prepare_step(model, self._prepare_inputs(inputs))
         )
-        if targets is None or not bool(targets.any()):
-            return expanded
-        return add_diffusion_inputs(
-            expanded,
-            targets,
-            image_token_id=image_token_id,
-            scheduler=self._noise_scheduler(unwrapped),
-            token_scale=unwrapped.config.generation_token_scale or 1.0,
-            mask_ratio_min=self.generation_mask_ratio_min,
-            noise_repeats=self.diffusion_noise_repeats,
-            generator=self._diffusion_generator(),
-        )
+        return super().prediction_step(model, step, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _diffusion_generator(self) -> torch.Generator:
         """A generator for this batch's masks and noise. Its seed comes from the global RNG (which the Trainer seeds and
@@ -152,17 +136,17 @@ class SetokimInputsMixin(LossTermsMixin):
         seed = int(torch.randint(2**62, (1,))) + self.accelerator.process_index
         return torch.Generator().manual_seed(seed)
 
-    def _noise_scheduler(self, model):
+    def _diffusion_settings(self, model) -> DiffusionSettings | None:
+        if getattr(model, "generation_head", None) is None:
+            return None
         if getattr(self, "_diffusion_scheduler", None) is None:
-            if getattr(model, "generation_head", None) is None:
-                raise ValueError(
-                    "The batch has images in assistant turns (images to generate) but the model has no generation "
-                    "head: build it with `use_generation_head=True`, or move the images to user turns."
-                )
-            from ..generation import noise_scheduler_for
-
             self._diffusion_scheduler = noise_scheduler_for(model.config)
-        return self._diffusion_scheduler
+        return DiffusionSettings(
+            scheduler=self._diffusion_scheduler,
+            token_scale=model.config.generation_token_scale or 1.0,
+            mask_ratio_min=self.generation_mask_ratio_min,
+            noise_repeats=self.diffusion_noise_repeats,
+        )
 
 
 class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):

@@ -1,0 +1,213 @@
+"""One Setokim training step's inputs, prepared in one ordered pass (stages 2-3).
+
+The collator cannot know the image token counts (only SeTok does), so a collated batch holds one `<image>` per image,
+`pixel_values` and labels. `prepare_step` turns it into what the model takes, and what the generation head must
+predict, in this order:
+
+    1. flags       which images are targets (a placeholder inside an assistant turn: an image to draw)
+    2. SeTok       `model.get_image_features(pixel_values)` once for every image of the step: tokens and counts
+    3. hidden      for each target image, 70-100 % of its tokens hidden at random (MAR's masking)
+    4. visible     the features that enter the LLM: every input image's, the target images' unhidden ones
+    5. expansion   `model.encode_and_expand`: each placeholder -> `[Img]`, n_i x `<image>`, `[/Img]`; the hidden
+                   positions become `masked_image_tokens`
+    6. diffusion   the hidden tokens' noised copies (R draws each, laid out by `repeat_noise_draws`), timesteps,
+                   and the head's targets
+    -> SetokimStepInputs(model_kwargs, diffusion)
+
+The trainer prepares every micro-batch of an optimizer step once, before the step (`SetokimInputsMixin`), so the
+loss normaliser counts the expanded labels and nothing runs SeTok a second time.
+"""
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..modeling.diffusion_head_setokim import repeat_noise_draws
+from .generation_targets import draw_noise, image_target_flags, prediction_target, sample_hidden_tokens
+
+__all__ = [
+    "DiffusionSettings",
+    "DiffusionTargets",
+    "SetokimStepInputs",
+    "eval_mode",
+    "frozen_vision_tower",
+    "prepare_step",
+    "special_token_ids",
+]
+
+
+@dataclass
+class DiffusionSettings:
+    """How a step's target images become the generation head's inputs: the model's noise `scheduler`
+    (`transformers_setok.generation.noise_scheduler_for`), the `token_scale` applied to SeTok tokens, MAR's
+    `mask_ratio_min` and the `noise_repeats` R per hidden token."""
+
+    scheduler: object
+    token_scale: float = 1.0
+    mask_ratio_min: float = 0.7
+    noise_repeats: int = 4
+
+
+@dataclass
+class DiffusionTargets:
+    """What the generation head must predict for a step's hidden tokens.
+
+    `target` `(R * N, token_dim)`: the velocity or noise, after the scheduler's `prediction_type`; `weights`
+    `(R * N,)`: n_i / (k_i R) for a row of image i (n_i tokens, k_i hidden), so that a weighted sum of the rows'
+    errors counts each target token once; `num_target_tokens`: the tokens of this micro-batch's target images;
+    `step_target_tokens`: those of the whole accumulated step on all processes (set by the trainer before the step,
+    None outside training).
+    """
+
+    target: torch.Tensor
+    weights: torch.Tensor
+    num_target_tokens: int
+    step_target_tokens: float | None = None
+
+
+@dataclass
+class SetokimStepInputs(Mapping):
+    """A prepared micro-batch: `model_kwargs` for `model(**model_kwargs)` and, when it draws images, `diffusion`.
+
+    It reads as the mapping of its model kwargs, since the Trainer inspects a batch that way (`labels`,
+    `input_ids`); the targets stay out of the kwargs, so nothing has to be popped before the model is called.
+    """
+
+    model_kwargs: dict
+    diffusion: DiffusionTargets | None = None
+
+    def __getitem__(self, key):
+        return self.model_kwargs[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self.model_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.model_kwargs)
+
+
+def special_token_ids(processor_or_ids) -> dict[str, int]:
+    """The ids the expansion needs (`image_token_id`, `boi_token_id`, `eoi_token_id`, `pad_token_id`), from a
+    SetokimProcessor or a mapping that names them."""
+    names = ("image_token_id", "boi_token_id", "eoi_token_id", "pad_token_id")
+    if isinstance(processor_or_ids, Mapping):
+        missing = [name for name in names if processor_or_ids.get(name) is None]
+        if missing:
+            raise ValueError(f"The token ids {missing} are missing.")
+        return {name: processor_or_ids[name] for name in names}
+    processor = processor_or_ids
+    pad_token_id = processor.tokenizer.pad_token_id
+    if pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token: set `processor.tokenizer.pad_token` (e.g. to its eos).")
+    return {
+        "image_token_id": processor.image_token_id,
+        "boi_token_id": processor.boi_token_id,
+        "eoi_token_id": processor.eoi_token_id,
+        "pad_token_id": pad_token_id,
+    }
+
+
+def frozen_vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's `vision_tower` submodule (found by name, so PEFT and DDP wrappers are fine), checked frozen."""
+    towers = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "vision_tower"]
+    if len(towers) != 1:
+        raise ValueError(f"Expected one `vision_tower` submodule in {type(model).__name__}, found {len(towers)}.")
+    trainable = [name for name, param in towers[0].named_parameters() if param.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"The vision tower has {len(trainable)} trainable parameters (e.g. {trainable[0]!r}), but SeTok must be "
+            "frozen to train Setokim (stages 2-3): call `model.model.vision_tower.requires_grad_(False)` first."
+        )
+    return towers[0]
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    # A frozen tower should give the same tokens in train and eval steps (the merger has dropout).
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def prepare_step(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    processor_or_ids,
+    *,
+    padding_side: str = "right",
+    max_length: int | None = None,
+    diffusion: DiffusionSettings | None = None,
+    generator: torch.Generator | None = None,
+) -> SetokimStepInputs:
+    """A collated batch (see `SetokimChatCollator`) -> the step's `SetokimStepInputs`, SeTok run once.
+
+    `model`: the (unwrapped) Setokim, its vision tower frozen (else ValueError). The call is deliberately NOT wrapped
+    in `torch.no_grad()`: the projector runs inside `get_image_features` and must be trained; with every tower
+    parameter frozen, autograd records nothing for the tower. `padding_side` should be the collator's (either side
+    gives the same loss); `max_length` bounds the expanded rows (nothing is truncated). `diffusion` is required when
+    the batch holds images to draw; `generator` (a CPU `torch.Generator`) draws the masks, noise and timesteps.
+    """
+    batch = dict(batch)
+    pixel_values = batch.pop("pixel_values", None)
+    ids = special_token_ids(processor_or_ids)
+    expand = dict(padding_side=padding_side, pad_token_id=ids["pad_token_id"], max_length=max_length)
+    if pixel_values is None:
+        return SetokimStepInputs(model.encode_and_expand(batch, **expand)[0])
+
+    # 1. flags, on the collated batch (a target placeholder is labelled with its own id)
+    is_target = image_target_flags(batch, ids["image_token_id"])
+    # 2. SeTok, once
+    with eval_mode(frozen_vision_tower(model)):
+        image_outputs = model.get_image_features(pixel_values)
+    counts = torch.tensor([len(tokens) for tokens in image_outputs.pooler_output], device=is_target.device)
+    if not bool(is_target.any()):
+        expanded, _ = model.encode_and_expand(batch, image_outputs=image_outputs, **expand)
+        expanded["mm_encoder_outputs"] = {"image": image_outputs}
+        return SetokimStepInputs(expanded)
+    if diffusion is None:
+        raise ValueError(
+            "The batch has images in assistant turns (images to generate) but the model has no generation head: "
+            "build it with `use_generation_head=True`, or move the images to user turns."
+        )
+
+    # 3. hidden tokens of the target images, image after image
+    target_images = is_target.nonzero().flatten().tolist()
+    target_counts = counts[is_target]
+    hidden = sample_hidden_tokens(target_counts.cpu(), diffusion.mask_ratio_min, generator)
+    hidden_of = dict(zip(target_images, hidden.split(target_counts.tolist())))
+    # 4. visible features: what the LLM reads at the unhidden placeholders
+    visible = [
+        tokens[~hidden_of[i].to(tokens.device)] if i in hidden_of else tokens
+        for i, tokens in enumerate(image_outputs.pooler_output)
+    ]
+    # 5. expansion, and the hidden positions in it (a target's `<image>` tokens are labelled, in image order)
+    expanded, _ = model.encode_and_expand(batch, image_outputs=image_outputs, **expand)
+    target_positions = expanded["labels"] == ids["image_token_id"]
+    masked_image_tokens = torch.zeros_like(target_positions)
+    masked_image_tokens[target_positions] = hidden.to(target_positions.device)
+    expanded["masked_image_tokens"] = masked_image_tokens
+    expanded["mm_encoder_outputs"] = {
+        "image": BaseModelOutputWithPooling(last_hidden_state=image_outputs.last_hidden_state, pooler_output=visible)
+    }
+    # 6. diffusion inputs: the hidden SeTok tokens (before the projector: what the head draws), scaled, R draws
+    setok_tokens = image_outputs.last_hidden_state
+    clean = torch.cat([setok_tokens[i, : int(counts[i])] for i in target_images])[hidden.to(setok_tokens.device)]
+    clean = repeat_noise_draws(clean.float() * diffusion.token_scale, diffusion.noise_repeats)
+    noise, timesteps = draw_noise(clean, diffusion.scheduler.config.num_train_timesteps, generator)
+    expanded["noisy_image_tokens"] = diffusion.scheduler.add_noise(clean, noise, timesteps)
+    expanded["diffusion_timesteps"] = timesteps
+    hidden_per_image = torch.stack([part.sum() for part in hidden_of.values()])
+    image_of_row = torch.repeat_interleave(torch.arange(len(hidden_per_image)), hidden_per_image)
+    weights = (target_counts.cpu() / hidden_per_image)[image_of_row].float()
+    targets = DiffusionTargets(
+        target=prediction_target(diffusion.scheduler, clean, noise, timesteps),
+        weights=(repeat_noise_draws(weights, diffusion.noise_repeats) / diffusion.noise_repeats).to(clean.device),
+        num_target_tokens=int(target_counts.sum()),
+    )
+    return SetokimStepInputs(expanded, targets)
