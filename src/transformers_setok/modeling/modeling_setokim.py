@@ -179,11 +179,11 @@ class SetokimModel(SetokimPreTrainedModel):
 
     def _check_context_length(self, new_length: int, past: int):
         # Nothing is truncated: a sequence past the LLM's positions is an error, not silently cut or extrapolated.
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        limit = context_limit(self.config.text_config)
         if limit is not None and past + new_length > limit:
             raise ValueError(
                 f"The sequence ({past + new_length} tokens, image tokens included) is longer than the language "
-                f"model's context ({limit} positions, `text_config.max_position_embeddings`)."
+                f"model's context ({limit} positions: `text_config.max_position_embeddings` and its RoPE scaling)."
             )
 
     @can_return_tuple
@@ -248,6 +248,9 @@ class SetokimModel(SetokimPreTrainedModel):
 
 class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As the causal LMs it wraps: under tensor parallelism the head is column-sharded and its output gathered (a tied
+    # backbone's head then reads the embedding's matching shards).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: SetokimConfig):
         super().__init__(config)
@@ -373,6 +376,16 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         )
         return outputs.last_hidden_state[masked_image_tokens]
 
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        # `generate` passes the image features only on a first iteration; an assistant model's generate calls never
+        # are one, though its first call still has an empty cache and must read the images.
+        cache = resolve_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
+        features = kwargs.get("mm_encoder_outputs")
+        if features and "mm_encoder_outputs" not in model_inputs and (cache is None or cache.get_seq_length() == 0):
+            model_inputs["mm_encoder_outputs"] = features
+        return model_inputs
+
     def _placeholder_ids(self) -> dict[str, int]:
         config = self.config
         return {
@@ -405,6 +418,11 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         image_outputs = mm_encoder_outputs.get("image")
         if pixel_values is not None and image_outputs is not None:
             raise ValueError("Pass either `pixel_values` or `mm_encoder_outputs['image']`, not both.")
+        if getattr(kwargs.get("generation_config"), "is_assistant", False):
+            # Drafting for a main model's assisted decoding: its generate has encoded and expanded already.
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs=mm_encoder_outputs, **kwargs
+            )
         if input_ids is None:
             if pixel_values is not None:
                 raise ValueError("`pixel_values` need `input_ids` that hold one `<image>` placeholder per image.")
@@ -526,6 +544,31 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             )
         repeats = noisy_tokens.shape[0] // condition.shape[0]
         return self.generation_head(noisy_tokens, timesteps, repeat_noise_draws(condition, repeats))
+
+
+def context_limit(text_config) -> int | None:
+    """The longest sequence the backbone supports: `max_position_embeddings`, stretched by a RoPE scaling that
+    extends it (linear, YaRN, LongRoPE, Llama 3: factor x the original length); None for dynamic NTK scaling, which
+    has no fixed limit, or when the config states none. Backbones with one RoPE per layer type (Gemma 3) are limited
+    by their most limited one."""
+    limit = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    per_layer_type = [value for value in rope.values() if isinstance(value, dict)]
+    limits = [_rope_limit(limit, params) for params in (per_layer_type or [rope])]
+    if limit is None or None in limits:
+        return None
+    return min(limits)
+
+
+def _rope_limit(limit: int | None, rope: dict) -> int | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if limit is None or kind == "dynamic":
+        return None
+    factor = rope.get("factor")
+    if kind != "default" and factor:
+        original = rope.get("original_max_position_embeddings") or limit
+        return max(limit, int(original * factor))
+    return limit
 
 
 def _check_image_counts(declared: list[int], counts: list[int], *, expanded: bool):
