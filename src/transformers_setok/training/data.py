@@ -11,9 +11,10 @@ Two schemas come out, and the collators and trainers rely on them exactly:
 * Image-text pairs, for stage 1 (`load_image_text_jsonl`): `images` holds exactly one image, `caption` is a string
   or None and `concepts` a list of strings, possibly empty; every record has a caption or a concept.
 
-Every record is checked at load time: the JSON parses, the image files exist, the placeholders match the images,
-the roles are known. `on_error="fail"` raises `DataValidationError` at the first bad record, naming the file, the
-record and the problem; `on_error="skip"` drops the bad records and logs how many, by reason, at WARNING.
+Every record is checked at load time: the JSON parses, the image files exist and are images (each header is read;
+`verify_images=True` also reads the rest of each file), the placeholders match the images, the roles are known.
+`on_error="fail"` raises `DataValidationError` at the first bad record, naming the file, the record and the
+problem; `on_error="skip"` drops the bad records and logs how many, by reason, at WARNING.
 """
 
 import io
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import datasets
@@ -46,8 +48,9 @@ IMAGE_TEXT_FEATURES = datasets.Features(
     {"images": datasets.List(datasets.Image()), "caption": _TEXT, "concepts": datasets.List(_TEXT)}
 )
 
-# "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path.
-_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+# A Hub id: "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path. The one
+# definition in the package: match with `HUB_ID.fullmatch(name)`, or ask `is_local_path(name)`.
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
 # One newline, Unix or Windows, at the start / end of a piece of text next to a placeholder.
 _LEADING_NEWLINE = re.compile(r"\A\r?\n")
 _TRAILING_NEWLINE = re.compile(r"\r?\n\Z")
@@ -88,17 +91,19 @@ def load_llava_json(json_path, image_folder=None, *, on_error: str = "fail", ver
     {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
     {"from": "gpt", "value": "A cat."}]}. `image` may be a list of paths, or absent for a text-only record; paths are
     relative to `image_folder` (default: the JSON file's folder). Each `<image>` becomes an image part.
-    `verify_images=True` also opens every image to check that it decodes (slow on big sets).
+    Every image's header is read, so a file that is no image is a bad record; `verify_images=True` also reads the
+    rest of every image to check that it is whole (slow on big sets).
     """
-    _check_on_error(on_error)
-    json_path = _existing_file(json_path, "json_path")
-    image_folder = _existing_folder(image_folder or os.path.dirname(json_path) or ".", "image_folder")
-
-    def convert(record, where):
-        return _llava_to_conversation(record, where, image_folder, verify_images)
-
-    rows = _collect(_read_json_records(json_path), convert, on_error, json_path)
-    return datasets.Dataset.from_list(rows, features=CONVERSATION_FEATURES)
+    return _load_record_file(
+        json_path,
+        "json_path",
+        image_folder,
+        _read_json_records,
+        _llava_to_conversation,
+        CONVERSATION_FEATURES,
+        on_error=on_error,
+        verify_images=verify_images,
+    )
 
 
 def load_image_text_jsonl(jsonl_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
@@ -106,17 +111,18 @@ def load_image_text_jsonl(jsonl_path, image_folder=None, *, on_error: str = "fai
 
     Each line of `jsonl_path` is like {"image": "a.jpg", "caption": "A cat on a sofa.", "concepts": ["cat", "sofa"]},
     where either `caption` or `concepts` may be left out, not both. Image paths are relative to `image_folder`
-    (default: the JSONL file's folder).
+    (default: the JSONL file's folder); images are checked as by `load_llava_json`.
     """
-    _check_on_error(on_error)
-    jsonl_path = _existing_file(jsonl_path, "jsonl_path")
-    image_folder = _existing_folder(image_folder or os.path.dirname(jsonl_path) or ".", "image_folder")
-
-    def convert(record, where):
-        return _to_image_text(record, where, image_folder, verify_images)
-
-    rows = _collect(_read_jsonl(jsonl_path), convert, on_error, jsonl_path)
-    return datasets.Dataset.from_list(rows, features=IMAGE_TEXT_FEATURES)
+    return _load_record_file(
+        jsonl_path,
+        "jsonl_path",
+        image_folder,
+        _read_jsonl,
+        _to_image_text,
+        IMAGE_TEXT_FEATURES,
+        on_error=on_error,
+        verify_images=verify_images,
+    )
 
 
 def load_hub_dataset(
@@ -152,7 +158,9 @@ def load_hub_dataset(
 
     def check(indexed_row, where):
         index, row = indexed_row
-        _hub_to_conversation(row, where, verify_images=verify_images, **columns)
+        _hub_to_conversation(row, where, **columns)
+        for number, image in enumerate(_row_images(row, image_column)):
+            _check_hub_image(image, where, number, verify_images)
         return index
 
     records = ((_Where(source, f"record {index}", _record_id(row)), (index, row)) for index, row in enumerate(dataset))
@@ -160,8 +168,8 @@ def load_hub_dataset(
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
     return dataset.map(
-        _hub_to_conversation,
-        fn_kwargs=dict(where=source, **columns),  # every row passed the check above, so `where` is never shown
+        _hub_to_conversation,  # images are not opened again: every row passed the check above
+        fn_kwargs=dict(where=source, **columns),  # nor is `where` ever shown, for the same reason
         remove_columns=dataset.column_names,
         features=CONVERSATION_FEATURES,
     )
@@ -201,6 +209,11 @@ def _captions_to_chats(dataset, to_chat, name: str, **fn_kwargs):
 # --- Arguments ---
 
 
+def is_local_path(name: str) -> bool:
+    """Whether `name` can only mean a local path: it exists, or it is no Hub id (`HUB_ID`)."""
+    return os.path.exists(name) or not HUB_ID.fullmatch(name)
+
+
 def _check_on_error(on_error):
     if on_error not in ON_ERROR:
         raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}.")
@@ -221,6 +234,32 @@ def _existing_folder(path, argument: str) -> str:
 
 
 # --- Reading records, and keeping the good ones ---
+
+
+def _load_record_file(
+    path,
+    argument: str,
+    image_folder,
+    read: Callable[[str], Iterable],
+    convert: Callable,
+    features: datasets.Features,
+    *,
+    on_error: str,
+    verify_images: bool,
+) -> datasets.Dataset:
+    """What the file loaders share: check the arguments (`argument` names `path` in messages), `read(path)` the
+    (where, record) pairs, `convert(record, where, images)` each with the `_ImageFolder` (by default the file's
+    folder), keep the good rows and make them a dataset of `features`."""
+    _check_on_error(on_error)
+    path = _existing_file(path, argument)
+    folder = _existing_folder(image_folder or os.path.dirname(path) or ".", "image_folder")
+    images = _ImageFolder(folder, verify_images)
+
+    def convert_one(record, where):
+        return convert(record, where, images)
+
+    rows = _collect(read(path), convert_one, on_error, path)
+    return datasets.Dataset.from_list(rows, features=features)
 
 
 def _read_json_records(path: str):
@@ -265,7 +304,9 @@ def _read_jsonl(path: str):
             if not line.strip():
                 continue  # blank lines (a trailing one, say) hold no record
             try:
-                record = json.loads(line)
+                # Parsed without its line break: json counts columns in the text it is given, and a line cut short
+                # would otherwise be reported at the break, "column 1" of a second line.
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 where = _Where(path, f"line {number}")
                 yield where, DataValidationError(where, "bad JSON", f"column {error.colno}: {error.msg}")
@@ -352,27 +393,40 @@ def _check_image_parts(messages: list[dict], num_images: int, where):
         )
 
 
-def _resolve_image(name: str, image_folder: str, where, verify: bool) -> str:
-    path = os.path.abspath(os.path.join(image_folder, name))
-    if not os.path.isfile(path):
-        raise DataValidationError(where, "missing image file", f"{path} (from {name!r})")
-    if verify:
-        _verify_image(path, path, where)
-    return path
+@dataclass(frozen=True)
+class _ImageFolder:
+    """The folder a record file's image paths are relative to, and how closely to check the images."""
+
+    path: str
+    verify: bool  # read each image whole, not just its header
+
+    def resolve(self, name: str, where) -> str:
+        """The absolute path of image `name`, checked to be a file that is an image."""
+        path = os.path.abspath(os.path.join(self.path, name))
+        if not os.path.isfile(path):
+            raise DataValidationError(where, "missing image file", f"{path} (from {name!r})")
+        _check_image(path, path, where, self.verify)
+        return path
 
 
-def _verify_image(file, shown: str, where):
+def _check_image(file, shown: str, where, verify: bool):
+    """Read the header of image `file` (a path or a binary file; `shown` names it): its format and size, no pixels.
+    What fails here would fail in training, inside `datasets`' decoding, far from the record. `verify` also reads
+    the rest of the file, which finds a truncated or corrupt one (slow on big sets)."""
     try:
         with PIL.Image.open(file) as image:
-            image.verify()
+            if verify:
+                image.verify()
+    except PIL.UnidentifiedImageError as error:
+        raise DataValidationError(where, "unreadable image", f"{shown}: not an image PIL can read") from error
     except Exception as error:  # PIL signals a broken file with many exception types
-        raise DataValidationError(where, "unreadable image", f"{shown}: {error}") from error
+        raise DataValidationError(where, "unreadable image", f"{shown}: {error or type(error).__name__}") from error
 
 
 # --- LLaVA records ---
 
 
-def _llava_to_conversation(record, where, image_folder: str, verify_images: bool) -> dict:
+def _llava_to_conversation(record, where, images: _ImageFolder) -> dict:
     _require_object(record, where)
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -380,8 +434,7 @@ def _llava_to_conversation(record, where, image_folder: str, verify_images: bool
     messages = [_llava_turn_to_message(turn, where, number) for number, turn in enumerate(turns)]
     names = _llava_image_names(record, where)
     _check_image_parts(messages, len(names), where)
-    images = [_resolve_image(name, image_folder, where, verify_images) for name in names]
-    return {"images": images, "messages": messages}
+    return {"images": [images.resolve(name, where) for name in names], "messages": messages}
 
 
 def _llava_turn_to_message(turn, where, number: int) -> dict:
@@ -416,7 +469,7 @@ def _llava_image_names(record: dict, where) -> list[str]:
 # --- Image-text records ---
 
 
-def _to_image_text(record, where, image_folder: str, verify_images: bool) -> dict:
+def _to_image_text(record, where, images: _ImageFolder) -> dict:
     _require_object(record, where)
     name = record.get("image")
     if not isinstance(name, str) or not name:
@@ -425,7 +478,7 @@ def _to_image_text(record, where, image_folder: str, verify_images: bool) -> dic
     if caption is None and not concepts:
         raise DataValidationError(where, "no caption or concepts", "a record needs a 'caption' or 'concepts'")
     return {
-        "images": [_resolve_image(name, image_folder, where, verify_images)],
+        "images": [images.resolve(name, where)],
         "caption": caption,
         "concepts": concepts,
     }
@@ -476,7 +529,7 @@ def _open_dataset(name_or_path, split: str):
     name = os.fspath(name_or_path)
     if _is_saved_dataset(name):
         return _pick_split(datasets.load_from_disk(name), split, name), name
-    if not os.path.exists(name) and not _HUB_ID.fullmatch(name):
+    if not os.path.exists(name) and not HUB_ID.fullmatch(name):
         raise FileNotFoundError(f"`name_or_path`: no such folder: {name}")
     try:
         return datasets.load_dataset(name, split=split), name
@@ -518,13 +571,15 @@ def _undecoded(feature):
     return feature
 
 
-def _hub_to_conversation(
-    row: dict, where, image_column: str, messages_column: str, verify_images: bool = False
-) -> dict:
+def _row_images(row: dict, image_column: str) -> list:
+    """A row's images as a list: the column holds a list of images, one image, or None."""
     value = row[image_column]
-    images = [] if value is None else value if isinstance(value, list) else [value]
-    for number, image in enumerate(images):
-        _check_hub_image(image, where, number, verify_images)
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _hub_to_conversation(row: dict, where, image_column: str, messages_column: str) -> dict:
+    """A row as a conversation, its messages checked; its images are checked apart (`_check_hub_image`), once."""
+    images = _row_images(row, image_column)
     raw = row[messages_column]
     if not isinstance(raw, list) or not raw:
         raise DataValidationError(
@@ -538,15 +593,17 @@ def _hub_to_conversation(
 
 
 def _check_hub_image(image, where, number: int, verify: bool):
+    """Image `number` of a row: a path to an image file or the bytes of one (`_check_image`)."""
     if isinstance(image, str):  # a column of file paths
         image = {"bytes": None, "path": image}
     if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
         raise DataValidationError(where, "missing image", f"image {number} is {_short(image)}")
     if image.get("bytes") is None and not os.path.isfile(image["path"]):
         raise DataValidationError(where, "missing image file", f"image {number}: {image['path']}")
-    if verify:
-        file = image["path"] if image.get("bytes") is None else io.BytesIO(image["bytes"])
-        _verify_image(file, f"image {number}", where)
+    if image.get("bytes") is None:
+        _check_image(image["path"], f"image {number} ({image['path']})", where, verify)
+    else:
+        _check_image(io.BytesIO(image["bytes"]), f"image {number}", where, verify)
 
 
 def _hub_message(message, where, number: int) -> dict:
@@ -596,9 +653,11 @@ def _put_images_first(messages: list[dict], num_images: int):
 __all__ = [
     "CONVERSATION_FEATURES",
     "IMAGE_TEXT_FEATURES",
+    "HUB_ID",
     "DataValidationError",
     "captions_to_generation_messages",
     "captions_to_messages",
+    "is_local_path",
     "load_hub_dataset",
     "load_image_text_jsonl",
     "load_llava_json",
