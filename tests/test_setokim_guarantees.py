@@ -101,3 +101,32 @@ def test_encoder_outputs_are_returned_as_image_outputs(model, processor, photos)
             pixel_values=processor.image_processor([photos["coffee"]], return_tensors="pt")["pixel_values"],
         )
     assert [len(f) for f in again.image_outputs.pooler_output] == [len(f) for f in features.pooler_output]
+
+
+def test_static_cache_generation_equals_dynamic(model, inputs):
+    static = model.generate(**inputs, cache_implementation="static", **GREEDY)
+    assert torch.equal(static, model.generate(**inputs, **GREEDY))
+
+
+@pytest.mark.slow
+def test_a_decode_step_compiles_with_fullgraph_on_a_static_cache(model, processor, inputs):
+    """`_can_compile_fullgraph` is declared: a decode step (what `generate` compiles) has no graph break."""
+    assert type(model)._can_compile_fullgraph
+    prefill = model.generate(
+        **inputs, max_new_tokens=1, do_sample=False, cache_implementation="static", return_dict_in_generate=True
+    )
+    cache = getattr(prefill, "cache", None) or prefill.past_key_values
+    sequence = prefill.sequences
+    expanded_length = cache.get_seq_length()
+    next_token = sequence[:, -1:]
+    step = dict(
+        input_ids=next_token,
+        attention_mask=torch.ones(1, expanded_length + 1, dtype=torch.long),
+        position_ids=torch.tensor([[expanded_length]]),
+    )
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        logits = compiled(**step, **{"cache" if hasattr(prefill, "cache") else "past_key_values": cache}).logits
+    reference = model.generate(**inputs, max_new_tokens=2, do_sample=False)[0, -1]
+    assert int(logits[0, -1].argmax()) == int(reference)

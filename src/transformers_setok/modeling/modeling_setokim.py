@@ -92,6 +92,9 @@ class SetokimPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # Decode steps compile with `fullgraph=True` on a static cache (tests/test_setokim_guarantees.py); SeTok itself
+    # does not: its token count depends on the image (see the README's design notes).
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -212,8 +215,12 @@ class SetokimModel(SetokimPreTrainedModel):
         cache = resolve_cache(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        past = cache.get_seq_length() if cache is not None else 0
-        self._check_context_length(inputs_embeds.shape[1], past)
+        # The checks below read counts on the host; a compiled decode step (static cache, `fullgraph=True`) skips
+        # them: the eager prefill has made them, and a decode step reads no image.
+        checking = not torch.compiler.is_compiling()
+        past = cache.get_seq_length() if cache is not None and checking else 0
+        if checking:
+            self._check_context_length(inputs_embeds.shape[1], past)
 
         masked_image_tokens = self._check_masked_image_tokens(masked_image_tokens, input_ids, inputs_embeds)
         image_outputs = (mm_encoder_outputs or {}).get("image")
@@ -224,7 +231,12 @@ class SetokimModel(SetokimPreTrainedModel):
             image_features = torch.cat(list(image_outputs.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features, masked_image_tokens)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-        elif input_ids is not None and past == 0 and self._has_unmasked_placeholders(input_ids, masked_image_tokens):
+        elif (
+            checking
+            and input_ids is not None
+            and past == 0
+            and self._has_unmasked_placeholders(input_ids, masked_image_tokens)
+        ):
             raise ValueError(
                 "Image features and image tokens do not match: the text holds image tokens but no image was given."
             )
@@ -377,7 +389,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         return outputs.last_hidden_state[masked_image_tokens]
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
         # `generate` passes the image features only on a first iteration; an assistant model's generate calls never
         # are one, though its first call still has an empty cache and must read the images.
         cache = resolve_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
