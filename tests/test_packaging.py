@@ -130,3 +130,20 @@ def test_moved_modules_keep_their_old_path_for_one_release(old, names):
     with pytest.warns(FutureWarning, match="moved to"):
         module = importlib.import_module(old)
     assert all(hasattr(module, name) for name in names)
+
+
+def test_pipelines_call_only_public_model_api():
+    """A pipeline holds a model and calls its public methods, as diffusers pipelines do: no private attribute of the
+    model and none of its submodules (a change inside the model would break such a pipeline silently)."""
+    import re
+
+    reaching_in = re.compile(
+        r"\bmodel\.(_\w+|model|generation_head|multi_modal_projector|language_model|vision_tower)\b"
+    )
+    offenders = [
+        f"{path.name}:{number}: {line.strip()}"
+        for path in (ROOT / "src" / "transformers_setok" / "pipelines").glob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if reaching_in.search(line)
+    ]
+    assert not offenders, offenders
