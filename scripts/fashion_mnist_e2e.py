@@ -34,7 +34,7 @@ import PIL.Image
 import torch
 import yaml
 
-from transformers_setok.training.typed_yaml import merge
+from transformers_setok.training.config import merge
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "fashion_mnist"

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import assistant, user
+from conftest import assistant, tiny_training_arguments, user
 from datasets import Dataset
 from PIL import Image
 from skimage import data
 from test_setokim_processor import tiny_processor, tiny_setokim
-from transformers import TrainingArguments
 
 from transformers_setok.training.collators import SetokimChatCollator
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
@@ -77,21 +76,11 @@ def trained_weights(model, part: str):
 
 
 def build_trainer(mode: str, out_dir: Path, processor, collator):
-    common = dict(
-        output_dir=str(out_dir),
-        use_cpu=True,
-        max_steps=2,
-        per_device_train_batch_size=1,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-    )
+    common = dict(per_device_train_batch_size=1, learning_rate=1e-2)  # one record a rank and step
     if mode == "generation":
         return SetokimPretrainTrainer(
             model=tiny_setokim(processor, use_generation_head=True),
-            args=TrainingArguments(**common, remove_unused_columns=False),
+            args=tiny_training_arguments(out_dir, **common),
             data_collator=collator,
             train_dataset=Dataset.from_list(generation_records()),
             processing_class=processor,
@@ -99,7 +88,7 @@ def build_trainer(mode: str, out_dir: Path, processor, collator):
         )
     return SetokimSFTTrainer(
         tiny_setokim(processor),
-        setokim_sft_config(**common, bf16=False),
+        tiny_training_arguments(out_dir, factory=setokim_sft_config, **common, bf16=False),
         data_collator=collator,
         train_dataset=Dataset.from_list(records()),
         processing_class=processor,

@@ -33,24 +33,28 @@ TINY_TEXT_CONFIG = dict(
 )
 
 
-def tiny_training_arguments(output_dir, **overrides):
-    """`TrainingArguments` for two-step CPU runs that log every step and keep no checkpoints unless told to."""
+# The training arguments of two-step CPU runs that log every step and keep no checkpoints unless told to; also the
+# `training` section of the tiny YAML configs (tests/test_train_cli.py).
+TINY_TRAINING_KWARGS = dict(
+    per_device_train_batch_size=2,
+    max_steps=2,
+    learning_rate=1e-3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to=[],
+    remove_unused_columns=False,
+    dataloader_pin_memory=False,
+    use_cpu=True,
+    seed=0,
+)
+
+
+def tiny_training_arguments(output_dir, factory=None, **overrides):
+    """`TrainingArguments` (or what `factory` builds from the same keywords: `setokim_sft_config`, a
+    TrainingArguments subclass) for two-step CPU runs, `TINY_TRAINING_KWARGS` with `overrides` on top."""
     from transformers import TrainingArguments
 
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        use_cpu=True,
-        seed=0,
-    )
-    return TrainingArguments(**{**kwargs, **overrides})
+    return (factory or TrainingArguments)(output_dir=str(output_dir), **{**TINY_TRAINING_KWARGS, **overrides})
 
 
 def assert_accumulation_matches_one_batch(first_step):

@@ -117,9 +117,11 @@ def test_reconstruction_model_round_trip_with_text_encoder_and_discriminator(tmp
         expected = model(pixels, concept_input_ids=input_ids)
         actual = loaded(pixels, concept_input_ids=input_ids)
         fake = expected.reconstruction
-        assert torch.equal(model.discriminator_loss(pixels, fake), loaded.discriminator_loss(pixels, fake))
+        assert torch.equal(model.discriminator(fake), loaded.discriminator(fake))
     assert_same_outputs(
-        expected, actual, ("loss", "reconstruction_loss", "concept_loss", "reconstruction", "last_hidden_state")
+        expected,
+        actual,
+        ("loss", "reconstruction_loss", "generator_loss", "concept_loss", "reconstruction", "last_hidden_state"),
     )
 
 
@@ -220,8 +222,13 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 torch.set_num_threads(1)
-folder, images_file = sys.argv[1], sys.argv[2]
+folder, images_file, other_folder = sys.argv[1], sys.argv[2], sys.argv[3]
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+try:  # the remote class refuses a checkpoint of another model type, as the package's does
+    type(model).from_pretrained(other_folder)
+    refusal = None
+except ValueError as error:
+    refusal = str(error)
 processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
 with np.load(images_file) as arrays:
     images = [arrays[key] for key in sorted(arrays.files, key=lambda key: int(key.split("_")[1]))]
@@ -234,6 +241,7 @@ print(json.dumps({
     "tokens": out.last_hidden_state.tolist(),
     "assignment": out.cluster_assignment.tolist(),
     "setok_imported": "transformers_setok" in sys.modules,
+    "refusal": refusal,
 }))
 """
 
@@ -253,16 +261,19 @@ def test_remote_code_runs_without_the_package(tmp_path, images, processor, resto
     SetokImageProcessor.register_for_auto_class("AutoImageProcessor")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    for name in ("configuration_setok.py", "modeling_setok.py", "clustering_setok.py", "image_processing_setok.py"):
+    modules = ("configuration_setok.py", "modeling_setok.py", "clustering_setok.py", "loading_setok.py")
+    for name in modules + ("image_processing_setok.py",):
         assert (folder / name).is_file(), name
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {"AutoConfig": "configuration_setok.SetokConfig", "AutoModel": "modeling_setok.SetokModel"}
 
     images_file = tmp_path / "images.npz"
     np.savez(images_file, *[np.ascontiguousarray(image) for image in images])
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(**{k: v for k, v in TINY_TEXT_CONFIG.items() if k != "model_type"})).save_pretrained(bert)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(images_file)],
+        [sys.executable, "-c", CHILD, str(folder), str(images_file), str(bert)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -275,6 +286,7 @@ def test_remote_code_runs_without_the_package(tmp_path, images, processor, resto
     assert child["model_class"].startswith("transformers_modules.") and child["model_class"].endswith(".SetokModel")
     assert child["processor_class"].endswith(".SetokImageProcessor")
     assert "transformers_setok" not in child["model_class"] + child["processor_class"]
+    assert child["refusal"] is not None and str(bert) in child["refusal"] and "'bert'" in child["refusal"]
 
     with torch.no_grad():
         expected = model(processor(images, return_tensors="pt").pixel_values)

@@ -1,6 +1,7 @@
 """The user-facing surface: cluster overlays, `setok tokenize`, a short `setok demo`, the model card."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from conftest import tiny_config
 
 from transformers_setok import SetokImageProcessor, SetokModel, visualize_clusters
-from transformers_setok.cli import main
+from transformers_setok.cli import main, overlay_names
 from transformers_setok.hub.model_card import render_setok_card, supported_transformers
 from transformers_setok.visualization import cluster_palette
 
@@ -72,11 +73,108 @@ def test_tokenize_prints_counts_and_writes_overlays(saved_model, tmp_path, capsy
     model, processor = SetokModel.from_pretrained(folder).eval(), SetokImageProcessor.from_pretrained(folder)
     with torch.no_grad():
         expected = model(**processor([PIL.Image.open(p) for p in paths], return_tensors="pt")).num_tokens
-    assert [(path, count) for path, count in printed] == [
-        (str(path), f"{int(n)} tokens") for path, n in zip(paths, expected)
+    overlays = [tmp_path / "overlays" / f"{path.stem}_clusters.png" for path in paths]
+    assert printed == [[str(path), f"{int(n)} tokens", str(o)] for path, n, o in zip(paths, expected, overlays)]
+    assert all(overlay.is_file() for overlay in overlays)
+    index = json.loads((tmp_path / "overlays" / "index.json").read_text())
+    assert index == {
+        "model": str(folder),
+        "images": [
+            {"image": str(p), "overlay": o.name, "num_tokens": int(n)} for p, o, n in zip(paths, overlays, expected)
+        ],
+        "skipped": [],
+    }
+
+
+def test_tokenize_never_overwrites_an_overlay_with_another(saved_model, tmp_path, capsys):
+    """a/x.jpg and b/x.png used to write one x_clusters.png, the second over the first."""
+    folder, paths = saved_model
+    for sub, suffix, source in (("a", ".jpg", paths[0]), ("b", ".png", paths[1])):
+        (tmp_path / sub).mkdir()
+        PIL.Image.open(source).convert("RGB").save(tmp_path / sub / f"x{suffix}")
+    images = [str(tmp_path / "a" / "x.jpg"), str(tmp_path / "b" / "x.png")]
+    main(["tokenize", *images, "--model", str(folder), "--out", str(tmp_path / "out")])
+    printed = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(image, overlay) for image, _, overlay in printed] == [
+        (images[0], str(tmp_path / "out" / "a_x_clusters.png")),
+        (images[1], str(tmp_path / "out" / "b_x_clusters.png")),
     ]
-    for path in paths:
-        assert (tmp_path / "overlays" / f"{path.stem}_clusters.png").is_file()
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [(row["image"], row["overlay"]) for row in index["images"]] == [
+        (images[0], "a_x_clusters.png"),
+        (images[1], "b_x_clusters.png"),
+    ]
+    a, b = (np.asarray(PIL.Image.open(tmp_path / "out" / name)) for name in ("a_x_clusters.png", "b_x_clusters.png"))
+    assert not np.array_equal(a, b), "two overlays of two images"
+
+
+@pytest.mark.parametrize(
+    "paths, names",
+    [
+        (["p/a.png", "p/b.png"], ["a", "b"]),
+        (["a/x.jpg", "b/x.png"], ["a_x", "b_x"]),
+        (["c/a/x.png", "d/a/x.png", "d/b/y.png"], ["c_a_x", "d_a_x", "y"]),
+        (["a/x.jpg", "a/x.png"], ["x_jpg", "x_png"]),
+        (["a/x.png", "a/x.png", "./a/x.png"], ["x", "x-2", "x-3"]),
+        (["a/x.png", "b/X.png"], ["a_x", "b_X"]),
+        (["a/X.png", "A/x.png"], ["a_X", "A_x-2"]),  # the same name to a case-insensitive file system
+        (["a/x.png", "b/x.png", "a_x.png"], ["a_x", "b_x", "a_x-2"]),
+    ],
+)
+def test_overlay_names_are_distinct(paths, names, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert overlay_names(paths) == [f"{name}_clusters.png" for name in names]
+
+
+def test_tokenize_takes_the_images_of_a_folder(saved_model, tmp_path, capsys):
+    """A folder used to be reported as "Image file(s) not found"."""
+    folder, paths = saved_model
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    for target, source in (
+        (photos / "b.png", paths[0]),
+        (photos / "a.JPG", paths[1]),
+        (photos / "more" / "c.png", paths[2]),
+    ):
+        PIL.Image.open(source).convert("RGB").save(target, format="PNG" if target.suffix == ".png" else "JPEG")
+    (photos / "notes.txt").write_text("not an image")
+    (photos / ".hidden.png").write_text("editor droppings")
+    main(["tokenize", str(photos), "--model", str(folder)])
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [
+        str(photos / "a.JPG"),
+        str(photos / "b.png"),
+    ]
+    out = photos / "overlays"  # an earlier run's overlays inside the folder are no input
+    out.mkdir()
+    PIL.Image.open(paths[0]).save(out / "old_clusters.png")
+    main(["tokenize", str(photos), "--recursive", "--model", str(folder), "--out", str(out)])
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == [
+        str(photos / "a.JPG"),
+        str(photos / "b.png"),
+        str(photos / "more" / "c.png"),
+    ]
+
+
+def test_tokenize_skip_bad_skips_unreadable_images_and_counts_them(saved_model, tmp_path, capsys):
+    """A truncated JPEG used to stop the whole batch with a bare `OSError: image file is truncated`."""
+    folder, paths = saved_model
+    PIL.Image.open(paths[0]).convert("RGB").save(tmp_path / "full.jpg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:2000])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    images = [str(paths[0]), str(truncated), str(paths[1]), str(not_an_image), str(paths[2])]
+    argv = ["tokenize", *images, "--model", str(folder), "--batch-size", "2", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"Cannot read .*truncated\.jpg as an image: .*[Tt]runcated"):
+        main(argv)
+    capsys.readouterr()
+    main([*argv, "--skip-bad"])
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(p) for p in paths]
+    assert re.search(r"Skipped 2 of 5 images: .*truncated\.jpg \(.*[Tt]runcated.*\), .*notes\.png", captured.err)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [row["image"] for row in index["skipped"]] == [str(truncated), str(not_an_image)]
+    assert len(index["images"]) == 3
 
 
 def test_tokenize_reports_missing_files_and_model(saved_model, tmp_path):

@@ -18,6 +18,7 @@ from transformers_setok import (
     dpc_knn_cluster,
     sincos_position_embedding_2d,
 )
+from transformers_setok.training.setok_trainer import adaptive_adversarial_weight, discriminator_loss
 
 # The iterative variant's defaults hit the cluster cap on every photo with the tiny random encoder: widen the masks.
 CLUSTER_METHODS = {
@@ -444,10 +445,10 @@ def test_concept_input_without_text_encoder_is_rejected():
         model(torch.zeros(2, 3, 32, 32), concept_input_ids=torch.ones(2, 5, dtype=torch.long))
 
 
-def test_discriminator_loss_without_discriminator_is_rejected():
+def test_generator_loss_without_discriminator_is_rejected():
     model = SetokForImageReconstruction(tiny_config()).eval()
     with pytest.raises(ValueError, match="use_discriminator"):
-        model.discriminator_loss(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+        model(torch.zeros(1, 3, 32, 32), return_generator_loss=True)
 
 
 @pytest.mark.parametrize(
@@ -523,18 +524,18 @@ def test_bf16_model_clusters_in_float32(pixels8, monkeypatch):
 
 def test_bf16_reconstruction_with_all_terms(pixels8):
     model = SetokForImageReconstruction(
-        tiny_config(text_config=TINY_TEXT_CONFIG, use_discriminator=True, disc_start=0, discriminator_channels=8)
+        tiny_config(text_config=TINY_TEXT_CONFIG, use_discriminator=True, discriminator_channels=8)
     )
     model.to(torch.bfloat16).train()
     ids = torch.randint(1, 100, (4, 5))
-    out = model(pixels8[:4].bfloat16(), concept_input_ids=ids, global_step=0)
+    out = model(pixels8[:4].bfloat16(), concept_input_ids=ids)
     assert out.reconstruction.dtype == torch.bfloat16 and torch.isfinite(out.reconstruction.float()).all()
     for name in ("loss", "reconstruction_loss", "generator_loss", "concept_loss"):
         assert out[name].dtype == torch.float32 and torch.isfinite(out[name]), name
-    out.loss.backward()
+    (out.loss + out.generator_loss).backward()
     assert model.detokenizer.pixel_head.weight.grad.abs().sum() > 0
-    disc_loss = model.discriminator_loss(pixels8[:4], out.reconstruction)
-    assert torch.isfinite(disc_loss)
+    disc_loss = discriminator_loss(model, pixels8[:4], out.reconstruction)
+    assert disc_loss.dtype == torch.float32 and torch.isfinite(disc_loss)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(pixels8[:4]).loss)
 
@@ -667,18 +668,17 @@ def test_logit_scale_is_clamped(pixels8):
 
 
 def test_patchgan_terms(pixels8):
-    model = SetokForImageReconstruction(
-        tiny_config(use_discriminator=True, disc_start=0, discriminator_channels=8)
-    ).train()
+    model = SetokForImageReconstruction(tiny_config(use_discriminator=True, discriminator_channels=8)).train()
     pixels = pixels8[:2]
-    out = model(pixels, global_step=0)
+    out = model(pixels)
     assert out.generator_loss is not None and torch.isfinite(out.generator_loss)
-    assert torch.isfinite(out.loss) and not torch.allclose(out.loss, out.reconstruction_loss)
-    out.loss.backward()
+    # The generator term is returned on its own: its (adaptive, scheduled) weight is the trainer's.
+    torch.testing.assert_close(out.loss, out.reconstruction_loss)
+    out.generator_loss.backward()
     assert model.detokenizer.pixel_head.weight.grad.abs().sum() > 0
 
     model.zero_grad(set_to_none=True)
-    disc_loss = model.discriminator_loss(pixels, out.reconstruction)
+    disc_loss = discriminator_loss(model, pixels, out.reconstruction)
     assert disc_loss.ndim == 0 and torch.isfinite(disc_loss)
     disc_loss.backward()
     assert _grad_norm(model.discriminator) > 0
@@ -688,16 +688,18 @@ def test_patchgan_terms(pixels8):
     assert all(p.grad is None for p in model.model.merger.parameters())
 
 
-def test_generator_loss_waits_for_disc_start_and_training(pixels8):
-    model = SetokForImageReconstruction(tiny_config(use_discriminator=True, disc_start=5, discriminator_channels=8))
-    model.train()
-    for step in (None, 0, 4):
-        out = model(pixels8[:2], global_step=step)
+def test_generator_loss_is_computed_when_asked(pixels8):
+    """The model knows no schedule: with a discriminator it gives the term unless told not to, in any mode."""
+    model = SetokForImageReconstruction(tiny_config(use_discriminator=True, discriminator_channels=8))
+    for mode in (True, False):
+        model.train(mode)
+        with torch.set_grad_enabled(mode):
+            assert model(pixels8[:2]).generator_loss is not None
+            out = model(pixels8[:2], return_generator_loss=False)
         assert out.generator_loss is None
         torch.testing.assert_close(out.loss, out.reconstruction_loss)
-    assert model(pixels8[:2], global_step=5).generator_loss is not None
     with torch.no_grad():
-        assert model.eval()(pixels8[:2], global_step=5).generator_loss is None
+        assert model(pixels8[:2], return_loss=False).generator_loss is None
 
 
 def test_perceptual_term(pixels8):
@@ -729,7 +731,6 @@ def test_tiny_overfit_lowers_every_loss(photos, processor):
             reconstruction_loss="mse",
             perceptual_loss_weight=0.1,
             use_discriminator=True,
-            disc_start=0,
             discriminator_channels=8,
         )
     ).train()
@@ -743,15 +744,18 @@ def test_tiny_overfit_lowers_every_loss(photos, processor):
     optimizer = torch.optim.Adam(generator_params, lr=3e-3)
     disc_optimizer = torch.optim.Adam(model.discriminator.parameters(), lr=3e-3)
     history = []
-    for step in range(60):
-        out = model(pixels, concept_input_ids=input_ids, global_step=step)
+    for _ in range(60):
+        out = model(pixels, concept_input_ids=input_ids)
+        weight = 0.8 * adaptive_adversarial_weight(out.loss, out.generator_loss, model.get_last_layer())
+        loss = out.loss + weight * out.generator_loss
         optimizer.zero_grad()
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
         disc_optimizer.zero_grad()
-        model.discriminator_loss(pixels, out.reconstruction).backward()
+        discriminator_loss(model, pixels, out.reconstruction).backward()
         disc_optimizer.step()
-        history.append({k: out[k].item() for k in ("loss", "reconstruction_loss", "concept_loss", "generator_loss")})
+        history.append({k: out[k].item() for k in ("reconstruction_loss", "concept_loss", "generator_loss")})
+        history[-1]["loss"] = loss.item()
     first, last = history[0], history[-1]
     assert all(np.isfinite(list(h.values())).all() for h in history)
     assert last["loss"] < 0.7 * first["loss"]
@@ -774,7 +778,7 @@ def test_text_encoder_needs_the_reconstruction_model(tmp_path):
 
 
 def test_generator_term_leaves_the_discriminator_untouched(pixels8):
-    model = SetokForImageReconstruction(tiny_config(use_discriminator=True, disc_start=0)).train()
+    model = SetokForImageReconstruction(tiny_config(use_discriminator=True)).train()
     output = model(pixels8[:2])
     output.generator_loss.backward()
     assert all(p.grad is None for p in model.discriminator.parameters())

@@ -1,4 +1,8 @@
-"""Stage 1 through SetokTrainer: loss terms logged, the discriminator's own step, checkpoints and exact resume."""
+"""Stage 1 through SetokTrainer: loss terms logged, the GAN schedule (the trainer's), the discriminator's own step,
+checkpoints and exact resume."""
+
+import ast
+import inspect
 
 import numpy as np
 import pytest
@@ -8,8 +12,15 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainingArguments
 
+import transformers_setok.training.setok_trainer as setok_trainer
 from transformers_setok import SetokForImageReconstruction, SetokImageProcessor
-from transformers_setok.training.setok_trainer import SetokImageTextCollator, SetokTrainer
+from transformers_setok.training.setok_trainer import (
+    SetokImageTextCollator,
+    SetokTrainer,
+    SetokTrainingArguments,
+    adaptive_adversarial_weight,
+    discriminator_loss,
+)
 
 WORDS = ["[UNK]", "[PAD]", "a", "photo", "of", "cat", "cup", "rocket", "man"]
 CONCEPTS = {"astronaut": ["man", "rocket"], "chelsea": ["cat"], "coffee": ["cup"], "rocket": ["rocket"]}
@@ -31,21 +42,35 @@ def records(photos):
 
 def stage1_model(**overrides) -> SetokForImageReconstruction:
     torch.manual_seed(0)
-    config = dict(text_config=dict(TINY_TEXT_CONFIG, vocab_size=len(WORDS)), disc_start=0)
+    config = dict(text_config=dict(TINY_TEXT_CONFIG, vocab_size=len(WORDS)))
     return SetokForImageReconstruction(tiny_config(**{**config, **overrides}))
 
 
-def trainer_for(model, records, tmp_path, **kwargs) -> SetokTrainer:
-    discriminator_lr = kwargs.pop("discriminator_learning_rate", None)
-    args = tiny_training_arguments(tmp_path, **kwargs)
-    collator = SetokImageTextCollator(SetokImageProcessor(size=32), text_tokenizer())
-    return SetokTrainer(
-        model=model,
-        args=args,
-        train_dataset=records,
-        data_collator=collator,
-        discriminator_learning_rate=discriminator_lr,
+def setok_arguments(output_dir, **overrides) -> SetokTrainingArguments:
+    """`tiny_training_arguments` as SetokTrainingArguments, with the adversarial term from the first step."""
+    kwargs = dict(
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        use_cpu=True,
+        seed=0,
+        disc_start=0,
     )
+    return SetokTrainingArguments(output_dir=str(output_dir), **{**kwargs, **overrides})
+
+
+def collator():
+    return SetokImageTextCollator(SetokImageProcessor(size=32), text_tokenizer())
+
+
+def trainer_for(model, records, tmp_path, **kwargs) -> SetokTrainer:
+    args = setok_arguments(tmp_path, **kwargs)
+    return SetokTrainer(model=model, args=args, train_dataset=records, data_collator=collator())
 
 
 def logged(trainer, key) -> list[float]:
@@ -126,6 +151,109 @@ def test_resuming_from_a_checkpoint_gives_the_same_later_losses(records, tmp_pat
     for (name, ours), theirs in zip(loaded.state_dict().items(), straight.model.state_dict().values()):
         assert torch.equal(ours, theirs), name
     assert not any(p.requires_grad for p in loaded.model.vision_model.parameters())
+
+
+def test_the_adversarial_term_starts_at_the_trainers_disc_start(records, tmp_path):
+    trainer = trainer_for(stage1_model(use_discriminator=True), records, tmp_path, max_steps=3, disc_start=1)
+    trainer.train()
+    for key in ("generator_loss", "discriminator_loss"):
+        assert [entry["step"] for entry in trainer.state.log_history if key in entry] == [2, 3], key
+    assert len(logged(trainer, "reconstruction_loss")) == 3
+
+
+def test_the_trainer_weights_the_generator_term_adaptively(records, tmp_path):
+    """loss = the model's loss + disc_weight * VQGAN's adaptive weight * generator term, formed by the trainer."""
+    model = stage1_model(use_discriminator=True).train()
+    trainer = trainer_for(model, records, tmp_path, disc_weight=0.3)
+    batch = collator()(records)
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    reconstruction_side = model.config.reconstruction_loss_weight * outputs.reconstruction_loss
+    last = model.detokenizer.pixel_head.weight
+    nll_grad = torch.autograd.grad(reconstruction_side, last, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(outputs.generator_loss, last, retain_graph=True)[0]
+    weight = (nll_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0, 1e4)
+    torch.testing.assert_close(loss, outputs.loss + 0.3 * weight * outputs.generator_loss)
+    assert outputs.concept_loss is not None and not torch.allclose(outputs.loss, reconstruction_side)
+    torch.testing.assert_close(
+        adaptive_adversarial_weight(outputs.loss, outputs.generator_loss, model.get_last_layer()), weight
+    )
+    with torch.no_grad():  # evaluation: no adversarial term at all
+        eval_loss, eval_outputs = trainer.compute_loss(model.eval(), batch, return_outputs=True)
+    assert eval_outputs.generator_loss is None
+    torch.testing.assert_close(eval_loss, eval_outputs.loss)
+
+
+def test_discriminator_loss_is_the_hinge_on_real_and_detached_fake(records):
+    model = stage1_model(use_discriminator=True).train()
+    pixels = collator()(records)["pixel_values"]
+    reconstruction = model(pixels).reconstruction
+    loss = discriminator_loss(model, pixels, reconstruction)
+    real, fake = model.discriminator(model.reconstruction_target(pixels)), model.discriminator(reconstruction)
+    expected = 0.5 * (torch.relu(1 - real).mean() + torch.relu(1 + fake).mean())
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in model.discriminator.parameters())
+    assert all(p.grad is None for p in model.detokenizer.parameters())  # the reconstruction is detached
+    with pytest.raises(ValueError, match="use_discriminator"):
+        discriminator_loss(stage1_model(), pixels, reconstruction)
+
+
+def test_a_schedule_left_in_the_model_config_is_used_with_plain_training_arguments(records, tmp_path):
+    """Configs written before the schedule moved to the trainer (old config.json, YAML `setok_config`) keep working."""
+    with pytest.warns(FutureWarning, match="disc_start"):
+        model = stage1_model(use_discriminator=True, disc_start=1, disc_weight=0.5)
+    plain = tiny_training_arguments(tmp_path, max_steps=2)
+    with pytest.warns(FutureWarning, match="SetokTrainingArguments"):
+        trainer = SetokTrainer(model=model, args=plain, train_dataset=records, data_collator=collator())
+    assert (trainer.disc_start, trainer.disc_weight) == (1, 0.5)
+    trainer.train()
+    assert len(logged(trainer, "generator_loss")) == 1 and len(logged(trainer, "discriminator_loss")) == 1
+
+    explicit = SetokTrainer(model=model, args=setok_arguments(tmp_path, disc_weight=0.2), train_dataset=records)
+    assert (explicit.disc_start, explicit.disc_weight) == (0, 0.2)  # the trainer's own arguments win
+    default = SetokTrainer(model=stage1_model(use_discriminator=True), args=plain, train_dataset=records)
+    assert (default.disc_start, default.disc_weight) == (10000, 0.8)
+
+
+def test_discriminator_learning_rate_keyword_still_works(records, tmp_path):
+    model = stage1_model(use_discriminator=True)
+    with pytest.warns(FutureWarning, match="discriminator_learning_rate"):
+        trainer = SetokTrainer(
+            model=model,
+            args=tiny_training_arguments(tmp_path),
+            train_dataset=records,
+            discriminator_learning_rate=5e-4,
+        )
+    assert trainer.discriminator_optimizer.param_groups[0]["lr"] == 5e-4
+    args = setok_arguments(tmp_path, discriminator_learning_rate=2e-4)
+    assert SetokTrainer(model=model, args=args).discriminator_optimizer.param_groups[0]["lr"] == 2e-4
+    with pytest.raises(ValueError, match="discriminator_learning_rate"):
+        SetokTrainer(model=model, args=args, discriminator_learning_rate=5e-4)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("disc_start", -1), ("disc_weight", -0.5), ("discriminator_learning_rate", 0.0)]
+)
+def test_gan_arguments_are_checked(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        setok_arguments(tmp_path, **{field: value})
+
+
+def test_the_trainer_uses_only_public_model_api():
+    """No `x._name` on anything but the trainer itself (its own and the Trainer's hooks): models are used publicly."""
+    tree = ast.parse(inspect.getsource(setok_trainer))
+    private = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+        and not (isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "super")
+    ]
+    assert not private, private
+    imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [alias.name for node in imports for alias in node.names if alias.name.startswith("_")]
 
 
 def test_rejects_other_models(tmp_path):

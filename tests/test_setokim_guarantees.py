@@ -130,3 +130,50 @@ def test_a_decode_step_compiles_with_fullgraph_on_a_static_cache(model, processo
         logits = compiled(**step, **{"cache" if hasattr(prefill, "cache") else "past_key_values": cache}).logits
     reference = model.generate(**inputs, max_new_tokens=2, do_sample=False)[0, -1]
     assert int(logits[0, -1].argmax()) == int(reference)
+
+
+def test_get_image_features_returns_what_the_flags_ask_for(model, processor, photos):
+    pixel_values = processor.image_processor([photos["coffee"]], return_tensors="pt")["pixel_values"]
+    plain = model.get_image_features(pixel_values)
+    assert plain.hidden_states is None and plain.attentions is None
+    model.set_attn_implementation("eager")
+    try:
+        full = model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    layers = model.config.vision_config.vision_config.num_hidden_layers
+    assert len(full.hidden_states) == layers + 1 and len(full.attentions) == layers
+    torch.testing.assert_close(full.pooler_output[0], plain.pooler_output[0])
+
+
+def test_generate_keeps_the_llms_output_flags(model, inputs):
+    out = model.generate(**inputs, output_hidden_states=True, return_dict_in_generate=True, max_new_tokens=2)
+    assert out.hidden_states is not None and len(out.hidden_states) == 2
+
+
+def test_loading_another_model_type_is_an_error(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from transformers_setok import SetokimForConditionalGeneration
+
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model type 'bert'.*'setokim'"):
+        SetokimForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_missing_weights_are_initialised_as_in_a_fresh_model(model):
+    from transformers_setok import SetokimForConditionalGeneration
+
+    torch.manual_seed(0)
+    fresh = SetokimForConditionalGeneration(model.config)
+    torch.manual_seed(0)
+    loaded = SetokimForConditionalGeneration.from_pretrained(None, config=model.config, state_dict={})
+    # SigLIP's MLP and attention projections, pooled (built: std ~0.14 / ~0.18; the other init gave ~0.20 for both)
+    for kind in ("mlp.fc1.weight", "self_attn.q_proj.weight"):
+        pooled = [
+            torch.cat([p.detach().flatten() for n, p in net.named_parameters() if "vision_model" in n and kind in n])
+            for net in (fresh, loaded)
+        ]
+        assert float(pooled[0].std()) == pytest.approx(float(pooled[1].std()), rel=0.05), kind

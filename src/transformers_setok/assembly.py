@@ -59,7 +59,7 @@ def build_setokim(
     model.model.vision_tower.load_state_dict(setok.state_dict())
     model.model.language_model.load_state_dict(language_model.base_model.state_dict())
     model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
-    model.model.vision_tower._freeze_encoders()
+    model.model.vision_tower.freeze_encoders()
     if use_generation_head:
         add_generation_head(model, setok_name_or_path, width=generation_head_width, depth=generation_head_depth)
     return model, processor

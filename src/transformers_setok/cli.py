@@ -2,59 +2,215 @@
 
 Multi-GPU runs go through accelerate, which starts this same command once per process:
 `accelerate launch --config_file configs/accelerate/ddp.yaml -m transformers_setok.cli train pretrain --config ...`
+
+Bad input (a missing or unreadable file, a bad config, a bad argument) ends the command with one line naming the file
+or argument and a non-zero exit status; `setok --debug ...` shows the traceback instead.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
+from .loading import check_model_path, load_pretrained
+
 DEFAULT_MODEL = "setok-demo/model"
+# What a user's input can make go wrong: ConfigError, DataValidationError (both ValueErrors), FileNotFoundError,
+# PermissionError, IsADirectoryError... (OSErrors). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+# The files a folder given to `setok tokenize` contributes (case-insensitive); a file named on its own may be any.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+INDEX_FILE = "index.json"  # in --out: which overlay belongs to which image
+SHOWN_SKIPPED = 3  # unreadable images named in the skip summary; the count covers them all
 
 
-def tokenize(images: list[str], model_path: str, out: str | None, batch_size: int):
-    """Print each image's token count and, with `out`, write its cluster overlay there."""
+def tokenize(
+    images: list[str],
+    model_path: str,
+    out: str | None = None,
+    batch_size: int = 8,
+    recursive: bool = False,
+    skip_bad: bool = False,
+):
+    """Print each image's token count and, with `out`, write its cluster overlay there (names in `out/index.json`).
+
+    `images` are files or folders (their images; with `recursive`, their subfolders' too). An unreadable image is
+    an error naming it, or with `skip_bad` left out and counted at the end. Bad input raises ValueError or OSError.
+    """
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModel
 
     from . import visualize_clusters
 
-    if not Path(model_path).exists() and model_path == DEFAULT_MODEL:
-        sys.exit(f"No model at {model_path!r}: run `setok demo` first or pass --model PATH (a saved SeTok).")
-    missing = [path for path in images if not Path(path).is_file()]
-    if missing:
-        sys.exit(f"Image file(s) not found: {', '.join(missing)}")
     if batch_size < 1:
-        sys.exit(f"--batch-size must be at least 1, got {batch_size}.")
-    model = AutoModel.from_pretrained(model_path).eval()
-    processor = AutoImageProcessor.from_pretrained(model_path)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(0, len(images), batch_size), desc="tokenizing", unit="batch", disable=len(images) <= 1):
-        paths = images[start : start + batch_size]
-        loaded = [_open_image(path) for path in paths]
-        with torch.inference_mode():
-            output = model(processor(loaded, return_tensors="pt")["pixel_values"])
-        for i, (path, image) in enumerate(zip(paths, loaded)):
-            tqdm.write(f"{path}\t{int(output.num_tokens[i])} tokens")
-            if out:
-                overlay = visualize_clusters(image, output.cluster_assignment[i])
-                overlay.save(Path(out) / f"{Path(path).stem}_clusters.png")
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+    paths = find_images(images, recursive, leave_out=out)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out {out}: is a file, not a folder for the overlays.")
+    if model_path == DEFAULT_MODEL and not Path(model_path).exists():
+        raise FileNotFoundError(
+            f"No model at {model_path!r}: run `setok demo` first or pass --model PATH (a saved SeTok)."
+        )
+    model = load_pretrained(AutoModel, model_path, required=("preprocessor_config.json",)).eval()
+    processor = load_pretrained(AutoImageProcessor, model_path)
+    names = overlay_names(paths) if out is not None else None
+    if out is not None:
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"--out {out}: cannot create the folder: {error}") from error
+
+    written, skipped = [], []
+    with tqdm(total=len(paths), desc="tokenizing", unit="image", disable=len(paths) <= 1) as progress:
+        for batch in _batches(paths, processor, batch_size, skip_bad, skipped, progress):
+            with torch.inference_mode():
+                output = model(torch.cat([pixel_values for _, _, pixel_values in batch]))
+            for i, (index, image, _) in enumerate(batch):
+                line = f"{paths[index]}\t{int(output.num_tokens[i])} tokens"
+                if names is not None:
+                    overlay = Path(out) / names[index]
+                    visualize_clusters(image, output.cluster_assignment[i]).save(overlay)
+                    written.append(
+                        {"image": paths[index], "overlay": names[index], "num_tokens": int(output.num_tokens[i])}
+                    )
+                    line += f"\t{overlay}"
+                tqdm.write(line)
+            progress.update(len(batch))
+
+    if out is not None:
+        index = {"model": model_path, "images": written, "skipped": [{"image": p, "error": e} for p, e in skipped]}
+        (Path(out) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if skipped:
+        shown = ", ".join(f"{path} ({error})" for path, error in skipped[:SHOWN_SKIPPED])
+        more = f" and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+        listed = f" (all listed in {Path(out) / INDEX_FILE})" if out is not None and more else ""
+        summary = f"{len(skipped)} of {len(paths)} images: {shown}{more}{listed}"
+        if len(skipped) == len(paths):
+            raise ValueError(f"All {summary} are unreadable.")
+        print(f"Skipped {summary}.", file=sys.stderr)
 
 
-def train(stage: str, config_path: str, resume: str | None):
-    """Checks the config, the checkpoint to resume from and the data set, then trains; bad input exits before any
-    model is built, with a message naming the key at fault."""
-    from .training.config import ConfigError, load_config
-    from .training.runners import run_stage
+def find_images(arguments: list[str], recursive: bool = False, leave_out: str | None = None) -> list[str]:
+    """The image files `arguments` name: files as given, folders by their images (IMAGE_SUFFIXES, sorted; their
+    subfolders' too with `recursive`, except those in `leave_out`, the overlay folder of an earlier run). Raises
+    FileNotFoundError for what does not exist or a folder without images."""
+    found, missing = [], []
+    skip = Path(leave_out).resolve() if leave_out is not None else None
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            inside = sorted(
+                file
+                for file in (path.rglob("*") if recursive else path.iterdir())
+                if file.suffix.lower() in IMAGE_SUFFIXES
+                and not file.name.startswith(".")
+                and file.is_file()
+                and (skip is None or not file.resolve().is_relative_to(skip))
+            )
+            if not inside:
+                deeper = not recursive and any(child.is_dir() for child in path.iterdir())
+                hint = "; --recursive also takes its subfolders' images" if deeper else ""
+                raise FileNotFoundError(
+                    f"{argument} is a folder with no image files ({', '.join(IMAGE_SUFFIXES)}){hint}."
+                )
+            found.extend(map(str, inside))
+        elif path.exists():
+            found.append(argument)
+        else:
+            missing.append(argument)
+    if missing:
+        raise FileNotFoundError(f"Image file(s) not found: {', '.join(missing)}")
+    return found
+
+
+def overlay_names(paths: list[str]) -> list[str]:
+    """A distinct overlay file name per image of `paths`, in order: `<stem>_clusters.png`. Where stems clash
+    (a/x.jpg, b/x.png) the fewest parent folders that tell the images apart come first (a_x, b_x); in the same
+    folder the extension follows (x_jpg, x_png); what still clashes (one file named twice) gets -2, -3, ...
+    Names are compared case-insensitively, as some file systems do."""
+    files = [Path(path).resolve() for path in paths]
+    by_stem: dict[str, list[int]] = {}
+    for i, file in enumerate(files):
+        by_stem.setdefault(file.stem.casefold(), []).append(i)
+    labels = []
+    for file in files:
+        rivals = [files[j] for j in by_stem[file.stem.casefold()] if files[j] != file]
+        label = file.stem
+        elsewhere = [rival.parent for rival in rivals if rival.parent != file.parent]
+        if elsewhere:
+            label = f"{_folder_label(file.parent, elsewhere)}_{label}"
+        if any(rival.parent == file.parent for rival in rivals):
+            label = f"{label}_{file.suffix.lstrip('.')}"
+        labels.append(label)
+    names, taken = [], set()
+    for label in labels:
+        name, count = label, 1
+        while name.casefold() in taken:
+            count += 1
+            name = f"{label}-{count}"
+        taken.add(name.casefold())
+        names.append(f"{name}_clusters.png")
+    return names
+
+
+def _folder_label(folder: Path, others: list[Path]) -> str:
+    """The fewest trailing folder names of `folder` that none of `others` ends with, joined by "_"."""
+    parts = folder.relative_to(folder.anchor).parts
+    for depth in range(1, len(parts) + 1):
+        tail = parts[-depth:]
+        if all(other.relative_to(other.anchor).parts[-depth:] != tail for other in others):
+            return "_".join(tail)
+    return "_".join(parts) or "root"
+
+
+def _batches(paths, processor, batch_size, skip_bad, skipped, progress):
+    """Batches of (index in `paths`, image, pixel_values) of up to `batch_size` readable images. An unreadable one
+    raises ValueError naming it, or with `skip_bad` is appended to `skipped` as (path, reason)."""
+    batch = []
+    for index, path in enumerate(paths):
+        try:
+            image = _open_image(path)
+            try:
+                pixel_values = processor(image, return_tensors="pt")["pixel_values"]
+            except (ValueError, OSError) as error:
+                raise ValueError(f"cannot be processed: {error}") from error
+        except ValueError as error:
+            if not skip_bad:
+                raise ValueError(f"Cannot read {path} as an image: {error}; --skip-bad skips such files.") from error
+            skipped.append((path, str(error)))
+            progress.update(1)
+            continue
+        batch.append((index, image, pixel_values))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _open_image(path: str):
+    """The image at `path`, decoded now (PIL decodes lazily, so a truncated file would fail later, unnamed)."""
+    import PIL.Image
 
     try:
-        config = load_config(config_path, stage)
-        metrics = run_stage(config, resume)
-    except (ConfigError, FileNotFoundError) as error:
-        # Under `accelerate launch` every process finds the same error: one message is enough.
-        sys.exit(f"setok train {stage}: {error}" if os.environ.get("RANK", "0") == "0" else 1)
+        image = PIL.Image.open(path)
+        image.load()
+    # SyntaxError: some PIL plugins raise it for a corrupt file; DecompressionBombError: an implausibly large one.
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(" ".join(str(error).split()) or type(error).__name__) from error
+    return image
+
+
+def train(stage: str, config_path: str, resume: str | None = None, overwrite: bool = False):
+    """Checks the config, the checkpoint to resume from and the data set, then trains; bad input raises (ConfigError,
+    FileNotFoundError) before any model is built, with a message naming the key at fault."""
+    from .training.config import load_config
+    from .training.runners import run_stage
+
+    config = load_config(config_path, stage)
+    metrics = run_stage(config, resume, overwrite=overwrite)
 
     from accelerate import PartialState
 
@@ -65,20 +221,16 @@ def train(stage: str, config_path: str, resume: str | None):
     return metrics
 
 
-def _open_image(path: str):
-    import PIL.Image
-
-    try:
-        return PIL.Image.open(path)
-    except (PIL.UnidentifiedImageError, OSError) as error:
-        sys.exit(f"Cannot read {path} as an image: {error}")
-
-
-def main(argv: list[str] | None = None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="setok", description="SeTok, the semantic-equivalent vision tokenizer.")
+    debug = dict(action="store_true", help="show the Python traceback of an error instead of a one-line message")
+    parser.add_argument("--debug", **debug)
+    # Also accepted after the command (`setok tokenize ... --debug`); SUPPRESS keeps the subcommand from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", **{**debug, "default": argparse.SUPPRESS})
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train a small SeTok on real photos and write a report")
+    demo = commands.add_parser("demo", parents=[common], help="train a small SeTok on real photos and write a report")
     demo.add_argument("--out", default="setok-demo", help="report folder (default: setok-demo)")
     demo.add_argument("--steps", type=int, default=1000)
     demo.add_argument("--batch-size", type=int, default=16)
@@ -86,14 +238,26 @@ def main(argv: list[str] | None = None):
     demo.add_argument("--vision-model", default=None, help="start from this pretrained encoder (hub name or path)")
     demo.add_argument("--seed", type=int, default=0)
 
-    tok = commands.add_parser("tokenize", help="print token counts and write cluster overlays")
-    tok.add_argument("images", nargs="+", help="image files")
-    tok.add_argument("--model", default=DEFAULT_MODEL, help=f"saved SeTok folder (default: {DEFAULT_MODEL})")
-    tok.add_argument("--out", default=None, help="folder for the overlays")
+    tok = commands.add_parser(
+        "tokenize",
+        parents=[common],
+        help="print token counts and write cluster overlays",
+        description="Print each image's token count; with --out, write its cluster overlay there. Overlays are "
+        f"named <stem>_clusters.png (parent folders added where stems clash); --out/{INDEX_FILE} maps them to "
+        "the images.",
+    )
+    tok.add_argument("images", nargs="+", help="image files, or folders of images")
+    tok.add_argument("--model", default=DEFAULT_MODEL, help=f"saved SeTok folder or Hub id (default: {DEFAULT_MODEL})")
+    tok.add_argument("--out", default=None, help=f"folder for the overlays and {INDEX_FILE}")
     tok.add_argument("--batch-size", type=int, default=8)
+    tok.add_argument("--recursive", action="store_true", help="take the images in the folders' subfolders too")
+    tok.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (counted at the end) instead of stopping"
+    )
 
     trainer = commands.add_parser(
         "train",
+        parents=[common],
         help="train a stage from a YAML config (tokenizer: SeTok; pretrain: Setokim's projector; sft: instructions)",
         description="Train one stage from a YAML config (examples in configs/). Runs under `accelerate launch` "
         "for multi-GPU training.",
@@ -106,12 +270,36 @@ def main(argv: list[str] | None = None):
         metavar="PATH|auto",
         help="continue from this checkpoint folder, or from the last complete one in output_dir (auto)",
     )
+    trainer.add_argument(
+        "--overwrite", action="store_true", help="start afresh even though output_dir already holds a run"
+    )
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        command = f"setok {args.command}" + (f" {args.stage}" if args.command == "train" else "")
+        message = " ".join(str(error).split()) or type(error).__name__
+        # Under `accelerate launch` every process finds the same error: one message is enough.
+        sys.exit(f"{command}: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        sys.exit(130)
+
+
+def _run(args):
     if args.command == "train":
         # Not returned: the console script passes main()'s value to sys.exit, which would read a dict as a failure.
-        train(args.stage, args.config, args.resume)
+        train(args.stage, args.config, args.resume, overwrite=args.overwrite)
     elif args.command == "demo":
+        if args.vision_model is not None:
+            check_model_path(args.vision_model, "--vision-model")
         from .demo import run_demo
 
         metrics = run_demo(args.out, args.steps, args.batch_size, args.learning_rate, args.vision_model, args.seed)
@@ -121,7 +309,7 @@ def main(argv: list[str] | None = None):
         for name, row in metrics["held_out"].items():
             print(f"  {name}: {row['num_tokens']} tokens, held-out L1 {row['l1_before']:.3f} -> {row['l1_after']:.3f}")
     else:
-        tokenize(args.images, args.model, args.out, args.batch_size)
+        tokenize(args.images, args.model, args.out, args.batch_size, args.recursive, args.skip_bad)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def tokenize_held_out(model, processor, photos: dict[str, np.ndarray]):
     model.eval()
     pixel_values = processor(list(photos.values()), return_tensors="pt")["pixel_values"].to(model.device)
     output = model(pixel_values)
-    target = model._target(pixel_values, None)
+    target = model.reconstruction_target(pixel_values)
     per_image_l1 = (output.reconstruction - target).abs().flatten(1).mean(-1)
     return output, per_image_l1
 

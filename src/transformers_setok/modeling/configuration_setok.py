@@ -1,5 +1,7 @@
 """Configuration of SeTok, the semantic-equivalent vision tokenizer (Wu et al., ICLR 2025)."""
 
+import numbers
+import warnings
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -17,6 +19,10 @@ SO400M_VISION_KWARGS = {
     "layer_norm_eps": 1e-6,
     "vision_use_head": False,  # SeTok reads patch features; the pooling head would be computed and thrown away
 }
+
+
+# Training schedule that older releases kept in the config; accepted (with a FutureWarning) but never saved.
+GAN_SCHEDULE_FIELDS = ("disc_start", "disc_weight")
 
 
 class SetokConfig(PreTrainedConfig):
@@ -43,8 +49,9 @@ class SetokConfig(PreTrainedConfig):
         cluster_k (`int`, defaults to 64): neighbours used for the local density.
         cluster_threshold (`float`, defaults to 0.5): score a patch needs to become a cluster center.
         cluster_fallback_num_clusters (`int`, defaults to 64): centers taken when no score passes the threshold.
-        max_num_clusters (`int`, *optional*): keep at most this many of the centers that pass the threshold
-            (the best scores). The fallback is not capped by it.
+        max_num_clusters (`int`, *optional*): hard cap on an image's token count: at most this many centers (the
+            best scores), whether they passed the threshold or are the fallback (a larger
+            `cluster_fallback_num_clusters` is clipped to it).
         cluster_chunk_size (`int`, *optional*): images clustered at once, to bound the O(B * N^2) memory.
         iterative_bandwidth_scale (`float`, defaults to 0.1):
             Iterative variant: the soft mask bandwidth is this times the image's mean squared patch distance.
@@ -70,8 +77,9 @@ class SetokConfig(PreTrainedConfig):
         perceptual_loss_weight (`float`): weight of the optional perceptual term (needs a user-supplied network).
         use_discriminator (`bool`): build a PatchGAN discriminator for the adversarial term.
         discriminator_num_layers, discriminator_channels (`int`): size of that discriminator.
-        disc_start (`int`): training step from which the adversarial term is applied.
-        disc_weight (`float`): multiplier of the VQGAN-style adaptive weight of the adversarial term.
+        disc_start, disc_weight: deprecated and not saved. When the adversarial term starts and its weight are
+            training schedule, set on the trainer (`SetokTrainingArguments`); values given here (or read from an
+            old config.json) warn, and `SetokTrainer` uses them only when given plain `TrainingArguments`.
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Frozen text encoder for the concept contrast (any transformers text encoder). `None` disables it.
         concept_loss_weight (`float`): weight of the concept contrast (beta).
@@ -128,8 +136,8 @@ class SetokConfig(PreTrainedConfig):
     use_discriminator: bool = False
     discriminator_num_layers: int = 3
     discriminator_channels: int = 64
-    disc_start: int = 10000
-    disc_weight: float = 0.8
+    disc_start: int | None = None  # deprecated: SetokTrainingArguments.disc_start
+    disc_weight: float | None = None  # deprecated: SetokTrainingArguments.disc_weight
 
     text_config: dict | PreTrainedConfig | None = None
     concept_loss_weight: float = 1.0
@@ -147,6 +155,20 @@ class SetokConfig(PreTrainedConfig):
         if self.decoder_patch_size is None:
             self.decoder_patch_size = self.patch_size
         self._validate_setok_fields()
+        given = [name for name in GAN_SCHEDULE_FIELDS if getattr(self, name) is not None]
+        if given:
+            warnings.warn(
+                f"SetokConfig's {', '.join(f'`{name}`' for name in given)} (the GAN schedule) are deprecated and not "
+                "saved: the schedule is the trainer's, set it in `SetokTrainingArguments`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+
+    def to_dict(self):
+        output = super().to_dict()
+        for name in GAN_SCHEDULE_FIELDS:
+            output.pop(name, None)
+        return output
 
     @property
     def patch_size(self) -> int:
@@ -192,6 +214,11 @@ class SetokConfig(PreTrainedConfig):
             "discriminator_num_layers",
             "discriminator_channels",
         ]
+        # Clustering fields also take numpy and 0-d tensor numbers, stored as the Python numbers they hold.
+        for name in ("cluster_k", "cluster_fallback_num_clusters", "max_num_clusters", "cluster_chunk_size"):
+            setattr(self, name, _python_number(getattr(self, name), numbers.Integral))
+        for name in ("cluster_threshold", "iterative_bandwidth_scale", "iterative_stop_mass"):
+            setattr(self, name, _python_number(getattr(self, name), numbers.Real))
         for name in positive + ["max_num_clusters", "cluster_chunk_size"]:
             value = getattr(self, name)
             if name in positive or value is not None:
@@ -221,6 +248,15 @@ class SetokConfig(PreTrainedConfig):
                 f"`vision_config.image_size` ({self.image_size}) must be at least one patch "
                 f"(`vision_config.patch_size` = {self.patch_size})."
             )
+
+
+def _python_number(value, kind):
+    """A numpy scalar or 0-d array/tensor holding a number of `kind` as that Python number; anything else as is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        item = value.item()
+        if isinstance(item, kind) and not isinstance(item, bool):
+            return int(item) if kind is numbers.Integral else float(item)
+    return value
 
 
 def _as_square(value, name: str) -> int:

@@ -1,4 +1,8 @@
-"""SeTok's stage-1 losses (spec 1.6): pixel reconstruction, PatchGAN hinge terms, and the concept contrast."""
+"""SeTok's stage-1 losses (spec 1.6): pixel reconstruction, PatchGAN hinge terms, and the concept contrast.
+
+These are the loss functions of one forward's inputs and outputs. How they are scheduled across training steps (when
+the adversarial term starts, VQGAN's adaptive weight, the discriminator's own step) is the trainer's
+(`transformers_setok.training.setok_trainer`)."""
 
 import math
 
@@ -53,15 +57,6 @@ def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tenso
 
 def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
-
-
-def adaptive_adversarial_weight(
-    nll_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
-) -> torch.Tensor:
-    """VQGAN's balance: ratio of the gradient norms of the two terms at the decoder's last layer (detached)."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    gen_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

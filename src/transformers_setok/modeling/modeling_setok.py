@@ -25,12 +25,11 @@ from .layers_setok import (
     padding_attention_kwargs,
     segment_attention_kwargs,
 )
+from .loading_setok import check_model_type, initialize_native_submodels
 from .losses_setok import (
     TEXT_TOWERS,
     SetokConceptContrast,
     SetokPatchDiscriminator,
-    adaptive_adversarial_weight,
-    hinge_discriminator_loss,
     hinge_generator_loss,
     reconstruction_loss,
 )
@@ -49,6 +48,12 @@ class SetokModelOutput(ModelOutput):
         Token index of every encoder patch.
     patch_features (`torch.FloatTensor` of shape `(batch_size, grid_height * grid_width, hidden_size)`, *optional*):
         The encoder's patch features (before the position embedding), when `output_patch_features=True`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        The vision encoder's hidden states (its embeddings, then each layer's output), when
+        `output_hidden_states=True` (or `config.output_hidden_states`).
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        The vision encoder's attention weights, one `(batch_size, num_heads, seq_len, seq_len)` tensor per layer, when
+        `output_attentions=True` (or `config.output_attentions`); the eager attention implementation provides them.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -56,17 +61,22 @@ class SetokModelOutput(ModelOutput):
     num_tokens: torch.LongTensor | None = None
     cluster_assignment: torch.LongTensor | None = None
     patch_features: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
 class SetokReconstructionOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor`, *optional*): weighted sum of the terms below that were computed.
+    loss (`torch.FloatTensor`, *optional*): the weighted sum of the reconstruction, perceptual and concept terms that
+        were computed. The adversarial `generator_loss` is not part of it: its start and its (adaptive) weight are
+        training schedule, applied by the trainer ([`SetokTrainer`]).
     reconstruction_loss, perceptual_loss, generator_loss, concept_loss (`torch.FloatTensor`, *optional*):
         The unweighted stage-1 loss terms (spec 1.6), each present when computed.
     reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, size, size)`):
         Decoded pixels, normalised like the processor's output; `size = grid * decoder_patch_size`.
-    last_hidden_state, attention_mask, num_tokens, cluster_assignment: as in [`SetokModelOutput`].
+    last_hidden_state, attention_mask, num_tokens, cluster_assignment, hidden_states, attentions: as in
+        [`SetokModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -79,6 +89,8 @@ class SetokReconstructionOutput(ModelOutput):
     attention_mask: torch.LongTensor | None = None
     num_tokens: torch.LongTensor | None = None
     cluster_assignment: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class SetokPreTrainedModel(PreTrainedModel):
@@ -99,7 +111,13 @@ class SetokPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SetokConceptContrast):
             init.constant_(module.logit_scale, math.log(1 / self.config.contrastive_temperature_init))
 
-    def _freeze_encoders(self):
+    def initialize_weights(self):
+        # The encoders first, by their own classes' rules (what their constructors run): transformers' custom-code
+        # path would otherwise skip their parameter-less blocks, and missing weights would get another init.
+        initialize_native_submodels(self)
+        super().initialize_weights()
+
+    def freeze_encoders(self):
         """Freeze the vision encoder (when `config.freeze_vision_encoder`) and the concept contrast's text encoder."""
         for module in self.modules():
             if isinstance(module, SetokModel) and self.config.freeze_vision_encoder:
@@ -108,10 +126,12 @@ class SetokPreTrainedModel(PreTrainedModel):
                 module.text_encoder.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # transformers only warns when the checkpoint is of another model type, and returns random weights.
+        check_model_type(pretrained_model_name_or_path, cls.config_class.model_type, class_name=cls.__name__, **kwargs)
         # Loading swaps every parameter for a new trainable one, which would silently unfreeze the encoders.
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze_encoders()
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_encoders()
         return loaded
 
     @classmethod
@@ -221,7 +241,7 @@ class SetokModel(SetokPreTrainedModel):
         self.vision_model = AutoModel.from_config(config.vision_config)
         self.merger = SetokTokenMerger(config)
         self.post_init()
-        self._freeze_encoders()
+        self.freeze_encoders()
 
     def train(self, mode: bool = True):
         # A frozen encoder stays in eval mode: its dropout (ViT, say) would otherwise perturb the features.
@@ -230,11 +250,22 @@ class SetokModel(SetokPreTrainedModel):
             self.vision_model.eval()
         return self
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The vision encoder's input embedding (SigLIP's patch embedding), as `SiglipVisionModel` returns it."""
+        return self.vision_model.get_input_embeddings()
+
     def get_patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Encoder patch features `(B, h * w, C)` at `config.vision_feature_layer`; leading CLS/register tokens are
         dropped for encoders that have them (SigLIP has none)."""
-        outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer]
+        return self._select_patch_features(self._encode(pixel_values, output_attentions=False).hidden_states)
+
+    def _encode(self, pixel_values: torch.Tensor, output_attentions: bool):
+        return self.vision_model(
+            pixel_values=pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
+        )
+
+    def _select_patch_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        features = hidden_states[self.config.vision_feature_layer]
         num_prefix = features.shape[1] - self.config.num_patches
         if num_prefix < 0:
             raise ValueError(
@@ -272,12 +303,26 @@ class SetokModel(SetokPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, output_patch_features: bool = False, return_dict: bool | None = None
+        self,
+        pixel_values: torch.Tensor,
+        output_patch_features: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
     ) -> SetokModelOutput:
-        """`pixel_values` `(B, 3, H, W)` at the encoder's image size, as the image processor returns them."""
-        _check_pixel_values(pixel_values, self.config.image_size, "pixel_values")
+        r"""
+        pixel_values (`(B, 3, H, W)`): images at the encoder's image size, as the image processor returns them.
+        output_patch_features (`bool`, defaults to `False`): also return the clustered patch features.
+        output_attentions, output_hidden_states (`bool`, *optional*): also return the vision encoder's attention
+            weights / hidden states; default to the config's `output_attentions` / `output_hidden_states`.
+        """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        _check_pixel_values(pixel_values, config.image_size, "pixel_values")
         pixel_values = pixel_values.to(self.dtype)
-        patch_features = self.get_patch_features(pixel_values)
+        encoded = self._encode(pixel_values, output_attentions=bool(output_attentions))
+        patch_features = self._select_patch_features(encoded.hidden_states)
         features = self.embed_positions(patch_features)
         assignment, num_clusters = self.cluster_patches(features.detach().float())
         tokens, token_mask = self.merger(features, assignment, num_clusters)
@@ -285,8 +330,10 @@ class SetokModel(SetokPreTrainedModel):
             last_hidden_state=tokens,
             attention_mask=token_mask,
             num_tokens=num_clusters,
-            cluster_assignment=assignment.view(-1, self.config.grid_size, self.config.grid_size),
+            cluster_assignment=assignment.view(-1, config.grid_size, config.grid_size),
             patch_features=patch_features if output_patch_features else None,
+            hidden_states=encoded.hidden_states if output_hidden_states else None,
+            attentions=encoded.attentions if output_attentions else None,
         )
 
 
@@ -344,10 +391,13 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
     """SeTok with its detokenizer and the stage-1 losses: reconstruction (L1/MSE), optional perceptual and PatchGAN
     terms, and the concept contrast against a frozen text encoder (when `config.text_config` is set).
 
-    The PatchGAN discriminator lives in `self.discriminator`; train it with its own optimiser on
-    [`~SetokForImageReconstruction.discriminator_loss`] and keep its parameters out of the generator's optimiser.
-    A perceptual network (any module mapping images to features) is attached with `set_perceptual_network`; it is
-    not saved with the model.
+    The forward computes the losses that depend only on its own inputs and outputs. With a discriminator that
+    includes the generator's adversarial term against the current discriminator (`generator_loss`), returned
+    unweighted and outside `loss`: when it starts, its VQGAN adaptive weight (taken at [`get_last_layer`]) and the
+    discriminator's own loss and step are training schedule, which [`SetokTrainer`] applies. The PatchGAN
+    discriminator lives in `self.discriminator` (saved with the model); keep its parameters out of the generator's
+    optimiser. A perceptual network (any module mapping images to features) is attached with
+    `set_perceptual_network`; it is not saved with the model.
     """
 
     _has_concept_contrast = True
@@ -364,19 +414,26 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         self.concept_contrast = SetokConceptContrast(config) if config.text_config is not None else None
         self._perceptual = []
         self.post_init()
-        self._freeze_encoders()
+        self.freeze_encoders()
 
     def set_perceptual_network(self, network: nn.Module | None):
         """Use `network` (images -> features, frozen by you) for the perceptual term, weighted by
         `config.perceptual_loss_weight`."""
         self._perceptual = [] if network is None else [network]
 
-    def discriminator_loss(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Hinge loss of the PatchGAN discriminator on real images and (detached) reconstructions."""
-        if self.discriminator is None:
-            raise ValueError("This model has no discriminator: build it with `use_discriminator=True`.")
-        real = self._target(pixel_values, None)
-        return hinge_discriminator_loss(self.discriminator(real), self.discriminator(reconstruction.detach()))
+    def get_input_embeddings(self) -> nn.Module:
+        """The vision encoder's input embedding (SigLIP's patch embedding)."""
+        return self.model.get_input_embeddings()
+
+    def get_last_layer(self) -> nn.Parameter:
+        """The decoder's last layer (the weight of the detokenizer's pixel head), where VQGAN's adaptive weight
+        compares the gradients of the reconstruction and adversarial terms."""
+        return self.detokenizer.pixel_head.weight
+
+    def reconstruction_target(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` as the reconstruction is compared with them (and the discriminator sees real images):
+        float32, resized (bilinear, antialiased) to `config.reconstruction_size` when they differ."""
+        return self._target(pixel_values, "pixel_values")
 
     @can_return_tuple
     def forward(
@@ -386,8 +443,10 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         concept_input_ids: torch.Tensor | None = None,
         concept_attention_mask: torch.Tensor | None = None,
         concept_targets: torch.Tensor | None = None,
-        global_step: int | None = None,
         return_loss: bool = True,
+        return_generator_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> SetokReconstructionOutput:
         r"""
@@ -397,12 +456,22 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         concept_input_ids, concept_attention_mask (`(U, T)`, *optional*): tokenised concept phrases or captions.
         concept_targets (`(B, U)`, *optional*): 1 where text `u` describes image `b`. Defaults to the identity
             when `U == B` (one caption per image).
-        global_step (`int`, *optional*): current training step; the adversarial term starts at `config.disc_start`
-            (a trainer passes `state.global_step`; without it the term runs only when `disc_start` is 0).
         return_loss (`bool`, defaults to `True`): compute the losses.
+        return_generator_loss (`bool`, *optional*): compute the generator's adversarial term (the discriminator's
+            weights enter as constants); defaults to whether the model has a discriminator. A trainer turns it off
+            before the GAN starts and in evaluation.
+        output_attentions, output_hidden_states (`bool`, *optional*): as in [`SetokModel`].
         """
         config = self.config
-        encoded = self.model(pixel_values)
+        if return_generator_loss is None:
+            return_generator_loss = self.discriminator is not None
+        elif return_generator_loss and self.discriminator is None:
+            raise ValueError(
+                "This model has no discriminator for the generator loss: build it with `use_discriminator=True`."
+            )
+        encoded = self.model(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
         reconstruction = self.detokenizer(encoded.last_hidden_state, encoded.attention_mask)
         terms = {}
         if return_loss:
@@ -419,16 +488,11 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
                 network = self._perceptual[0]
                 terms["perceptual_loss"] = nn.functional.mse_loss(network(reconstruction_f), network(target))
                 weighted = weighted + config.perceptual_loss_weight * terms["perceptual_loss"]
-            if self.discriminator is not None and self.training and (global_step or 0) >= config.disc_start:
-                # The discriminator's weights enter as constants: the generator step must not train it.
+            if return_generator_loss:
+                # The discriminator's weights enter as constants: the generator's loss must not train it.
                 frozen = {name: param.detach() for name, param in self.discriminator.named_parameters()}
                 fake_logits = torch.func.functional_call(self.discriminator, frozen, (reconstruction_f,))
                 terms["generator_loss"] = hinge_generator_loss(fake_logits)
-                weight = config.disc_weight
-                if torch.is_grad_enabled():
-                    last = self.detokenizer.pixel_head.weight
-                    weight = weight * adaptive_adversarial_weight(weighted, terms["generator_loss"], last)
-                weighted = weighted + weight * terms["generator_loss"]
             if concept_input_ids is not None:
                 terms["concept_loss"] = self._concept_loss(
                     encoded, concept_input_ids, concept_attention_mask, concept_targets
@@ -442,6 +506,8 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
             attention_mask=encoded.attention_mask,
             num_tokens=encoded.num_tokens,
             cluster_assignment=encoded.cluster_assignment,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
 
     def _target(self, pixels: torch.Tensor, name: str | None) -> torch.Tensor:

@@ -31,6 +31,7 @@ from transformers.utils.generic import can_return_tuple
 from .compat_setokim import CACHE_OUTPUT_FIELD, cache_kwargs, cache_of, resolve_cache
 from .configuration_setokim import SetokimConfig
 from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear, repeat_noise_draws
+from .loading_setok import check_model_type, initialize_native_submodels
 from .modeling_setok import SetokDetokenizer, SetokModel
 from .placeholders_setokim import expand_image_placeholders, image_blocks
 
@@ -105,12 +106,20 @@ class SetokimPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SetokDetokenizer):
             init.normal_(module.query_embeddings, std=self.config.vision_config.initializer_range)
 
+    def initialize_weights(self):
+        # transformers' own init of the native sub-models (the LLM, SigLIP inside SeTok) first, as a freshly built
+        # model gets it; see `loading_setok.initialize_native_submodels`.
+        initialize_native_submodels(self)
+        super().initialize_weights()
+
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A checkpoint of another model type is an error, not a randomly initialised Setokim.
+        check_model_type(pretrained_model_name_or_path, cls.config_class.model_type, class_name=cls.__name__, **kwargs)
         # Loading swaps every parameter for a new trainable one, which would silently unfreeze SeTok's encoder.
-        loaded = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.base_model.vision_tower._freeze_encoders()
+        model.base_model.vision_tower.freeze_encoders()
         return loaded
 
 
@@ -135,12 +144,24 @@ class SetokimModel(SetokimPreTrainedModel):
         """Runs SeTok and the projector.
 
         Returns a `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `(n_i, hidden_size)` tensor
-        per image (n_i: that image's token count) and whose `last_hidden_state` holds the padded SeTok tokens.
+        per image (n_i: that image's token count), whose `last_hidden_state` holds the padded SeTok tokens, and with
+        the vision encoder's `hidden_states` / `attentions` when `output_hidden_states` / `output_attentions` are
+        passed. (The flags travel in `kwargs`, as in transformers' VLMs: `generate` hands named parameters of this
+        method to it and takes them away from the LLM.)
         """
-        setok = self.vision_tower(pixel_values)
+        setok = self.vision_tower(
+            pixel_values,
+            output_hidden_states=kwargs.get("output_hidden_states"),
+            output_attentions=kwargs.get("output_attentions"),
+        )
         projected = self.multi_modal_projector(setok.last_hidden_state)
         per_image = [tokens[:count] for tokens, count in zip(projected, setok.num_tokens.tolist())]
-        return BaseModelOutputWithPooling(last_hidden_state=setok.last_hidden_state, pooler_output=per_image)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=setok.last_hidden_state,
+            pooler_output=per_image,
+            hidden_states=setok.hidden_states,
+            attentions=setok.attentions,
+        )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features, masked_image_tokens=None) -> torch.Tensor:
         """Where the image features go (placeholders not in `masked_image_tokens`); raises when placeholders and

@@ -7,27 +7,31 @@ Everything that can be wrong with the inputs fails before the model is built: th
 checkpoint to resume from (`resolve_resume`), then the data set, which is loaded and checked before the weights.
 Checkpoints are the Trainer's own (`output_dir/checkpoint-N`: weights, optimiser, scheduler, RNG and data position),
 written every `training.save_steps` steps, so a run stopped at any point resumes with `--resume auto` and loses only
-the steps since the last complete checkpoint.
+the steps since the last complete checkpoint. A fresh run never silently replaces a previous one in its output_dir
+(its checkpoints or its finished model): that takes `overwrite` (`setok train --overwrite`).
 """
 
 import json
 import logging
 import os
 import re
+import shutil
 
 import torch
 
 from .config import (
     EXPECTED_MODEL_TYPE,
     ConfigError,
+    SavedModelConfig,
     StageConfig,
     build_training_arguments,
-    check_checkpoint_type,
     has_concept_contrast,
 )
 
 __all__ = [
+    "finished_model",
     "last_complete_checkpoint",
+    "previous_run",
     "resolve_resume",
     "run_pretrain_stage",
     "run_sft_stage",
@@ -38,14 +42,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # written last in a checkpoint: its presence marks a complete one
+ADAPTER_CONFIG = "adapter_config.json"  # what stage 3 saves with LoRA instead of a whole model's config.json
 
 
-def run_stage(config: StageConfig, resume: str | None = None) -> dict:
+def run_stage(config: StageConfig, resume: str | None = None, overwrite: bool = False) -> dict:
     """Trains the stage `config` describes; `resume` is a checkpoint folder, "auto" (the last one in output_dir) or
-    None (a fresh run). Returns the training metrics."""
-    checkpoint = resolve_resume(config, resume)
+    None (a fresh run). A fresh run into an output_dir that holds a previous run (checkpoints, or a finished model in
+    output_dir/final) is refused unless `overwrite`: then that run's checkpoints, final and merged folders are removed
+    once the new run's data and model are ready, just before it trains. Returns the training metrics."""
+    checkpoint = resolve_resume(config, resume, overwrite=overwrite)
     runner = {"tokenizer": run_tokenizer_stage, "pretrain": run_pretrain_stage, "sft": run_sft_stage}[config.stage]
-    return runner(config, resume_from_checkpoint=checkpoint)
+    return runner(config, resume_from_checkpoint=checkpoint, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,15 +90,36 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def resolve_resume(config: StageConfig, resume: str | None) -> str | None:
-    """The checkpoint to resume from, checked; a fresh run into an output_dir with checkpoints is refused, since its
-    own checkpoints would overwrite them."""
+def finished_model(folder: str) -> bool:
+    """Whether `folder` holds a saved model: a whole one (config.json) or a stage-3 LoRA adapter."""
+    return SavedModelConfig.exists(folder) or os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))
+
+
+def previous_run(config: StageConfig) -> list[str]:
+    """What a run into `config.output_dir` writes and a new one would replace: its checkpoint-N folders, newest first,
+    then `final` and `merged` (stage 3's merged model), where they exist."""
+    ends = [os.path.join(config.output_dir, name) for name in ("final", "merged")]
+    return _checkpoints(config.output_dir) + [folder for folder in ends if os.path.isdir(folder)]
+
+
+def resolve_resume(config: StageConfig, resume: str | None, overwrite: bool = False) -> str | None:
+    """The checkpoint to resume from, checked. A fresh run into an output_dir with checkpoints, or with a finished
+    model in `final`, is refused unless `overwrite`: its own checkpoints and model would replace them."""
+    if resume is not None and overwrite:
+        raise ConfigError(
+            "--resume continues the run in `output_dir` and --overwrite replaces it with a new one: pass one of them."
+        )
     if resume is None:
         existing = last_complete_checkpoint(config.output_dir)
-        if existing is not None:
+        if existing is not None and not overwrite:
             raise ConfigError(
                 f"`output_dir` {config.output_dir} already holds checkpoints (latest: {existing}): pass `--resume "
-                "auto` to continue that run, or choose another `output_dir` for a new one."
+                "auto` to continue that run, `--overwrite` to replace it, or choose another `output_dir` for a new one."
+            )
+        if finished_model(config.final_dir) and not overwrite:
+            raise ConfigError(
+                f"`output_dir` {config.output_dir} already holds a trained model ({config.final_dir}): pass "
+                "`--overwrite` to replace it with a new run, or choose another `output_dir`."
             )
         return None
     if resume == "auto":
@@ -108,9 +136,9 @@ def resolve_resume(config: StageConfig, resume: str | None) -> str | None:
             raise ConfigError(
                 f"--resume: {checkpoint} has no readable {TRAINER_STATE}: it is not a complete checkpoint."
             )
-    if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        check_checkpoint_type(checkpoint, "--resume", EXPECTED_MODEL_TYPE[config.stage])
-    elif config.stage != "sft" or not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")):
+    if SavedModelConfig.exists(checkpoint):
+        SavedModelConfig.read(checkpoint, "--resume").require(EXPECTED_MODEL_TYPE[config.stage])
+    elif config.stage != "sft" or not os.path.isfile(os.path.join(checkpoint, ADAPTER_CONFIG)):
         # Only stage 3's LoRA checkpoints hold an adapter instead of a whole model.
         raise ConfigError(f"--resume: {checkpoint} holds no model of this stage (no config.json).")
     return checkpoint
@@ -159,9 +187,27 @@ def _torch_dtype(name: str | None):
     return name if name in (None, "auto") else getattr(torch, name)
 
 
-def _train_and_save(trainer, resume_from_checkpoint: str | None, final_dir: str, extra_saves=()) -> dict:
-    """Train, then save the model (every process takes part: DeepSpeed and FSDP gather the shards) and, on the main
-    process, what goes next to it: the processing class (saved by `save_model`) and `extra_saves`."""
+def _remove_previous_run(trainer, config: StageConfig):
+    """`overwrite`: the main process removes the previous run (`previous_run`), the others wait for it, so that no
+    stale checkpoint or model is left for `--resume auto` or a reader of `final` to take for the new run's."""
+    if trainer.is_world_process_zero():
+        folders = previous_run(config)
+        if folders:
+            logger.warning("--overwrite: removing the previous run in %s: %s", config.output_dir, ", ".join(folders))
+        for folder in folders:
+            shutil.rmtree(folder)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _train_and_save(
+    trainer, config: StageConfig, resume_from_checkpoint: str | None, overwrite: bool, extra_saves=()
+) -> dict:
+    """Train (with `overwrite`, after removing the previous run), then save the model (every process takes part:
+    DeepSpeed and FSDP gather the shards) and, on the main process, what goes next to it: the processing class (saved
+    by `save_model`) and `extra_saves`."""
+    if overwrite:
+        _remove_previous_run(trainer, config)
+    final_dir = config.final_dir
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(final_dir)
     if trainer.is_world_process_zero():
@@ -178,7 +224,9 @@ def _train_and_save(trainer, resume_from_checkpoint: str | None, final_dir: str,
 # Stage 1: SeTok
 
 
-def run_tokenizer_stage(config: StageConfig, resume_from_checkpoint: str | None = None) -> dict:
+def run_tokenizer_stage(
+    config: StageConfig, resume_from_checkpoint: str | None = None, overwrite: bool = False
+) -> dict:
     from transformers import set_seed
 
     from .setok_trainer import SetokImageTextCollator, SetokTrainer
@@ -198,11 +246,10 @@ def run_tokenizer_stage(config: StageConfig, resume_from_checkpoint: str | None 
         train_dataset=dataset,
         data_collator=collator,
         processing_class=image_processor,
-        discriminator_learning_rate=config.model.discriminator_learning_rate,
     )
     # The text tokenizer goes next to the model so that `init_from: <output_dir>/final` finds it.
     extras = [text_tokenizer] if text_tokenizer is not None else []
-    return _train_and_save(trainer, resume_from_checkpoint, config.final_dir, extras)
+    return _train_and_save(trainer, config, resume_from_checkpoint, overwrite, extras)
 
 
 def build_tokenizer_model(model_config):
@@ -259,7 +306,9 @@ def _check_texts(dataset, text_source: str):
 # Stage 2: Setokim pretraining
 
 
-def run_pretrain_stage(config: StageConfig, resume_from_checkpoint: str | None = None) -> dict:
+def run_pretrain_stage(
+    config: StageConfig, resume_from_checkpoint: str | None = None, overwrite: bool = False
+) -> dict:
     from transformers import set_seed
 
     from .collators import SetokimChatCollator
@@ -281,7 +330,7 @@ def run_pretrain_stage(config: StageConfig, resume_from_checkpoint: str | None =
         diffusion_noise_repeats=config.model.diffusion_noise_repeats,
         diffusion_loss_weight=config.model.diffusion_loss_weight,
     )
-    return _train_and_save(trainer, resume_from_checkpoint, config.final_dir)
+    return _train_and_save(trainer, config, resume_from_checkpoint, overwrite)
 
 
 def build_pretrain_model(model_config):
@@ -324,7 +373,7 @@ def _ensure_pad_token(processor):
 # Stage 3: instruction tuning
 
 
-def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None) -> dict:
+def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None, overwrite: bool = False) -> dict:
     from accelerate import PartialState
     from transformers import AutoProcessor, set_seed
 
@@ -357,7 +406,7 @@ def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None
         processing_class=processor,
         peft_config=peft_config,
     )
-    metrics = _train_and_save(trainer, resume_from_checkpoint, config.final_dir)
+    metrics = _train_and_save(trainer, config, resume_from_checkpoint, overwrite)
 
     if model_config.merge_adapters:
         # From the saved files, not the live model: that works the same after DDP, DeepSpeed or FSDP (whose live

@@ -1,26 +1,111 @@
 """Stage 1: training SeTok's merger, detokenizer and contrastive temperature (spec 1.6) with the `Trainer`.
 
-The generator side (reconstruction, perceptual, adversarial and concept terms) is the model's own loss and goes
-through the Trainer's optimiser. The PatchGAN discriminator has its own optimiser and its own step, taken by
-`SetokTrainer` after each generator step once `config.disc_start` is reached. The discriminator's parameters are
-marked as not requiring gradients for the whole run, so the Trainer's optimiser, DDP's gradient reduction and
-gradient clipping never see them; its step computes their gradients explicitly and averages them across processes.
+Who owns which loss: the model computes its forward and the losses that depend only on that forward's inputs and
+outputs (reconstruction, perceptual, concept contrast, and the generator's adversarial term against the current
+discriminator). Training schedule is the trainer's: when the GAN starts (`disc_start`), VQGAN's adaptive weight of the
+adversarial term (through `autograd.grad` at the model's `get_last_layer()`, times `disc_weight`), and the
+discriminator's own loss and step. Both come in `SetokTrainingArguments`, beside the Trainer's own arguments.
+
+The generator's loss goes through the Trainer's optimiser. The PatchGAN discriminator has its own optimiser and its
+own step, taken after each generator step once `disc_start` is reached. The discriminator's parameters are marked as
+not requiring gradients for the whole run, so the Trainer's optimiser, DDP's gradient reduction and gradient clipping
+never see them; its step computes their gradients explicitly and averages them across processes.
 """
 
 import os
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
 
 from ..modeling import SetokForImageReconstruction
 from ..modeling.losses_setok import hinge_discriminator_loss
 from .loss_terms import LossTermsMixin
 
-__all__ = ["SetokImageTextCollator", "SetokTrainer"]
+__all__ = [
+    "SetokImageTextCollator",
+    "SetokTrainer",
+    "SetokTrainingArguments",
+    "adaptive_adversarial_weight",
+    "discriminator_loss",
+]
+
+logger = logging.get_logger(__name__)
 
 LOSS_TERMS = ("reconstruction_loss", "perceptual_loss", "generator_loss", "concept_loss")
 DISCRIMINATOR_OPTIMIZER_NAME = "discriminator_optimizer.pt"
+DEFAULT_DISC_START = 10000
+DEFAULT_DISC_WEIGHT = 0.8
+
+
+@dataclass
+class SetokTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the PatchGAN schedule of stage 1 (used when the model has a discriminator)."""
+
+    disc_start: int = field(
+        default=DEFAULT_DISC_START,
+        metadata={"help": "Training step from which the adversarial term and the discriminator's own steps run."},
+    )
+    disc_weight: float = field(
+        default=DEFAULT_DISC_WEIGHT,
+        metadata={"help": "Multiplier of VQGAN's adaptive weight of the adversarial (generator) term."},
+    )
+    discriminator_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the discriminator's own AdamW optimiser; defaults to `learning_rate`."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.disc_start, bool) or not isinstance(self.disc_start, int) or self.disc_start < 0:
+            raise ValueError(f"`disc_start` must be a training step (an integer >= 0), got {self.disc_start!r}.")
+        if (
+            isinstance(self.disc_weight, bool)
+            or not isinstance(self.disc_weight, (int, float))
+            or self.disc_weight < 0
+        ):
+            raise ValueError(f"`disc_weight` must be a number >= 0, got {self.disc_weight!r}.")
+        rate = self.discriminator_learning_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise ValueError(f"`discriminator_learning_rate` must be > 0 (or unset), got {rate!r}.")
+        super().__post_init__()
+
+
+def adaptive_adversarial_weight(
+    nll_loss: torch.Tensor, generator_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """VQGAN's balance: ratio of the gradient norms of the two terms at the decoder's last layer (detached).
+
+    SeTok's concept term does not reach the decoder, so the model's whole `loss` can stand for the reconstruction
+    side."""
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def discriminator_loss(
+    model: SetokForImageReconstruction,
+    pixel_values: torch.Tensor,
+    reconstruction: torch.Tensor,
+    parameters: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The PatchGAN discriminator's hinge loss: real images (`pixel_values`, brought to the reconstruction's size by
+    `model.reconstruction_target`) against the detached `reconstruction`.
+
+    `parameters` (name -> tensor) stand in for the discriminator's own, as in `torch.func.functional_call`: the
+    trainer's step differentiates with respect to them while the module's parameters stay frozen."""
+    discriminator = model.discriminator
+    if discriminator is None:
+        raise ValueError("This model has no discriminator: build it with `use_discriminator=True`.")
+
+    def logits(images):
+        if parameters is None:
+            return discriminator(images)
+        return torch.func.functional_call(discriminator, parameters, (images,))
+
+    return hinge_discriminator_loss(logits(model.reconstruction_target(pixel_values)), logits(reconstruction.detach()))
 
 
 class SetokImageTextCollator:
@@ -84,17 +169,28 @@ def _single_image(record: dict, index: int):
 
 
 class SetokTrainer(LossTermsMixin, Trainer):
-    """`Trainer` for `SetokForImageReconstruction`: logs each loss term and runs the PatchGAN discriminator.
+    """`Trainer` for `SetokForImageReconstruction`: logs each loss term and runs the PatchGAN schedule.
 
-    `discriminator_learning_rate` defaults to the generator's; the discriminator uses AdamW with betas (0.5, 0.9)
-    like VQGAN. Its optimiser state is saved in every checkpoint and restored on resume.
+    `args` are `SetokTrainingArguments` (plain `TrainingArguments` work too, with the schedule's defaults). From step
+    `disc_start` on, the loss is the model's `loss + disc_weight * adaptive weight * generator_loss` and the
+    discriminator takes its own step after each generator step: AdamW with betas (0.5, 0.9) like VQGAN, at
+    `discriminator_learning_rate` (default: the generator's). Its optimiser state is saved in every checkpoint and
+    restored on resume. The resolved schedule is `trainer.disc_start` and `trainer.disc_weight`.
+
+    Compatibility: with plain `TrainingArguments`, a `disc_start`/`disc_weight` still found in the model's config
+    (an old config.json, or a YAML `setok_config`) is used, with a FutureWarning; the `discriminator_learning_rate`
+    keyword is deprecated in favour of the argument of that name.
     """
 
     def __init__(self, model=None, args=None, *, discriminator_learning_rate: float | None = None, **kwargs):
         if not isinstance(model, SetokForImageReconstruction):
             raise TypeError(f"`model` must be a SetokForImageReconstruction, got {type(model).__name__}.")
+        if args is None:
+            args = SetokTrainingArguments(output_dir="tmp_trainer")
         super().__init__(model=model, args=args, **kwargs)
         self.discriminator = model.discriminator
+        self.disc_start, self.disc_weight = self._gan_schedule(model)
+        discriminator_learning_rate = self._discriminator_learning_rate(discriminator_learning_rate)
         self.discriminator_optimizer = None
         if self.discriminator is not None:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -110,15 +206,63 @@ class SetokTrainer(LossTermsMixin, Trainer):
                 weight_decay=0.0,
             )
 
+    def _gan_schedule(self, model) -> tuple[int, float]:
+        """(disc_start, disc_weight): the arguments', else what a config written before they moved still holds."""
+        legacy = {name: getattr(model.config, name, None) for name in ("disc_start", "disc_weight")}
+        legacy = {name: value for name, value in legacy.items() if value is not None}
+        if isinstance(self.args, SetokTrainingArguments):
+            schedule = {"disc_start": self.args.disc_start, "disc_weight": self.args.disc_weight}
+            ignored = {name: value for name, value in legacy.items() if value != schedule[name]}
+            if ignored and model.discriminator is not None:
+                logger.warning(
+                    f"The model's config still holds the deprecated {ignored}: SetokTrainingArguments' {schedule} "
+                    "apply."
+                )
+        else:
+            schedule = {"disc_start": DEFAULT_DISC_START, "disc_weight": DEFAULT_DISC_WEIGHT, **legacy}
+            if legacy and model.discriminator is not None:
+                warnings.warn(
+                    f"The GAN schedule {legacy} comes from the model's config, which is deprecated: pass it as "
+                    f"SetokTrainingArguments({', '.join(f'{k}={v!r}' for k, v in legacy.items())}, ...).",
+                    FutureWarning,
+                    stacklevel=3,
+                )
+        return schedule["disc_start"], schedule["disc_weight"]
+
+    def _discriminator_learning_rate(self, keyword: float | None) -> float | None:
+        from_args = getattr(self.args, "discriminator_learning_rate", None)
+        if keyword is None:
+            return from_args
+        if from_args is not None and from_args != keyword:
+            raise ValueError(
+                f"`discriminator_learning_rate` is given twice: {keyword} to SetokTrainer and {from_args} in its "
+                "arguments. Keep the one in SetokTrainingArguments."
+            )
+        warnings.warn(
+            "`SetokTrainer(discriminator_learning_rate=...)` is deprecated: set "
+            "`SetokTrainingArguments.discriminator_learning_rate`.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return keyword
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs, global_step=self.state.global_step)
+        adversarial = model.training and self.discriminator is not None and self.state.global_step >= self.disc_start
+        outputs = model(**inputs, return_generator_loss=adversarial)
+        loss = outputs.loss
+        if adversarial:
+            weight = self.disc_weight
+            if weight and torch.is_grad_enabled():
+                last_layer = self.accelerator.unwrap_model(model).get_last_layer()
+                weight = weight * adaptive_adversarial_weight(outputs.loss, outputs.generator_loss, last_layer)
+            loss = loss + weight * outputs.generator_loss
+            target = inputs.get("target_pixel_values")
+            target = inputs["pixel_values"] if target is None else target
+            self._pending_discriminator_inputs = (target, outputs.reconstruction.detach())
         for name in LOSS_TERMS:
             if outputs.get(name) is not None:
                 self.record_loss_term(name, outputs[name], model.training)
-        if model.training and outputs.get("generator_loss") is not None:
-            target = inputs.get("target_pixel_values", inputs["pixel_values"])
-            self._pending_discriminator_inputs = (target, outputs.reconstruction.detach())
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._pending_discriminator_inputs = None
@@ -134,11 +278,7 @@ class SetokTrainer(LossTermsMixin, Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = {name: p.detach().requires_grad_() for name, p in self.discriminator.named_parameters()}
         with self.compute_loss_context_manager():
-
-            def logits(images):
-                return torch.func.functional_call(self.discriminator, params, (images,))
-
-            loss = hinge_discriminator_loss(logits(unwrapped._target(real, None)), logits(fake))
+            loss = discriminator_loss(unwrapped, real, fake, parameters=params)
         # The last group of an epoch may hold fewer micro-batches than `gradient_accumulation_steps`.
         grads = torch.autograd.grad(loss / self.current_gradient_accumulation_steps, list(params.values()))
         for param, grad in zip(self.discriminator.parameters(), grads):

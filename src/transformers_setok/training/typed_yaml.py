@@ -1,15 +1,19 @@
-"""YAML as people write it, checked against dataclass schemas: unknown keys, missing keys and wrong types are
-errors that name the dotted key. Generic: the training configs (config.py) define the schemas."""
+"""Deprecated path: typed YAML reading is `transformers_setok.training.config.typed_yaml`."""
 
-import dataclasses
-import os
-import re
-import types
-import typing
-from enum import Enum
-from typing import Any, Literal, Union
+from .._deprecation import warn_moved
+from .config.typed_yaml import (
+    ConfigError,
+    build_section,
+    check_keys,
+    check_type,
+    describe,
+    dotted,
+    matches,
+    merge,
+    read_yaml,
+)
 
-import yaml
+warn_moved(__name__, "transformers_setok.training.config.typed_yaml")
 
 __all__ = [
     "ConfigError",
@@ -22,149 +26,3 @@ __all__ = [
     "merge",
     "read_yaml",
 ]
-
-
-class ConfigError(ValueError):
-    """A training config that cannot be used; the message names the key and what is wrong with it."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as people write it: `1e-3` is a float (YAML 1.1 wants `1.0e-3`) and a repeated key is an error."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(
-                    f"Key `{key}` appears twice in the same section (line {key_node.start_mark.line + 1})."
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d[\d_]*(\.\d*)?|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(path) -> dict:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such config file: {path}")
-    with open(path, encoding="utf-8") as file:
-        try:
-            raw = yaml.load(file, Loader=_Loader)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping with `stage`, `output_dir`, `model`, `data` and `training`.")
-    return raw
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Keys and types
-
-
-def dotted(where: str, key) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def check_keys(raw, cls, where: str):
-    """Unknown and missing keys of the section `where`, whose schema is the dataclass `cls`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"`{where}` must be a mapping of keys to values, got {raw!r:.80}.")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [key for key in raw if key not in fields]
-    if unknown:
-        section = f"`{where}`" if where else "the top level"
-        raise ConfigError(
-            f"Unknown key `{dotted(where, unknown[0])}`; the keys of {section} are: {', '.join(fields)}."
-        )
-    for name, f in fields.items():
-        if name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"Missing required key `{dotted(where, name)}`.")
-
-
-def build_section(cls, raw, where: str):
-    check_keys(raw, cls, where)
-    hints = typing.get_type_hints(cls)
-    for key, value in raw.items():
-        check_type(value, hints[key], dotted(where, key))
-    return cls(**raw)
-
-
-def check_type(value, annotation, key: str):
-    if not matches(value, annotation):
-        raise ConfigError(f"`{key}` must be {describe(annotation)}, got {value!r:.80} ({type(value).__name__}).")
-
-
-def matches(value, annotation) -> bool:
-    """Whether a YAML value fits a type annotation. An int fits a float field; a bool is not an int. Annotations
-    this does not know (classes no YAML value can be) are left to the constructor that uses the value."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if annotation is type(None) or annotation is None:
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(matches(value, arg) for arg in args)
-    if origin is Literal:
-        return any(value == arg and type(value) is type(arg) for arg in args)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if annotation is list or origin is list:
-        return isinstance(value, list) and all(matches(item, args[0]) for item in value if args)
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            return False
-        return not args or all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return isinstance(value, annotation) or value in [member.value for member in annotation]
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-_NAMES = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "a list",
-    dict: "a mapping",
-}
-
-
-def describe(annotation) -> str:
-    """What a type annotation asks for, in words: `an integer`, `one of 'a', 'b'`, `a list of a string or null`."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is type(None) or annotation is None:
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " or ".join(describe(arg) for arg in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in args)
-    if origin in (list, dict):
-        return _NAMES[origin] + (f" of {describe(args[0])}" if origin is list and args else "")
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return "one of " + ", ".join(repr(member.value) for member in annotation)
-    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -1,0 +1,90 @@
+"""The `data` section of each stage: values beyond their types, keys the chosen format would ignore, templates, and,
+with `check_paths`, the files and folders named."""
+
+import dataclasses
+import os
+
+from .bounds import check_count
+from .schema import PretrainDataConfig, SFTDataConfig, TokenizerDataConfig
+from .typed_yaml import ConfigError
+
+__all__ = ["check_pretrain_data", "check_sft_data", "check_template", "check_tokenizer_data"]
+
+# Data keys that only one format reads: under another format a changed value would be ignored without a word.
+_HUB_ONLY = {"split": "hub", "image_column": "hub", "messages_column": "hub"}
+_PRETRAIN_FORMAT_ONLY = {
+    "caption_prompt": "image_text",
+    "captioning": "image_text",
+    "text_to_image": "image_text",
+    "text_to_image_template": "image_text",
+    **_HUB_ONLY,
+}
+
+
+def check_tokenizer_data(data: TokenizerDataConfig, check_paths: bool):
+    check_template(data.concept_template, "data.concept_template", "concept", "'a photo of a {}'")
+    _check_files(data, check_paths)
+
+
+def check_pretrain_data(data: PretrainDataConfig, check_paths: bool):
+    _check_conversations(data, _PRETRAIN_FORMAT_ONLY)
+    if not (data.captioning or data.text_to_image):
+        raise ConfigError("`data.captioning` and `data.text_to_image` are both false: nothing would be trained.")
+    if data.text_to_image:
+        check_template(data.text_to_image_template, "data.text_to_image_template", "caption", "'Draw {}.'")
+    _check_files(data, check_paths)
+
+
+def check_sft_data(data: SFTDataConfig, check_paths: bool):
+    _check_conversations(data, _HUB_ONLY)
+    _check_files(data, check_paths)
+
+
+def check_template(template: str, key: str, what: str, example: str):
+    """The template must take the {what} through one `{}`: other fields would fail mid-training, and a template without
+    a field would give every record the same text."""
+    try:
+        filled = {template.format(value) for value in ("x", "y")}
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as error:
+        raise ConfigError(
+            f"`{key}` {template!r} cannot be filled with a {what} ({type(error).__name__}: {error}): use one `{{}}` "
+            f"for it, as in {example}."
+        ) from error
+    if len(filled) == 1:
+        raise ConfigError(
+            f"`{key}` {template!r} does not use the {what}, so every one reads the same: put a `{{}}` where it goes, "
+            f"as in {example}."
+        )
+
+
+def _check_conversations(data: PretrainDataConfig | SFTDataConfig, format_only: dict[str, str]):
+    """What the chat data sections of stages 2 and 3 share: the length bound, and the keys of other formats."""
+    if data.max_length is not None:
+        check_count(data.max_length, "data.max_length")
+    if data.format == "hub" and data.image_folder is not None:
+        raise ConfigError(
+            "`data.image_folder` applies to `image_text` and `llava` files; a `hub` dataset has its own."
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(data)}
+    for key, used_by in format_only.items():
+        if data.format != used_by and getattr(data, key) != defaults[key]:
+            raise ConfigError(
+                f"`data.{key}` applies to the `{used_by}` format only; `data.format` is `{data.format}`, which "
+                "ignores it: drop it."
+            )
+
+
+def _check_files(data, check_paths: bool):
+    """The data file (or, for `hub`, a local dataset folder) and the image folder exist."""
+    if not check_paths:
+        return
+    if data.format == "hub":
+        from ..data import is_local_path
+
+        if is_local_path(data.path) and not os.path.exists(data.path):
+            raise FileNotFoundError(f"`data.path`: no such dataset folder: {data.path}")
+        return
+    if not os.path.isfile(data.path):
+        raise FileNotFoundError(f"`data.path`: no such file: {data.path}")
+    if data.image_folder is not None and not os.path.isdir(data.image_folder):
+        raise FileNotFoundError(f"`data.image_folder`: no such folder: {data.image_folder}")

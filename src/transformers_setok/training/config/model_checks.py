@@ -1,0 +1,134 @@
+"""The `model` section of each stage: which sources go together, the values beyond their types, and, with
+`check_paths`, the checkpoints named (their model type and head, from `SavedModelConfig`)."""
+
+import os
+
+from .bounds import check_between, check_count, check_not_negative, check_positive
+from .saved_model import SavedModelConfig
+from .schema import EXPECTED_MODEL_TYPE, PretrainModelConfig, SFTModelConfig, TokenizerModelConfig
+from .setok_config import check_setok_config
+from .typed_yaml import ConfigError
+
+__all__ = ["check_pretrain_model", "check_sft_model", "check_source", "check_tokenizer_model", "has_concept_contrast"]
+
+RECONSTRUCTION_HEAD = "SetokForImageReconstruction"  # the stage-1 model: SeTok with its detokenizer and losses
+
+
+def check_source(value: str | None, key: str, check_paths: bool):
+    """A Hub id or folder: a local-looking path must exist (a Hub id is checked when it is downloaded)."""
+    if value is None or not check_paths:
+        return
+    from ..data import is_local_path
+
+    if is_local_path(value) and not os.path.exists(value):
+        raise FileNotFoundError(f"`{key}`: no such folder: {value}")
+
+
+def has_concept_contrast(model: TokenizerModelConfig) -> bool:
+    """Whether the stage-1 model has a text encoder (and so needs texts and a text tokenizer)."""
+    if model.init_from is not None:
+        return SavedModelConfig.read(model.init_from, "model.init_from").has_text_config
+    return model.text_model is not None or (model.setok_config or {}).get("text_config") is not None
+
+
+def check_tokenizer_model(model: TokenizerModelConfig, check_paths: bool):
+    fresh = [key for key in ("setok_config", "vision_model", "text_model") if getattr(model, key) is not None]
+    if model.init_from is not None and fresh:
+        raise ConfigError(
+            f"`model.init_from` continues a saved SeTok, whose config is fixed: drop `model.{fresh[0]}` (or "
+            "`model.init_from` to build a new one)."
+        )
+    if model.init_from is None and not fresh:
+        raise ConfigError(
+            "`model` needs `init_from` (a saved SetokForImageReconstruction) or `setok_config` and/or `vision_model` "
+            "(a new SeTok)."
+        )
+    setok_config = model.setok_config or {}
+    if model.text_model is not None and model.vision_model is None and "vision_config" not in setok_config:
+        # Without it SetokConfig would fall back to a randomly initialised SigLIP so400m: surely not what was meant.
+        raise ConfigError(
+            "`model.text_model` without `model.vision_model` trains a fresh vision encoder: describe it in "
+            "`model.setok_config.vision_config` (or name a pretrained one in `model.vision_model`)."
+        )
+    for key, source in (("vision_config", "vision_model"), ("text_config", "text_model")):
+        if key in setok_config and getattr(model, source) is not None:
+            raise ConfigError(f"`model.setok_config.{key}` and `model.{source}` both describe that encoder: keep one.")
+    if model.setok_config is not None:
+        check_setok_config(setok_config)
+    for key in ("vision_model", "text_model", "text_tokenizer"):
+        check_source(getattr(model, key), f"model.{key}", check_paths)
+
+    if model.init_from is not None and check_paths:
+        saved = SavedModelConfig.read(model.init_from, "model.init_from")
+        saved.require(EXPECTED_MODEL_TYPE["tokenizer"], RECONSTRUCTION_HEAD)
+        saved_tokenizer = os.path.isfile(os.path.join(model.init_from, "tokenizer_config.json"))
+        if saved.has_text_config and model.text_tokenizer is None and not saved_tokenizer:
+            raise ConfigError(
+                f"`model.init_from` {model.init_from} has a concept contrast but no tokenizer for its text encoder: "
+                "set `model.text_tokenizer`."
+            )
+    fresh_text_encoder = model.init_from is None and model.text_model is None and has_concept_contrast(model)
+    if fresh_text_encoder and model.text_tokenizer is None:
+        raise ConfigError(
+            "The concept contrast (`model.setok_config.text_config`) needs a tokenizer for its text encoder: set "
+            "`model.text_tokenizer` (a folder or Hub id)."
+        )
+
+
+def check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
+    # With `init_from`, `setok` may still supply the detokenizer of a generation head to add.
+    assembly_only = ("language_model", "tokenizer", "gguf_file") + (() if model.train_generation_head else ("setok",))
+    assembled = [key for key in assembly_only if getattr(model, key)]
+    if model.init_from is not None and assembled:
+        raise ConfigError(
+            f"`model.init_from` continues a saved Setokim: drop `model.{assembled[0]}` (or `model.init_from` to "
+            "assemble a new one from `setok` and `language_model`)."
+        )
+    if model.init_from is None and (model.setok is None or model.language_model is None):
+        raise ConfigError(
+            "`model` needs `init_from` (a saved Setokim) or both `setok` (the stage-1 SeTok folder) and "
+            "`language_model` (a causal LM's Hub id or folder)."
+        )
+    for key in ("generation_head_width", "generation_head_depth", "diffusion_noise_repeats"):
+        check_count(getattr(model, key), f"model.{key}")
+    check_between(model.generation_mask_ratio_min, 0, 1, "model.generation_mask_ratio_min")
+    check_not_negative(model.diffusion_loss_weight, "model.diffusion_loss_weight")
+    if not check_paths:
+        return
+    if model.init_from is None:
+        # A generation head needs the stage-1 detokenizer, which only the full SetokForImageReconstruction holds.
+        architecture = RECONSTRUCTION_HEAD if model.train_generation_head else None
+        SavedModelConfig.read(model.setok, "model.setok").require(EXPECTED_MODEL_TYPE["tokenizer"], architecture)
+        check_source(model.language_model, "model.language_model", check_paths)
+        check_source(model.tokenizer, "model.tokenizer", check_paths)
+        return
+    saved = SavedModelConfig.read(model.init_from, "model.init_from").require(EXPECTED_MODEL_TYPE["pretrain"])
+    if model.train_generation_head and not saved.has_generation_head:
+        if model.setok is None:
+            raise ConfigError(
+                f"`model.init_from` {model.init_from} has no generation head: set `model.setok` (the stage-1 SeTok, "
+                "whose detokenizer the new head draws for) so that one can be added."
+            )
+        SavedModelConfig.read(model.setok, "model.setok").require(
+            EXPECTED_MODEL_TYPE["tokenizer"], RECONSTRUCTION_HEAD
+        )
+    elif model.setok is not None:
+        raise ConfigError(
+            f"`model.init_from` {model.init_from} already has a generation head: drop `model.setok`, which only "
+            "supplies the detokenizer of a new one."
+        )
+
+
+def check_sft_model(model: SFTModelConfig, check_paths: bool):
+    if model.lora is False and (model.qlora or model.merge_adapters):
+        flag = "qlora" if model.qlora else "merge_adapters"
+        raise ConfigError(f"`model.{flag}` needs LoRA adapters: set `model.lora` to true or to LoraConfig overrides.")
+    if isinstance(model.lora, dict):
+        from ..sft_trainer import setokim_lora_config
+
+        try:
+            setokim_lora_config(**model.lora)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"`model.lora` (LoraConfig overrides): {error}") from error
+    if check_paths:
+        SavedModelConfig.read(model.init_from, "model.init_from").require(EXPECTED_MODEL_TYPE["sft"])

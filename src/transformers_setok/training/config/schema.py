@@ -1,0 +1,158 @@
+"""The schema of a training config: one model and one data section per stage, and the whole file (`StageConfig`).
+
+Plain dataclasses: their fields are the keys a YAML section may hold and their annotations the values it takes
+(`typed_yaml` checks both). What the values must satisfy beyond their types is for `model_checks`, `data_checks`
+and `stage_checks`.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "DTYPE",
+    "EXPECTED_MODEL_TYPE",
+    "ON_ERROR",
+    "SCHEMA",
+    "STAGES",
+    "PretrainDataConfig",
+    "PretrainModelConfig",
+    "SFTDataConfig",
+    "SFTModelConfig",
+    "StageConfig",
+    "TokenizerDataConfig",
+    "TokenizerModelConfig",
+]
+
+STAGES = ("tokenizer", "pretrain", "sft")
+ON_ERROR = Literal["fail", "skip"]
+DTYPE = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class TokenizerModelConfig:
+    """Stage 1: what SeTok starts from.
+
+    Either `init_from` a saved SetokForImageReconstruction (to continue training it), or a fresh model from
+    `setok_config` (SetokConfig keys), optionally around pretrained encoders: `vision_model` and `text_model` (the
+    frozen text encoder of the concept contrast) name checkpoints for `from_pretrained_encoders`. `text_model` alone
+    pairs the pretrained text encoder with a fresh vision encoder from `setok_config.vision_config`, trained from
+    scratch when `setok_config.freeze_vision_encoder` is false.
+    """
+
+    init_from: str | None = None
+    setok_config: dict | None = None
+    vision_model: str | None = None
+    text_model: str | None = None
+    # The concept contrast's tokenizer; defaults to `text_model`, or to `init_from` (stage 1 saves it there).
+    text_tokenizer: str | None = None
+
+
+@dataclass
+class PretrainModelConfig:
+    """Stage 2: either `init_from` a saved Setokim, or assemble one from the stage-1 `setok` folder and a causal LM
+    (`language_model`, a Hub id or folder; `gguf_file` for a GGUF checkpoint; `tokenizer` defaults to the LM's).
+    `train_generation_head` also trains the generation head (adding one when the model has none)."""
+
+    init_from: str | None = None
+    setok: str | None = None
+    language_model: str | None = None
+    tokenizer: str | None = None
+    gguf_file: str | None = None
+    dtype: DTYPE | None = None
+    train_language_model: bool = False  # False: the projector and the new token rows only (spec 3)
+    # The generation head (spec 2), trained on text-to-image chats (`data.text_to_image`). A model without one gets a
+    # fresh head of this width x depth and the detokenizer of the stage-1 SeTok (`setok`, also with `init_from`).
+    train_generation_head: bool = False
+    generation_head_width: int = 1024
+    generation_head_depth: int = 3
+    generation_mask_ratio_min: float = 0.7  # each target image hides 70-100 % of its tokens (MAR)
+    diffusion_noise_repeats: int = 4  # noise draws per hidden token
+    diffusion_loss_weight: float = 1.0
+
+
+@dataclass
+class SFTModelConfig:
+    """Stage 3: the stage-2 Setokim to tune. `lora`: false (full fine-tuning of the LLM and projector), true (the
+    paper's r=128, alpha=256, dropout=0.05) or a mapping of LoraConfig overrides. `qlora` loads the LLM in 4 bits
+    (needs LoRA). `merge_adapters` also writes output_dir/merged, a plain Setokim with the adapter folded in."""
+
+    init_from: str
+    lora: bool | dict = True
+    qlora: bool = False
+    merge_adapters: bool = False
+    dtype: DTYPE | None = None
+
+
+@dataclass
+class TokenizerDataConfig:
+    """Stage 1: a JSON Lines file of {"image": path, "caption": str, "concepts": [str]} (`load_image_text_jsonl`)."""
+
+    path: str
+    format: Literal["image_text"] = "image_text"
+    image_folder: str | None = None  # image paths are relative to it; default: the file's folder
+    on_error: ON_ERROR = "fail"  # "skip" drops bad records (counted in the log) instead of stopping
+    verify_images: bool = False  # also decode every image at load time (slow on big sets)
+    text_source: Literal["concepts", "caption"] = "concepts"  # what the concept contrast matches tokens against
+    concept_template: str = "a photo of a {}"
+
+
+@dataclass
+class PretrainDataConfig:
+    """Stage 2: captions (`image_text`, turned into captioning chats with `caption_prompt`), LLaVA JSON (`llava`)
+    or a dataset with `images` and `messages` columns (`hub`: a Hub id or a local dataset folder)."""
+
+    path: str
+    format: Literal["image_text", "llava", "hub"] = "image_text"
+    image_folder: str | None = None
+    split: str = "train"  # hub only
+    image_column: str = "images"  # hub only
+    messages_column: str = "messages"  # hub only
+    on_error: ON_ERROR = "fail"
+    verify_images: bool = False
+    caption_prompt: str = "Describe the image."  # image_text only
+    # image_text only: each pair as a captioning chat, and/or as a text-to-image chat (needs the generation head).
+    captioning: bool = True
+    text_to_image: bool = False
+    text_to_image_template: str = "Generate an image of {}"  # the user turn; `{}` is the caption
+    max_length: int | None = None  # longest sample, image tokens included; longer ones are an error, never cut
+
+
+@dataclass
+class SFTDataConfig:
+    """Stage 3: LLaVA JSON (`llava`) or a dataset with `images` and `messages` columns (`hub`)."""
+
+    path: str
+    format: Literal["llava", "hub"] = "llava"
+    image_folder: str | None = None
+    split: str = "train"
+    image_column: str = "images"
+    messages_column: str = "messages"
+    on_error: ON_ERROR = "fail"
+    verify_images: bool = False
+    max_length: int | None = None
+
+
+@dataclass
+class StageConfig:
+    """A whole config file, checked. `training` holds the merged training arguments (defaults, then the file's);
+    `build_training_arguments` turns them into the Trainer's argument object."""
+
+    stage: Literal["tokenizer", "pretrain", "sft"]
+    output_dir: str
+    model: Any
+    data: Any
+    training: dict = field(default_factory=dict)
+
+    @property
+    def final_dir(self) -> str:
+        return os.path.join(self.output_dir, "final")
+
+
+SCHEMA = {
+    "tokenizer": (TokenizerModelConfig, TokenizerDataConfig),
+    "pretrain": (PretrainModelConfig, PretrainDataConfig),
+    "sft": (SFTModelConfig, SFTDataConfig),
+}
+# The model_type each stage's `init_from` must hold (config.json), and for stage 1 the head it must have.
+EXPECTED_MODEL_TYPE = {"tokenizer": "setok", "pretrain": "setokim", "sft": "setokim"}

@@ -1,0 +1,40 @@
+"""Per stage, the checks of a built StageConfig: its model section's, its data section's, then those between the
+two. Which checks run is decided by the stage alone."""
+
+from .data_checks import check_pretrain_data, check_sft_data, check_tokenizer_data
+from .model_checks import check_pretrain_model, check_sft_model, check_tokenizer_model
+from .schema import StageConfig
+from .typed_yaml import ConfigError
+
+__all__ = ["check_stage"]
+
+
+def check_stage(config: StageConfig, check_paths: bool):
+    """Every check of `config`'s stage; `check_paths=False` skips those that need the files named to exist."""
+    _STAGE_CHECKS[config.stage](config, check_paths)
+
+
+def _check_tokenizer_stage(config: StageConfig, check_paths: bool):
+    check_tokenizer_model(config.model, check_paths)
+    check_tokenizer_data(config.data, check_paths)
+
+
+def _check_pretrain_stage(config: StageConfig, check_paths: bool):
+    model, data = config.model, config.data
+    check_pretrain_model(model, check_paths)
+    check_pretrain_data(data, check_paths)
+    if data.text_to_image and not model.train_generation_head:
+        raise ConfigError("`data.text_to_image` trains the generation head: set `model.train_generation_head: true`.")
+    if data.format == "image_text" and model.train_generation_head and not data.text_to_image:
+        raise ConfigError(
+            "`model.train_generation_head` needs text-to-image chats: set `data.text_to_image: true` (captions alone "
+            "never reach the head)."
+        )
+
+
+def _check_sft_stage(config: StageConfig, check_paths: bool):
+    check_sft_model(config.model, check_paths)
+    check_sft_data(config.data, check_paths)
+
+
+_STAGE_CHECKS = {"tokenizer": _check_tokenizer_stage, "pretrain": _check_pretrain_stage, "sft": _check_sft_stage}
