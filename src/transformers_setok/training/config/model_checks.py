@@ -3,7 +3,7 @@
 
 import os
 
-from .bounds import check_between, check_count, check_not_negative, check_positive
+from .bounds import check_between, check_count, check_not_negative
 from .saved_model import SavedModelConfig
 from .schema import EXPECTED_MODEL_TYPE, PretrainModelConfig, SFTModelConfig, TokenizerModelConfig
 from .setok_config import check_setok_config
