@@ -45,7 +45,9 @@ def move_gan_schedule(raw: dict) -> dict:
             )
         training[new_key] = value
         warnings.warn(
-            f"`{old}` moved to `training.{new_key}`; the old key goes away in the next release.", FutureWarning
+            f"`{old}` moved to `training.{new_key}`; the old key goes away in the next release.",
+            FutureWarning,
+            stacklevel=2,
         )
     return raw
 
