@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import assistant, tiny_training_arguments, user
+from conftest import assistant, tiny_processor, tiny_setokim, tiny_training_arguments, user
 from datasets import Dataset
 from PIL import Image
 from skimage import data
-from test_setokim_processor import tiny_processor, tiny_setokim
 
 from transformers_setok.training.collators import SetokimChatCollator
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer

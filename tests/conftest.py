@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from transformers import logging
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, logging
 
-from transformers_setok import SetokConfig
+from transformers_setok import (
+    SetokConfig,
+    SetokImageProcessor,
+    SetokimConfig,
+    SetokimForConditionalGeneration,
+    SetokimProcessor,
+)
 
 logging.set_verbosity_error()
 
@@ -111,3 +118,129 @@ def photos():
     from skimage import data
 
     return {name: getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny tokenizers, processors and Setokims shared by the test modules
+
+
+CHAT_WORDS = [
+    "<unk>",
+    "<pad>",
+    "</s>",
+    "<s>",
+    "User",
+    "Assistant",
+    ":",
+    "what",
+    "is",
+    "in",
+    "the",
+    "image",
+    "?",
+    "a",
+    "cat",
+]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built locally: words, punctuation and the image markers are tokens."""
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(CHAT_WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\[/?Img\]|<image>|[:?]"), behavior="isolated")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+
+
+def tiny_processor() -> SetokimProcessor:
+    return SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
+
+
+def tiny_setokim(
+    processor: SetokimProcessor, use_generation_head: bool = False, **text_overrides
+) -> SetokimForConditionalGeneration:
+    """A tiny Llama-based Setokim whose vocabulary and special ids match `processor` (with a tiny generation head
+    when asked)."""
+    text = dict(
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(processor.tokenizer),
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    text.update(text_overrides)
+    config = SetokimConfig(
+        vision_config=tiny_config(),
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        boi_token_id=processor.boi_token_id,
+        eoi_token_id=processor.eoi_token_id,
+        use_generation_head=use_generation_head,
+        generation_head_width=48,
+        generation_head_depth=2,
+    )
+    return SetokimForConditionalGeneration(config).eval()
+
+
+IMAGE, BOI, EOI, PAD = 67, 68, 69, 0
+TEXT_CONFIGS = {
+    "llama": dict(model_type="llama", num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
+    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=16),
+}
+
+
+def setokim_config(backbone: str = "llama", **text_overrides) -> SetokimConfig:
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=70)
+    text.update(TEXT_CONFIGS[backbone], pad_token_id=PAD, **text_overrides)
+    return SetokimConfig(
+        vision_config=tiny_config(), text_config=text, image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI
+    )
+
+
+def image_block(count: int) -> list[int]:
+    return [BOI] + [IMAGE] * count + [EOI]
+
+
+def counts_of(model, pixels) -> list[int]:
+    return [len(features) for features in model.get_image_features(pixels).pooler_output]
+
+
+def trainer_for(model, processor, records, tmp_path, **kwargs):
+    """A stage-2 `SetokimPretrainTrainer` on `records`; keyword arguments of its own go to it, the rest to
+    `tiny_training_arguments`."""
+    import inspect
+
+    from transformers_setok.training.collators import SetokimChatCollator
+    from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
+
+    trainer_options = set(inspect.signature(SetokimPretrainTrainer.__init__).parameters) - {
+        "self",
+        "model",
+        "args",
+        "kwargs",
+    }
+    options = {key: kwargs.pop(key) for key in list(kwargs) if key in trainer_options}
+    args = tiny_training_arguments(tmp_path, **{"learning_rate": 1e-2, "weight_decay": 0.1, **kwargs})
+    return SetokimPretrainTrainer(
+        model=model.train(),
+        args=args,
+        train_dataset=records,
+        data_collator=SetokimChatCollator(processor),
+        processing_class=processor,
+        **options,
+    )
+
+
+CONCEPT_WORDS = ["[UNK]", "[PAD]", "a", "photo", "of", "cat", "cup", "rocket", "man"]
+
+
+def text_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of the concept phrases (the stage-1 text encoder's)."""
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(CONCEPT_WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")

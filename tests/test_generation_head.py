@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_accumulation_matches_one_batch, tiny_config
+from conftest import assert_accumulation_matches_one_batch, tiny_config, tiny_processor, tiny_setokim
+from conftest import trainer_for as pretrain_trainer_for
 from PIL import Image
-from test_pretrain_trainer import trainer_for as pretrain_trainer_for
-from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from transformers_setok import (

@@ -32,7 +32,7 @@ from transformers_setok.hub import export_setokim
 from transformers_setok.hub.model_card import supported_transformers
 sys.path.insert(0, sys.argv[2])
 from conftest import tiny_config
-from test_setokim_processor import tiny_processor, tiny_setokim
+from conftest import tiny_processor, tiny_setokim
 
 processor = tiny_processor()
 folder = export_setokim(tiny_setokim(processor), processor, Path(sys.argv[1]) / "export", name="tiny", repo="me/tiny")

@@ -1,16 +1,12 @@
 """Stage 2 through SetokimPretrainTrainer: exactly the projector and the new token rows train (or the whole LLM)."""
 
-import inspect
-
 import numpy as np
 import pytest
 import torch
-from conftest import assert_accumulation_matches_one_batch, tiny_training_arguments
+from conftest import assert_accumulation_matches_one_batch, tiny_processor, tiny_setokim, trainer_for
 from PIL import Image
-from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import TrainingArguments
 
-from transformers_setok.training.collators import SetokimChatCollator
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 
 
@@ -29,28 +25,6 @@ def captions(photos):
         return {"images": [Image.fromarray(photos[name])], "messages": [user, answer]}
 
     return [record("chelsea", "a cat"), record("coffee", "a cup"), record("astronaut", "a man"), record("rocket", "a")]
-
-
-# SetokimPretrainTrainer's own keyword arguments; `trainer_for` sends every other keyword to TrainingArguments.
-TRAINER_OPTIONS = set(inspect.signature(SetokimPretrainTrainer.__init__).parameters) - {
-    "self",
-    "model",
-    "args",
-    "kwargs",
-}
-
-
-def trainer_for(model, processor, records, tmp_path, **kwargs) -> SetokimPretrainTrainer:
-    options = {key: kwargs.pop(key) for key in list(kwargs) if key in TRAINER_OPTIONS}
-    args = tiny_training_arguments(tmp_path, **{"learning_rate": 1e-2, "weight_decay": 0.1, **kwargs})
-    return SetokimPretrainTrainer(
-        model=model.train(),
-        args=args,
-        train_dataset=records,
-        data_collator=SetokimChatCollator(processor),
-        processing_class=processor,
-        **options,
-    )
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

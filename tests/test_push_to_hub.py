@@ -9,9 +9,9 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from conftest import tiny_processor, tiny_setokim
 from hub_standin import HubStandIn
 from huggingface_hub import constants
-from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import hub as transformers_hub
 

@@ -7,10 +7,9 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT_CONFIG, tiny_config, tiny_training_arguments
+from conftest import CONCEPT_WORDS, TINY_TEXT_CONFIG, text_tokenizer, tiny_config, tiny_training_arguments
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainingArguments
+from transformers import TrainingArguments
 
 import transformers_setok.training.setok_trainer as setok_trainer
 from transformers_setok import SetokForImageReconstruction, SetokImageProcessor
@@ -22,14 +21,7 @@ from transformers_setok.training.setok_trainer import (
     discriminator_loss,
 )
 
-WORDS = ["[UNK]", "[PAD]", "a", "photo", "of", "cat", "cup", "rocket", "man"]
 CONCEPTS = {"astronaut": ["man", "rocket"], "chelsea": ["cat"], "coffee": ["cup"], "rocket": ["rocket"]}
-
-
-def text_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
 
 
 @pytest.fixture
@@ -42,7 +34,7 @@ def records(photos):
 
 def stage1_model(**overrides) -> SetokForImageReconstruction:
     torch.manual_seed(0)
-    config = dict(text_config=dict(TINY_TEXT_CONFIG, vocab_size=len(WORDS)))
+    config = dict(text_config=dict(TINY_TEXT_CONFIG, vocab_size=len(CONCEPT_WORDS)))
     return SetokForImageReconstruction(tiny_config(**{**config, **overrides}))
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import BOI, EOI, IMAGE, PAD, counts_of, image_block, setokim_config, tiny_config
 from transformers import AutoModelForImageTextToText
 
 from transformers_setok import (
@@ -10,21 +10,6 @@ from transformers_setok import (
     SetokimConfig,
     SetokimForConditionalGeneration,
 )
-
-IMAGE, BOI, EOI, PAD = 67, 68, 69, 0
-TEXT_CONFIGS = {
-    "llama": dict(model_type="llama", num_key_value_heads=2),
-    "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
-    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=16),
-}
-
-
-def setokim_config(backbone: str = "llama", **text_overrides) -> SetokimConfig:
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=70)
-    text.update(TEXT_CONFIGS[backbone], pad_token_id=PAD, **text_overrides)
-    return SetokimConfig(
-        vision_config=tiny_config(), text_config=text, image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI
-    )
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +23,6 @@ def pixels(photos):
     return SetokImageProcessor(size=32)(
         [photos["astronaut"], photos["coffee"], photos["chelsea"]], return_tensors="pt"
     )["pixel_values"]
-
-
-def image_block(count: int) -> list[int]:
-    return [BOI] + [IMAGE] * count + [EOI]
-
-
-def counts_of(model, pixels) -> list[int]:
-    return [len(features) for features in model.get_image_features(pixels).pooler_output]
 
 
 def test_image_features_are_per_image_lists(model, pixels):

@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from test_setokim import IMAGE, counts_of, image_block, setokim_config
+from conftest import IMAGE, counts_of, image_block, setokim_config
 
 from transformers_setok import SetokImageProcessor, SetokimForConditionalGeneration
 

@@ -7,7 +7,7 @@ supported transformers releases (5.23 passes the cache as `past_key_values`, 5.2
 
 import pytest
 import torch
-from test_setokim_processor import tiny_processor, tiny_setokim
+from conftest import tiny_processor, tiny_setokim
 
 GREEDY = dict(max_new_tokens=4, do_sample=False)
 

@@ -4,7 +4,7 @@ the encoder outputs returned as `image_outputs`."""
 
 import pytest
 import torch
-from test_setokim_processor import tiny_processor, tiny_setokim
+from conftest import tiny_processor, tiny_setokim
 
 from transformers_setok.modeling.modeling_setokim import context_limit
 

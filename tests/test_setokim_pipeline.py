@@ -3,8 +3,8 @@ images, batches; with the package installed and, for an exported folder, with `t
 
 import pytest
 import torch
+from conftest import tiny_processor, tiny_setokim
 from PIL import Image
-from test_setokim_processor import tiny_processor, tiny_setokim
 from transformers import pipeline
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 

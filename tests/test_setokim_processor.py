@@ -2,77 +2,13 @@
 
 import pytest
 import torch
-from conftest import tiny_config
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoProcessor, PreTrainedTokenizerFast
+from conftest import CHAT_WORDS, tiny_config, tiny_processor, tiny_setokim, word_tokenizer
+from transformers import AutoProcessor
 
 from transformers_setok import (
     SetokImageProcessor,
-    SetokimConfig,
-    SetokimForConditionalGeneration,
     SetokimProcessor,
 )
-
-WORDS = [
-    "<unk>",
-    "<pad>",
-    "</s>",
-    "<s>",
-    "User",
-    "Assistant",
-    ":",
-    "what",
-    "is",
-    "in",
-    "the",
-    "image",
-    "?",
-    "a",
-    "cat",
-]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer built locally: words, punctuation and the image markers are tokens."""
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\[/?Img\]|<image>|[:?]"), behavior="isolated")]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
-    )
-
-
-def tiny_processor() -> SetokimProcessor:
-    return SetokimProcessor(image_processor=SetokImageProcessor(size=32), tokenizer=word_tokenizer())
-
-
-def tiny_setokim(
-    processor: SetokimProcessor, use_generation_head: bool = False, **text_overrides
-) -> SetokimForConditionalGeneration:
-    """A tiny Llama-based Setokim whose vocabulary and special ids match `processor` (with a tiny generation head
-    when asked)."""
-    text = dict(
-        model_type="llama",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=len(processor.tokenizer),
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
-    text.update(text_overrides)
-    config = SetokimConfig(
-        vision_config=tiny_config(),
-        text_config=text,
-        image_token_id=processor.image_token_id,
-        boi_token_id=processor.boi_token_id,
-        eoi_token_id=processor.eoi_token_id,
-        use_generation_head=use_generation_head,
-        generation_head_width=48,
-        generation_head_depth=2,
-    )
-    return SetokimForConditionalGeneration(config).eval()
 
 
 @pytest.fixture
@@ -87,11 +23,11 @@ def model(processor):
 
 def test_special_tokens_are_added_once(processor):
     tokenizer = processor.tokenizer
-    assert len(tokenizer) == len(WORDS) + 3
+    assert len(tokenizer) == len(CHAT_WORDS) + 3
     ids = {processor.image_token_id, processor.boi_token_id, processor.eoi_token_id}
-    assert ids == {len(WORDS), len(WORDS) + 1, len(WORDS) + 2}
+    assert ids == {len(CHAT_WORDS), len(CHAT_WORDS) + 1, len(CHAT_WORDS) + 2}
     again = SetokimProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
-    assert len(again.tokenizer) == len(WORDS) + 3 and again.image_token_id == processor.image_token_id
+    assert len(again.tokenizer) == len(CHAT_WORDS) + 3 and again.image_token_id == processor.image_token_id
 
 
 def test_each_image_expands_to_its_own_count(processor, photos):
@@ -198,7 +134,7 @@ def test_build_from_a_setok_and_a_causal_lm_checkpoint(processor, tmp_path, phot
     setok.save_pretrained(tmp_path / "setok")
     SetokImageProcessor(size=32).save_pretrained(tmp_path / "setok")
     llm_config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(WORDS)
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(CHAT_WORDS)
     )
     llm = LlamaForCausalLM(llm_config)
     llm.save_pretrained(tmp_path / "llm")
@@ -206,8 +142,8 @@ def test_build_from_a_setok_and_a_causal_lm_checkpoint(processor, tmp_path, phot
 
     model, built = build_setokim(str(tmp_path / "setok"), str(tmp_path / "llm"))
     embeddings = model.get_input_embeddings().weight
-    assert embeddings.shape[0] == len(WORDS) + 3 == len(built.tokenizer)
-    torch.testing.assert_close(embeddings[: len(WORDS)], llm.get_input_embeddings().weight)
+    assert embeddings.shape[0] == len(CHAT_WORDS) + 3 == len(built.tokenizer)
+    torch.testing.assert_close(embeddings[: len(CHAT_WORDS)], llm.get_input_embeddings().weight)
     mean = llm.get_input_embeddings().weight.mean(0)
     for token_id in (built.image_token_id, built.boi_token_id, built.eoi_token_id):
         torch.testing.assert_close(embeddings[token_id], mean)

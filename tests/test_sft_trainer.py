@@ -12,10 +12,9 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import assistant, user
+from conftest import assistant, tiny_processor, tiny_setokim, user
 from datasets import Dataset
 from PIL import Image
-from test_setokim_processor import tiny_processor, tiny_setokim
 from trl import SFTConfig
 
 from transformers_setok import SetokimForConditionalGeneration, SetokimProcessor

@@ -13,11 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_SETOK_KWARGS, TINY_TEXT_CONFIG, TINY_TRAINING_KWARGS, TINY_VISION_KWARGS, tiny_config
+from conftest import (
+    CONCEPT_WORDS,
+    TINY_SETOK_KWARGS,
+    TINY_TEXT_CONFIG,
+    TINY_TRAINING_KWARGS,
+    TINY_VISION_KWARGS,
+    text_tokenizer,
+    tiny_config,
+    tiny_processor,
+    tiny_setokim,
+    word_tokenizer,
+)
 from PIL import Image
-from test_setok_trainer import WORDS as CONCEPT_WORDS
-from test_setok_trainer import text_tokenizer
-from test_setokim_processor import tiny_processor, tiny_setokim, word_tokenizer
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Trainer
 
 from transformers_setok import (

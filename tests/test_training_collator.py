@@ -3,9 +3,8 @@ has counted each image's tokens, and `prepare_step` against the processor's own 
 
 import pytest
 import torch
-from conftest import assistant, user
+from conftest import assistant, tiny_setokim, user, word_tokenizer
 from PIL import Image
-from test_setokim_processor import tiny_setokim, word_tokenizer
 
 from transformers_setok import SetokImageProcessor, SetokimProcessor
 from transformers_setok.training.collators import (
