@@ -244,3 +244,29 @@ def text_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(CONCEPT_WORDS)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def count_setok_calls(model, monkeypatch) -> list[int]:
+    """A list that records the batch size of every forward of `model`'s SeTok from now on."""
+    calls = []
+    forward = model.model.vision_tower.forward
+    monkeypatch.setattr(
+        model.model.vision_tower,
+        "forward",
+        lambda pixels, *a, **k: calls.append(len(pixels)) or forward(pixels, *a, **k),
+    )
+    return calls
+
+
+# Defaults for the modules that use one tiny Setokim throughout (others define their own `processor` and `model`).
+@pytest.fixture(scope="module")
+def processor():
+    """A module's tiny SetokimProcessor (its word tokenizer and a 32-pixel image processor)."""
+    return tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    """A module's tiny Setokim matching `processor`, seeded."""
+    torch.manual_seed(0)
+    return tiny_setokim(processor)

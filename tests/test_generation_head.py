@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_accumulation_matches_one_batch, tiny_config, tiny_processor, tiny_setokim
+from conftest import (
+    assert_accumulation_matches_one_batch,
+    count_setok_calls,
+    tiny_config,
+    tiny_processor,
+    tiny_setokim,
+)
 from conftest import trainer_for as pretrain_trainer_for
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -212,13 +218,7 @@ def test_diffusion_inputs_of_a_mixed_batch(model, processor, records):
 def test_a_step_runs_setok_once_per_image(model, processor, records, tmp_path, monkeypatch):
     """Two accumulated micro-batches with images to draw and to read: SeTok's forward runs once per micro-batch (on
     all of its images), for the loss normaliser's count and the loss alike."""
-    calls = []
-    forward = model.model.vision_tower.forward
-    monkeypatch.setattr(
-        model.model.vision_tower,
-        "forward",
-        lambda pixels, *a, **k: calls.append(len(pixels)) or forward(pixels, *a, **k),
-    )
+    calls = count_setok_calls(model, monkeypatch)
     trainer = trainer_for(model, processor, records, tmp_path, per_device_train_batch_size=2)
     calls.clear()  # the token-scale estimate at set-up runs SeTok on the training images once
     batches = iter([SetokimChatCollator(processor)(records[:2]), SetokimChatCollator(processor)(records[2:])])

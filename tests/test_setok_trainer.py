@@ -40,20 +40,7 @@ def stage1_model(**overrides) -> SetokForImageReconstruction:
 
 def setok_arguments(output_dir, **overrides) -> SetokTrainingArguments:
     """`tiny_training_arguments` as SetokTrainingArguments, with the adversarial term from the first step."""
-    kwargs = dict(
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        use_cpu=True,
-        seed=0,
-        disc_start=0,
-    )
-    return SetokTrainingArguments(output_dir=str(output_dir), **{**kwargs, **overrides})
+    return tiny_training_arguments(output_dir, factory=SetokTrainingArguments, **{"disc_start": 0, **overrides})
 
 
 def collator():

@@ -7,33 +7,15 @@ supported transformers releases (5.23 passes the cache as `past_key_values`, 5.2
 
 import pytest
 import torch
-from conftest import tiny_processor, tiny_setokim
+from conftest import count_setok_calls
 
 GREEDY = dict(max_new_tokens=4, do_sample=False)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def model(processor):
-    torch.manual_seed(0)
-    return tiny_setokim(processor)
 
 
 @pytest.fixture
 def setok_calls(model, monkeypatch):
     """The number of SeTok forwards, each with the batch size it was given."""
-    calls = []
-    forward = model.model.vision_tower.forward
-    monkeypatch.setattr(
-        model.model.vision_tower,
-        "forward",
-        lambda pixels, *a, **k: calls.append(len(pixels)) or forward(pixels, *a, **k),
-    )
-    return calls
+    return count_setok_calls(model, monkeypatch)
 
 
 def new_tokens_of_the_expanded_flow(model, processor, prompts, images):

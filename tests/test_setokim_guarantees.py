@@ -4,22 +4,11 @@ the encoder outputs returned as `image_outputs`."""
 
 import pytest
 import torch
-from conftest import tiny_processor, tiny_setokim
+from conftest import tiny_setokim
 
 from transformers_setok.modeling.modeling_setokim import context_limit
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return tiny_processor()
-
-
-@pytest.fixture(scope="module")
-def model(processor):
-    torch.manual_seed(0)
-    return tiny_setokim(processor)
 
 
 @pytest.fixture(scope="module")
