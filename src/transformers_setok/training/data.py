@@ -15,14 +15,18 @@ Every record is checked at load time: the JSON parses, the image files exist and
 `verify_images=True` also reads the rest of each file), the placeholders match the images, the roles are known.
 `on_error="fail"` raises `DataValidationError` at the first bad record, naming the file, the record and the
 problem; `on_error="skip"` drops the bad records and logs how many, by reason, at WARNING.
+
+`streaming=True` (every loader) returns a `datasets.IterableDataset` of the same records instead, checked one by one
+as they are read, by the same rules (see `streaming`, which also has the webdataset reader and what the Trainer needs
+to train and resume on a stream).
 """
 
+import functools
 import io
 import json
 import logging
 import os
 import re
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -35,7 +39,9 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 ON_ERROR = ("fail", "skip")
+REQUIRE_TEXT = (None, "caption", "concepts")  # image-text records: the text every record must have, if any
 SHOWN_PER_REASON = 3  # records named per reason in the skip summary; the count covers them all
+STREAM_SKIP_LOG_EVERY = 1000  # a stream logs its first skipped record, then every this many
 
 _TEXT = datasets.Value("string")
 CONVERSATION_FEATURES = datasets.Features(
@@ -84,7 +90,9 @@ class _Where:
 # --- Public loaders ---
 
 
-def load_llava_json(json_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
+def load_llava_json(
+    json_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False, streaming: bool = False
+):
     """LLaVA-format records -> conversations.
 
     `json_path` holds a JSON list of records (or one record a line when it ends in `.jsonl`) like
@@ -93,7 +101,14 @@ def load_llava_json(json_path, image_folder=None, *, on_error: str = "fail", ver
     relative to `image_folder` (default: the JSON file's folder). Each `<image>` becomes an image part.
     Every image's header is read, so a file that is no image is a bad record; `verify_images=True` also reads the
     rest of every image to check that it is whole (slow on big sets).
+
+    `streaming=True`: a `datasets.IterableDataset` (`streaming.stream_llava_json`); `json_path` may then also be a
+    folder, a glob or a list of files, one shard each.
     """
+    if streaming:
+        from .streaming import stream_llava_json
+
+        return stream_llava_json(json_path, image_folder, on_error=on_error, verify_images=verify_images)
     return _load_record_file(
         json_path,
         "json_path",
@@ -106,19 +121,38 @@ def load_llava_json(json_path, image_folder=None, *, on_error: str = "fail", ver
     )
 
 
-def load_image_text_jsonl(jsonl_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
+def load_image_text_jsonl(
+    jsonl_path,
+    image_folder=None,
+    *,
+    on_error: str = "fail",
+    verify_images: bool = False,
+    require_text: str | None = None,
+    streaming: bool = False,
+):
     """Images with captions and/or concepts -> image-text pairs (stage 1; `captions_to_messages` for stage 2).
 
     Each line of `jsonl_path` is like {"image": "a.jpg", "caption": "A cat on a sofa.", "concepts": ["cat", "sofa"]},
     where either `caption` or `concepts` may be left out, not both. Image paths are relative to `image_folder`
-    (default: the JSONL file's folder); images are checked as by `load_llava_json`.
+    (default: the JSONL file's folder); images are checked as by `load_llava_json`. `require_text="caption"` (or
+    `"concepts"`) also makes a record without that text a bad one ("no caption" / "no concepts").
+
+    `streaming=True`: a `datasets.IterableDataset` (`streaming.stream_image_text_jsonl`); `jsonl_path` may then also
+    be a folder, a glob or a list of files, one shard each.
     """
+    _check_require_text(require_text)
+    if streaming:
+        from .streaming import stream_image_text_jsonl
+
+        return stream_image_text_jsonl(
+            jsonl_path, image_folder, on_error=on_error, verify_images=verify_images, require_text=require_text
+        )
     return _load_record_file(
         jsonl_path,
         "jsonl_path",
         image_folder,
         _read_jsonl,
-        _to_image_text,
+        functools.partial(_to_image_text, require_text=require_text),
         IMAGE_TEXT_FEATURES,
         on_error=on_error,
         verify_images=verify_images,
@@ -131,19 +165,40 @@ def load_hub_dataset(
     split: str = "train",
     image_column: str = "images",
     messages_column: str = "messages",
+    data_files=None,
     on_error: str = "fail",
     verify_images: bool = False,
+    streaming: bool = False,
+    num_shards: int | None = None,
 ):
     """A dataset with image and messages columns -> conversations.
 
     `name_or_path` is a Hub id, a local folder (one written by `save_to_disk`, or data files `load_dataset` reads) or
-    a `datasets.Dataset` already loaded. The image column holds a list of images or, as a fallback when
-    `image_column="images"` is absent, an `image` column with one image a record. Message contents may be lists of
-    parts or strings; a string is split at `<image>` placeholders, and when no message has one (TRL's convention)
-    the images go before the first user message's text. Columns other than these two are dropped.
+    a `datasets.Dataset` already loaded; with `data_files` (files, a glob or a split -> files dict) it is what
+    `load_dataset` reads them with: a builder such as `"parquet"` or `"json"`, or a Hub id. The image column holds a
+    list of images or, as a fallback when `image_column="images"` is absent, an `image` column with one image a
+    record. Message contents may be lists of parts or strings; a string is split at `<image>` placeholders, and when
+    no message has one (TRL's convention) the images go before the first user message's text. Columns other than
+    these two are dropped.
+
+    `streaming=True`, or a `datasets.IterableDataset` given: a `datasets.IterableDataset`
+    (`streaming.stream_hub_dataset`, where `num_shards` is described).
     """
+    if streaming or isinstance(name_or_path, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        from .streaming import stream_hub_dataset
+
+        return stream_hub_dataset(
+            name_or_path,
+            split=split,
+            image_column=image_column,
+            messages_column=messages_column,
+            data_files=data_files,
+            num_shards=num_shards,
+            on_error=on_error,
+            verify_images=verify_images,
+        )
     _check_on_error(on_error)
-    dataset, source = _open_dataset(name_or_path, split)
+    dataset, source = _open_dataset(name_or_path, split, data_files)
     image_column = _find_image_column(dataset, image_column, source)
     if messages_column not in dataset.column_names:
         raise ValueError(
@@ -158,9 +213,7 @@ def load_hub_dataset(
 
     def check(indexed_row, where):
         index, row = indexed_row
-        _hub_to_conversation(row, where, **columns)
-        for number, image in enumerate(_row_images(row, image_column)):
-            _check_hub_image(image, where, number, verify_images)
+        _check_hub_row(row, where, verify_images=verify_images, **columns)
         return index
 
     records = ((_Where(source, f"record {index}", _record_id(row)), (index, row)) for index, row in enumerate(dataset))
@@ -175,35 +228,98 @@ def load_hub_dataset(
     )
 
 
+def load_webdataset(
+    tar_paths,
+    columns: dict | None = None,
+    *,
+    on_error: str = "fail",
+    verify_images: bool = False,
+    require_text: str | None = None,
+    streaming: bool = False,
+):
+    """WebDataset tar shards -> conversations or image-text pairs, as `columns` maps the tar members to the record's
+    fields (`streaming.stream_webdataset` describes the mapping and the checks). In memory, the images' bytes are held
+    in the dataset: for big sets, use `streaming=True`."""
+    from .streaming import stream_webdataset
+
+    stream = stream_webdataset(
+        tar_paths, columns, on_error=on_error, verify_images=verify_images, require_text=require_text
+    )
+    if streaming:
+        return stream
+    features = stream.features
+    undecoded = stream.cast_column("images", _undecoded(features["images"]))  # the tar's bytes, not re-encoded
+    return datasets.Dataset.from_list(list(undecoded), features=features)
+
+
 def captions_to_messages(dataset, prompt: str = "Describe the image."):
     """Image-text pairs -> captioning conversations for stage 2: the user sends the image and `prompt`, the
-    assistant answers with the caption. Records with concepts but no caption are left out, with a count in the log."""
+    assistant answers with the caption. Records with concepts but no caption are left out, with a count in the log
+    (for a `datasets.IterableDataset`, lazily: the first one and every `STREAM_SKIP_LOG_EVERY`-th are logged)."""
     return _captions_to_chats(dataset, _caption_to_conversation, "captions_to_messages", prompt=prompt)
 
 
 def captions_to_generation_messages(dataset, template: str = "Generate an image of {}"):
     """Image-text pairs -> text-to-image conversations for stage 2 (the generation head): the user asks with
     `template.format(caption)`, the assistant answers with the image. Records without a caption are left out, with a
-    count in the log."""
+    count in the log (lazily for a `datasets.IterableDataset`, as in `captions_to_messages`)."""
     return _captions_to_chats(dataset, _caption_to_generation, "captions_to_generation_messages", template=template)
 
 
 def _captions_to_chats(dataset, to_chat, name: str, **fn_kwargs):
-    captioned = dataset.filter(_has_caption, input_columns="caption")
-    if len(captioned) < len(dataset):
-        logger.warning(
-            "%s: left out %d of %d records, which have concepts but no caption.",
-            name,
-            len(dataset) - len(captioned),
-            len(dataset),
-        )
-    if len(captioned) == 0:
-        raise ValueError(f"{name}: none of the {len(dataset)} records has a caption.")
+    if isinstance(dataset, datasets.IterableDataset):
+        captioned = dataset.filter(_count_caption, input_columns="caption", fn_kwargs={"left_out": _LeftOut(name)})
+    else:
+        captioned = dataset.filter(_has_caption, input_columns="caption")
+        if len(captioned) < len(dataset):
+            logger.warning(
+                "%s: left out %d of %d records, which have concepts but no caption.",
+                name,
+                len(dataset) - len(captioned),
+                len(dataset),
+            )
+        if len(captioned) == 0:
+            raise ValueError(f"{name}: none of the {len(dataset)} records has a caption.")
     # Paths stay paths: decoding to PIL here would re-encode every image into the new table.
     captioned = captioned.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    if isinstance(captioned, datasets.IterableDataset):
+        # `cast`, not `map(features=)`: a stream's map only declares them, and the records must get them.
+        columns = captioned.column_names or list(IMAGE_TEXT_FEATURES)
+        chats = captioned.map(_stored_chat, fn_kwargs=dict(to_chat=to_chat, **fn_kwargs), remove_columns=columns)
+        return chats.cast(CONVERSATION_FEATURES)
     return captioned.map(
         to_chat, fn_kwargs=fn_kwargs, remove_columns=captioned.column_names, features=CONVERSATION_FEATURES
     )
+
+
+class _LeftOut:
+    """Counts the records of a stream that `captions_to_*` leaves out, and logs the first and every
+    `STREAM_SKIP_LOG_EVERY`-th (a stream has no end to log a total at)."""
+
+    def __init__(self, name: str):
+        self.name, self.read, self.left_out = name, 0, 0
+
+    def __call__(self, caption) -> bool:
+        self.read += 1
+        if caption is not None:
+            return True
+        self.left_out += 1
+        if self.left_out == 1 or self.left_out % STREAM_SKIP_LOG_EVERY == 0:
+            logger.warning(
+                "%s: left out %d of the %d records read so far, which have concepts but no caption.",
+                self.name,
+                self.left_out,
+                self.read,
+            )
+        return False
+
+
+def _count_caption(caption, left_out: _LeftOut) -> bool:
+    return left_out(caption)
+
+
+def _stored_chat(record: dict, to_chat, **fn_kwargs) -> dict:
+    return _stored(to_chat(record, **fn_kwargs))
 
 
 # --- Arguments ---
@@ -217,6 +333,11 @@ def is_local_path(name: str) -> bool:
 def _check_on_error(on_error):
     if on_error not in ON_ERROR:
         raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}.")
+
+
+def _check_require_text(require_text):
+    if require_text not in REQUIRE_TEXT:
+        raise ValueError(f"`require_text` must be one of {REQUIRE_TEXT}, got {require_text!r}.")
 
 
 def _existing_file(path, argument: str) -> str:
@@ -320,36 +441,80 @@ def _record_id(record) -> str | None:
     return None
 
 
-def _collect(records, convert, on_error: str, source: str) -> list:
-    """`convert(record, where)` for each (where, record). A bad record raises (`on_error="fail"`) or is counted
-    and dropped; the drops are logged, and nothing left is an error."""
-    kept, skipped = [], defaultdict(list)
+class _SkipCount:
+    """The records of `source` read, kept and skipped (by reason, the first `SHOWN_PER_REASON` of each named).
+
+    With `log_every` (streams), the first skipped record and then every `log_every`-th are logged as they come, with
+    the count so far: a stream read by a Trainer may never reach its end, where `finish` logs the total.
+    """
+
+    def __init__(self, source: str, log_every: int | None = None):
+        self.source, self.log_every = source, log_every
+        self.read = self.kept = 0
+        self.counts: dict[str, int] = {}  # per reason, in the order the reasons first came
+        self.shown: dict[str, list] = {}
+
+    @property
+    def skipped(self) -> int:
+        return self.read - self.kept
+
+    def add(self, error: "DataValidationError"):
+        self.counts[error.reason] = self.counts.get(error.reason, 0) + 1
+        shown = self.shown.setdefault(error.reason, [])
+        if len(shown) < SHOWN_PER_REASON:
+            shown.append(error.where)
+        if self.log_every and (self.skipped == 1 or self.skipped % self.log_every == 0):
+            logger.warning(
+                "Skipped %d of the %d records of %s read so far: %s.",
+                self.skipped,
+                self.read,
+                self.source,
+                self.summary(),
+            )
+
+    def summary(self) -> str:
+        """`2 missing image file (record 1 (id 'a'), record 4)` per reason."""
+        parts = []
+        for reason, count in self.counts.items():
+            shown = ", ".join(where.label for where in self.shown[reason])
+            parts.append(f"{count} {reason} ({shown}{', ...' if count > len(self.shown[reason]) else ''})")
+        return "; ".join(parts)
+
+    def finish(self):
+        """At the end of `source`: log the skipped records, and refuse a source without a good record."""
+        if self.skipped:
+            logger.warning("Skipped %d of %d records of %s: %s.", self.skipped, self.read, self.source, self.summary())
+        if self.read == 0:
+            raise ValueError(f"{self.source} holds no records.")
+        if not self.kept:
+            raise ValueError(f"All {self.read} records of {self.source} are bad: {self.summary()}.")
+
+
+def _checked(records, convert, on_error: str, count: _SkipCount):
+    """The skip/fail rule, lazily: `convert(record, where)` for each (where, record) as it comes. A bad record (a
+    `DataValidationError` raised, or given in place of the record) raises (`on_error="fail"`) or is counted in
+    `count` and dropped."""
     for where, record in records:
+        count.read += 1
         try:
             if isinstance(record, DataValidationError):
                 raise record
-            kept.append(convert(record, where))
+            row = convert(record, where)
         except DataValidationError as error:
             if on_error == "fail":
                 raise
-            skipped[error.reason].append(error.where)
-    total = len(kept) + sum(len(wheres) for wheres in skipped.values())
-    if skipped:
-        logger.warning("Skipped %d of %d records of %s: %s.", total - len(kept), total, source, _summary(skipped))
-    if total == 0:
-        raise ValueError(f"{source} holds no records.")
-    if not kept:
-        raise ValueError(f"All {total} records of {source} are bad: {_summary(skipped)}.")
+            count.add(error)
+            continue
+        count.kept += 1
+        yield row
+
+
+def _collect(records, convert, on_error: str, source: str) -> list:
+    """`_checked` read to the end: the good rows; the drops are logged, and nothing left is an error."""
+    count = _SkipCount(source)
+    kept = list(_checked(records, convert, on_error, count))
+    count.finish()
     return kept
-
-
-def _summary(skipped: dict) -> str:
-    """`2 missing image file (record 1 (id 'a'), record 4)` per reason."""
-    parts = []
-    for reason, wheres in skipped.items():
-        shown = ", ".join(where.label for where in wheres[:SHOWN_PER_REASON])
-        parts.append(f"{len(wheres)} {reason} ({shown}{', ...' if len(wheres) > SHOWN_PER_REASON else ''})")
-    return "; ".join(parts)
 
 
 def _require_object(record, where):
@@ -469,19 +634,29 @@ def _llava_image_names(record: dict, where) -> list[str]:
 # --- Image-text records ---
 
 
-def _to_image_text(record, where, images: _ImageFolder) -> dict:
+def _to_image_text(record, where, images: _ImageFolder, require_text: str | None = None) -> dict:
     _require_object(record, where)
     name = record.get("image")
     if not isinstance(name, str) or not name:
         raise DataValidationError(where, "malformed image field", f"expected a path in 'image', got {_short(name)}")
-    caption, concepts = _caption(record, where), _concepts(record, where)
-    if caption is None and not concepts:
-        raise DataValidationError(where, "no caption or concepts", "a record needs a 'caption' or 'concepts'")
+    caption, concepts = _image_texts(record, where, require_text)
     return {
         "images": [images.resolve(name, where)],
         "caption": caption,
         "concepts": concepts,
     }
+
+
+def _image_texts(record: dict, where, require_text: str | None = None) -> tuple[str | None, list[str]]:
+    """The caption and concepts of an image-text record, checked (the webdataset reader shares this)."""
+    caption, concepts = _caption(record, where), _concepts(record, where)
+    if caption is None and not concepts:
+        raise DataValidationError(where, "no caption or concepts", "a record needs a 'caption' or 'concepts'")
+    if require_text == "caption" and caption is None:
+        raise DataValidationError(where, "no caption", "`require_text='caption'`: this record has concepts only")
+    if require_text == "concepts" and not concepts:
+        raise DataValidationError(where, "no concepts", "`require_text='concepts'`: this record has a caption only")
+    return caption, concepts
 
 
 def _caption(record: dict, where) -> str | None:
@@ -520,19 +695,20 @@ def _caption_to_generation(record: dict, template: str) -> dict:
 # --- Hub datasets ---
 
 
-def _open_dataset(name_or_path, split: str):
-    """The split to load, and a name for it in messages."""
-    if isinstance(name_or_path, datasets.Dataset):
+def _open_dataset(name_or_path, split: str, data_files=None, streaming: bool = False):
+    """The split to load, and a name for it in messages. `streaming` opens files and Hub sets as a
+    `datasets.IterableDataset`; a dataset already loaded, or saved with `save_to_disk`, is returned as it is."""
+    if isinstance(name_or_path, (datasets.Dataset, datasets.IterableDataset)):
         return name_or_path, "the dataset"
-    if isinstance(name_or_path, datasets.DatasetDict):
+    if isinstance(name_or_path, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return _pick_split(name_or_path, split, "the dataset"), "the dataset"
     name = os.fspath(name_or_path)
-    if _is_saved_dataset(name):
+    if data_files is None and _is_saved_dataset(name):
         return _pick_split(datasets.load_from_disk(name), split, name), name
     if not os.path.exists(name) and not HUB_ID.fullmatch(name):
         raise FileNotFoundError(f"`name_or_path`: no such folder: {name}")
     try:
-        return datasets.load_dataset(name, split=split), name
+        return datasets.load_dataset(name, data_files=data_files, split=split, streaming=streaming), name
     except OSError as error:  # not found on the Hub, no network, no data files
         raise FileNotFoundError(
             f"`name_or_path`: {name!r} is no local dataset folder, and loading it failed: {error}"
@@ -545,7 +721,7 @@ def _is_saved_dataset(path: str) -> bool:
 
 
 def _pick_split(loaded, split: str, source: str):
-    if isinstance(loaded, datasets.Dataset):
+    if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         return loaded
     if split not in loaded:
         raise ValueError(f"{source} has no split {split!r} (`split`); its splits are {list(loaded)}.")
@@ -590,6 +766,14 @@ def _hub_to_conversation(row: dict, where, image_column: str, messages_column: s
         _put_images_first(messages, len(images))
     _check_image_parts(messages, len(images), where)
     return {"images": images, "messages": messages}
+
+
+def _check_hub_row(row: dict, where, image_column: str, messages_column: str, verify_images: bool) -> dict:
+    """A row as a conversation, its messages and its images checked (each image once)."""
+    conversation = _hub_to_conversation(row, where, image_column, messages_column)
+    for number, image in enumerate(conversation["images"]):
+        _check_hub_image(image, where, number, verify_images)
+    return conversation
 
 
 def _check_hub_image(image, where, number: int, verify: bool):
@@ -640,6 +824,14 @@ def _hub_part(part, where, number: int) -> dict:
     )
 
 
+def _stored(conversation: dict) -> dict:
+    """`conversation` with every part holding both keys, as a table stores it ("text": None for an image). A stream
+    needs this done here: `Features.encode_example` leaves a list as it is when its first item needs no change."""
+    for message in conversation["messages"]:
+        message["content"] = [{"type": part["type"], "text": part.get("text")} for part in message["content"]]
+    return conversation
+
+
 def _put_images_first(messages: list[dict], num_images: int):
     """TRL's convention for string contents without placeholders: the images open the first user message."""
     if any(part["type"] == "image" for message in messages for part in message["content"]):
@@ -661,4 +853,5 @@ __all__ = [
     "load_hub_dataset",
     "load_image_text_jsonl",
     "load_llava_json",
+    "load_webdataset",
 ]
