@@ -819,6 +819,33 @@ BAD_INPUTS = {
         before=_finished_run,
         at_load=False,
     ),
+    # Streaming data: what a stream without a length needs
+    "streaming without max_steps": Bad(
+        "sft",
+        _edits(_update("data", streaming=True), _set("training", "max_steps", -1)),
+        r"`data.streaming` reads a stream without a length: set `training.max_steps`",
+    ),
+    "streaming with dataloader workers": Bad(
+        "sft",
+        _edits(_update("data", streaming=True), _set("training", "dataloader_num_workers", 2)),
+        r"`data.streaming` with `training.dataloader_num_workers` > 0",
+    ),
+    "a list of data files without streaming": Bad(
+        "sft",
+        lambda config, inputs: config["data"].update(path=[config["data"]["path"]] * 2),
+        r"`data.path` is a list of files: set `data.streaming: true`",
+    ),
+    "webdataset columns on another format": Bad(
+        "sft",
+        _update("data", webdataset_columns={"image": "png"}),
+        r"`data.webdataset_columns` applies to the `webdataset`",
+    ),
+    "a shard pattern that matches nothing": Bad(
+        "sft",
+        _update("data", streaming=True, path=lambda inputs: inputs.tmp_path / "shards-*.jsonl"),
+        r"`data.path`: no such file, folder or pattern: .*shards-\*\.jsonl",
+        error=FileNotFoundError,
+    ),
 }
 
 
@@ -1159,6 +1186,40 @@ def test_pretrain_stage_adds_a_head_to_a_saved_setokim(tmp_path, image_text, set
     assert state["global_step"] == 1 and "diffusion_loss" in state["log_history"][0]
     model = SetokimForConditionalGeneration.from_pretrained(Path(config["output_dir"]) / "final")
     assert model.config.use_generation_head and model.generation_head is not None
+
+
+def test_sft_stage_streams_its_data_and_resumes_from_the_stream_state(tmp_path, llava, setokim_dir):
+    """`data.streaming: true`: the records come from a `datasets.IterableDataset`; a resumed run continues from the
+    stream's saved position (no consumed batch is collated again) and ends where the uninterrupted run ends."""
+    from transformers_setok.training.streaming import STREAM_STATE_FILE
+
+    def config(name, steps):
+        return {
+            "stage": "sft",
+            "output_dir": str(tmp_path / name),
+            "model": {"init_from": str(setokim_dir), "lora": False},
+            "data": {"format": "llava", "path": str(llava), "streaming": True},
+            "training": dict(CPU_TRAINING, bf16=False, max_steps=steps),
+        }
+
+    train("sft", write_config(tmp_path / "straight.yaml", config("straight", 3)))
+    assert trainer_state(tmp_path / "straight")["global_step"] == 3
+    assert any(
+        path.name.startswith(STREAM_STATE_FILE.split("{")[0])
+        for path in (tmp_path / "straight" / "checkpoint-1").iterdir()
+    )
+    train("sft", write_config(tmp_path / "first.yaml", config("resumed", 1)))
+    train(
+        "sft",
+        write_config(tmp_path / "second.yaml", config("resumed", 3)),
+        "--resume",
+        str(tmp_path / "resumed" / "checkpoint-1"),
+    )
+    final = {
+        name: SetokimForConditionalGeneration.from_pretrained(tmp_path / name / "final").state_dict()
+        for name in ("straight", "resumed")
+    }
+    assert all(torch.equal(final["straight"][key], final["resumed"][key]) for key in final["straight"])
 
 
 def test_sft_stage_with_lora_and_merged_adapters(tmp_path, llava, setokim_dir):

@@ -148,9 +148,10 @@ def resolve_resume(config: StageConfig, resume: str | None, overwrite: bool = Fa
 # Shared steps
 
 
-def _load_data(data, conversations: bool):
-    """The data set of the `data` section; a bad or empty one is a ConfigError naming `data.path`."""
-    from datasets import concatenate_datasets
+def _load_data(data, conversations: bool, require_text: str | None = None):
+    """The data set of the `data` section (a `datasets.IterableDataset` with `data.streaming`); a bad or empty one is
+    a ConfigError naming `data.path`. `require_text` makes a pair without that text a bad record (stage 1)."""
+    from datasets import concatenate_datasets, interleave_datasets
 
     from .data import (
         captions_to_generation_messages,
@@ -158,9 +159,10 @@ def _load_data(data, conversations: bool):
         load_hub_dataset,
         load_image_text_jsonl,
         load_llava_json,
+        load_webdataset,
     )
 
-    checks = dict(on_error=data.on_error, verify_images=data.verify_images)
+    checks = dict(on_error=data.on_error, verify_images=data.verify_images, streaming=data.streaming)
     try:
         if data.format == "hub":
             return load_hub_dataset(
@@ -172,15 +174,31 @@ def _load_data(data, conversations: bool):
             )
         if data.format == "llava":
             return load_llava_json(data.path, data.image_folder, **checks)
-        pairs = load_image_text_jsonl(data.path, data.image_folder, **checks)
+        if data.format == "webdataset":
+            records = load_webdataset(data.path, data.webdataset_columns, require_text=require_text, **checks)
+            if not conversations or "messages" in (records.features or {}):
+                return records
+            pairs = records
+        else:
+            pairs = load_image_text_jsonl(data.path, data.image_folder, require_text=require_text, **checks)
         if not conversations:
             return pairs
         chats = [captions_to_messages(pairs, data.caption_prompt)] if data.captioning else []
         if data.text_to_image:
             chats.append(captions_to_generation_messages(pairs, data.text_to_image_template))
-        return concatenate_datasets(chats)
+        # A stream cannot be concatenated without reading the whole first part before the second: interleave.
+        return interleave_datasets(chats) if data.streaming and len(chats) > 1 else concatenate_datasets(chats)
     except ValueError as error:  # DataValidationError included: a bad record, or nothing left to train on
         raise ConfigError(f"`data.path` ({data.path}): {error}") from error
+
+
+def _stream_callbacks(config: StageConfig, resume_from_checkpoint: str | None) -> list:
+    """With `data.streaming`, the callback that saves the stream's state in each checkpoint and restores it."""
+    if not config.data.streaming:
+        return []
+    from .streaming import StreamStateCallback
+
+    return [StreamStateCallback(resume_from_checkpoint)]
 
 
 def _torch_dtype(name: str | None):
@@ -231,9 +249,15 @@ def run_tokenizer_stage(
 
     from .setok_trainer import SetokImageTextCollator, SetokTrainer
 
-    dataset = _load_data(config.data, conversations=False)
-    if has_concept_contrast(config.model):
-        _check_texts(dataset, config.data.text_source)
+    contrast = has_concept_contrast(config.model)
+    if config.data.streaming:  # checked record by record as it streams
+        dataset = _load_data(
+            config.data, conversations=False, require_text=config.data.text_source if contrast else None
+        )
+    else:
+        dataset = _load_data(config.data, conversations=False)
+        if contrast:
+            _check_texts(dataset, config.data.text_source)
     args = build_training_arguments(config)
     set_seed(args.seed)  # the fresh parts start alike in every process and every run
     model, image_processor, text_tokenizer = build_tokenizer_model(config.model)
@@ -246,6 +270,7 @@ def run_tokenizer_stage(
         train_dataset=dataset,
         data_collator=collator,
         processing_class=image_processor,
+        callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
     # The text tokenizer goes next to the model so that `init_from: <output_dir>/final` finds it.
     extras = [text_tokenizer] if text_tokenizer is not None else []
@@ -329,6 +354,7 @@ def run_pretrain_stage(
         generation_mask_ratio_min=config.model.generation_mask_ratio_min,
         diffusion_noise_repeats=config.model.diffusion_noise_repeats,
         diffusion_loss_weight=config.model.diffusion_loss_weight,
+        callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
     return _train_and_save(trainer, config, resume_from_checkpoint, overwrite)
 
@@ -405,6 +431,7 @@ def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None
         train_dataset=dataset,
         processing_class=processor,
         peft_config=peft_config,
+        callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
     metrics = _train_and_save(trainer, config, resume_from_checkpoint, overwrite)
 

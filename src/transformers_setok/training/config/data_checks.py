@@ -2,6 +2,7 @@
 with `check_paths`, the files and folders named."""
 
 import dataclasses
+import glob
 import os
 
 from .bounds import check_count
@@ -11,18 +12,25 @@ from .typed_yaml import ConfigError
 __all__ = ["check_pretrain_data", "check_sft_data", "check_template", "check_tokenizer_data"]
 
 # Data keys that only one format reads: under another format a changed value would be ignored without a word.
-_HUB_ONLY = {"split": "hub", "image_column": "hub", "messages_column": "hub"}
+_ONE_FORMAT_ONLY = {
+    "split": "hub",
+    "image_column": "hub",
+    "messages_column": "hub",
+    "webdataset_columns": "webdataset",
+}
 _PRETRAIN_FORMAT_ONLY = {
     "caption_prompt": "image_text",
     "captioning": "image_text",
     "text_to_image": "image_text",
     "text_to_image_template": "image_text",
-    **_HUB_ONLY,
+    **_ONE_FORMAT_ONLY,
 }
 
 
 def check_tokenizer_data(data: TokenizerDataConfig, check_paths: bool):
     check_template(data.concept_template, "data.concept_template", "concept", "'a photo of a {}'")
+    if data.format != "webdataset" and data.webdataset_columns is not None:
+        raise ConfigError("`data.webdataset_columns` applies to the `webdataset` format only: drop it.")
     _check_files(data, check_paths)
 
 
@@ -36,7 +44,7 @@ def check_pretrain_data(data: PretrainDataConfig, check_paths: bool):
 
 
 def check_sft_data(data: SFTDataConfig, check_paths: bool):
-    _check_conversations(data, _HUB_ONLY)
+    _check_conversations(data, _ONE_FORMAT_ONLY)
     _check_files(data, check_paths)
 
 
@@ -75,8 +83,17 @@ def _check_conversations(data: PretrainDataConfig | SFTDataConfig, format_only: 
 
 
 def _check_files(data, check_paths: bool):
-    """The data file (or, for `hub`, a local dataset folder) and the image folder exist."""
+    """The data file (or, for `hub`, a local dataset folder) and the image folder exist. A list of paths, a folder or
+    a glob are streaming's (and webdataset's shards)."""
+    sharded = data.streaming or data.format == "webdataset"
+    if isinstance(data.path, list) and not sharded:
+        raise ConfigError("`data.path` is a list of files: set `data.streaming: true` to read them as shards.")
     if not check_paths:
+        return
+    if sharded and data.format != "hub":
+        for path in data.path if isinstance(data.path, list) else [data.path]:
+            if not (os.path.exists(path) or glob.glob(path)):
+                raise FileNotFoundError(f"`data.path`: no such file, folder or pattern: {path}")
         return
     if data.format == "hub":
         from ..data import is_local_path

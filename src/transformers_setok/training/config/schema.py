@@ -88,11 +88,17 @@ class SFTModelConfig:
 class TokenizerDataConfig:
     """Stage 1: a JSON Lines file of {"image": path, "caption": str, "concepts": [str]} (`load_image_text_jsonl`)."""
 
-    path: str
-    format: Literal["image_text"] = "image_text"
+    path: str | list[str]
+    format: Literal["image_text", "webdataset"] = "image_text"
     image_folder: str | None = None  # image paths are relative to it; default: the file's folder
     on_error: ON_ERROR = "fail"  # "skip" drops bad records (counted in the log) instead of stopping
     verify_images: bool = False  # also decode every image at load time (slow on big sets)
+    # Read lazily (a datasets.IterableDataset: records checked as they stream, shards split across processes,
+    # resumed from the stream's state); needs `training.max_steps`. `path` may then be a folder, a glob or a list.
+    streaming: bool = False
+    webdataset_columns: dict[str, str] | None = (
+        None  # webdataset only: record field -> tar member, e.g. {"image": "png"}
+    )
     text_source: Literal["concepts", "caption"] = "concepts"  # what the concept contrast matches tokens against
     concept_template: str = "a photo of a {}"
 
@@ -102,14 +108,20 @@ class PretrainDataConfig:
     """Stage 2: captions (`image_text`, turned into captioning chats with `caption_prompt`), LLaVA JSON (`llava`)
     or a dataset with `images` and `messages` columns (`hub`: a Hub id or a local dataset folder)."""
 
-    path: str
-    format: Literal["image_text", "llava", "hub"] = "image_text"
+    path: str | list[str]
+    format: Literal["image_text", "llava", "hub", "webdataset"] = "image_text"
     image_folder: str | None = None
     split: str = "train"  # hub only
     image_column: str = "images"  # hub only
     messages_column: str = "messages"  # hub only
     on_error: ON_ERROR = "fail"
     verify_images: bool = False
+    # Read lazily (a datasets.IterableDataset: records checked as they stream, shards split across processes,
+    # resumed from the stream's state); needs `training.max_steps`. `path` may then be a folder, a glob or a list.
+    streaming: bool = False
+    webdataset_columns: dict[str, str] | None = (
+        None  # webdataset only: record field -> tar member, e.g. {"image": "png"}
+    )
     caption_prompt: str = "Describe the image."  # image_text only
     # image_text only: each pair as a captioning chat, and/or as a text-to-image chat (needs the generation head).
     captioning: bool = True
@@ -122,14 +134,20 @@ class PretrainDataConfig:
 class SFTDataConfig:
     """Stage 3: LLaVA JSON (`llava`) or a dataset with `images` and `messages` columns (`hub`)."""
 
-    path: str
-    format: Literal["llava", "hub"] = "llava"
+    path: str | list[str]
+    format: Literal["llava", "hub", "webdataset"] = "llava"
     image_folder: str | None = None
     split: str = "train"
     image_column: str = "images"
     messages_column: str = "messages"
     on_error: ON_ERROR = "fail"
     verify_images: bool = False
+    # Read lazily (a datasets.IterableDataset: records checked as they stream, shards split across processes,
+    # resumed from the stream's state); needs `training.max_steps`. `path` may then be a folder, a glob or a list.
+    streaming: bool = False
+    webdataset_columns: dict[str, str] | None = (
+        None  # webdataset only: record field -> tar member, e.g. {"image": "png"}
+    )
     max_length: int | None = None
 
 

@@ -12,6 +12,19 @@ __all__ = ["check_stage"]
 def check_stage(config: StageConfig, check_paths: bool):
     """Every check of `config`'s stage; `check_paths=False` skips those that need the files named to exist."""
     _STAGE_CHECKS[config.stage](config, check_paths)
+    if config.data.streaming:
+        _check_streaming(config)
+
+
+def _check_streaming(config: StageConfig):
+    # A stream has no length: the Trainer needs a step count, and resuming needs the stream's state in this process.
+    if config.training.get("max_steps", -1) < 1:
+        raise ConfigError("`data.streaming` reads a stream without a length: set `training.max_steps`.")
+    if config.training.get("dataloader_num_workers", 0) != 0:
+        raise ConfigError(
+            "`data.streaming` with `training.dataloader_num_workers` > 0: the stream's position would live in the "
+            "workers and be lost on resume; use 0 (the stream reads ahead by itself)."
+        )
 
 
 def _check_tokenizer_stage(config: StageConfig, check_paths: bool):

@@ -115,6 +115,11 @@ def build_training_arguments(config: StageConfig):
     (an invalid enum value, contradictory settings) come back as ConfigError naming the `training` key(s)."""
     cls = arguments_class(config.stage)
     kwargs = dict(config.training, output_dir=config.output_dir)
+    if config.data.streaming:
+        from ..streaming import STREAMING_TRAINING_ARGUMENTS  # skip no data on resume (its state is restored), no
+        # dispatching of batches from process 0 (each process reads its own shards)
+
+        kwargs.update(STREAMING_TRAINING_ARGUMENTS)
     try:
         return _construct(config.stage, cls, kwargs)
     except (TypeError, ValueError) as error:
