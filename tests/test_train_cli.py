@@ -835,6 +835,9 @@ BAD_INPUTS = {
         lambda config, inputs: config["data"].update(path=[config["data"]["path"]] * 2),
         r"`data.path` is a list of files: set `data.streaming: true`",
     ),
+    "data files on another format": Bad(
+        "sft", _update("data", data_files="shards/*.parquet"), r"`data.data_files` applies to the `hub` format only"
+    ),
     "webdataset columns on another format": Bad(
         "sft",
         _update("data", webdataset_columns={"image": "png"}),

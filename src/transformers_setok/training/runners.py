@@ -170,6 +170,7 @@ def _load_data(data, conversations: bool, require_text: str | None = None):
                 split=data.split,
                 image_column=data.image_column,
                 messages_column=data.messages_column,
+                data_files=data.data_files,
                 **checks,
             )
         if data.format == "llava":

@@ -16,6 +16,7 @@ _ONE_FORMAT_ONLY = {
     "split": "hub",
     "image_column": "hub",
     "messages_column": "hub",
+    "data_files": "hub",
     "webdataset_columns": "webdataset",
 }
 _PRETRAIN_FORMAT_ONLY = {

@@ -114,6 +114,7 @@ class PretrainDataConfig:
     split: str = "train"  # hub only
     image_column: str = "images"  # hub only
     messages_column: str = "messages"  # hub only
+    data_files: str | list[str] | None = None  # hub only: the files of a builder `path` (parquet, json, ...)
     on_error: ON_ERROR = "fail"
     verify_images: bool = False
     # Read lazily (a datasets.IterableDataset: records checked as they stream, shards split across processes,
@@ -140,6 +141,7 @@ class SFTDataConfig:
     split: str = "train"
     image_column: str = "images"
     messages_column: str = "messages"
+    data_files: str | list[str] | None = None  # hub only: the files of a builder `path` (parquet, json, ...)
     on_error: ON_ERROR = "fail"
     verify_images: bool = False
     # Read lazily (a datasets.IterableDataset: records checked as they stream, shards split across processes,
