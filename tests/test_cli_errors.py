@@ -15,8 +15,9 @@ import pytest
 from conftest import tiny_config
 
 from transformers_setok import SetokImageProcessor, SetokModel, cli
+from transformers_setok._checks import is_hub_id
 from transformers_setok.cli import main
-from transformers_setok.loading import HUB_ID, check_model_path, load_pretrained
+from transformers_setok.loading import check_model_path, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +181,17 @@ def test_setok_entry_point_prints_one_line_or_the_traceback(workspace, debug):
 
 @pytest.mark.parametrize("name", ["org/name", "google/siglip-so400m-patch14-384", "setok-demo/model", "a_b/c.d"])
 def test_hub_ids(name):
-    assert HUB_ID.fullmatch(name)
+    assert is_hub_id(name, owner_required=True) and is_hub_id(name)
 
 
 @pytest.mark.parametrize("name", ["nowhere", "./x/y", "a/b/c", "/abs/path", "../up", "org/", "/name", "-a/b", "a/.b"])
 def test_no_hub_ids(name):
-    assert not HUB_ID.fullmatch(name)
+    assert not is_hub_id(name, owner_required=True)
+
+
+@pytest.mark.parametrize("name", ["mnist", "gpt2", "squad_v2"])
+def test_bare_names_are_hub_ids_where_the_hub_has_canonical_ones(name):
+    assert is_hub_id(name) and not is_hub_id(name, owner_required=True)
 
 
 def test_only_a_hub_id_failure_mentions_the_hub(in_workspace):

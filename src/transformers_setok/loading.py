@@ -8,15 +8,13 @@ which file; `load_pretrained` runs it, then loads.
 
 import json
 import os
-import re
 import struct
 from pathlib import Path
 
-__all__ = ["HUB_ID", "check_model_path", "check_safetensors", "load_pretrained"]
+from ._checks import is_hub_id
 
-# A Hub repository id, "owner/name": letters, digits, "-", "_" and "." with neither part starting with "-" or ".".
-# Anything else that is not on disk ("nowhere", "./runs/x", "a/b/c", "/abs/path") can only be a mistyped local path.
-HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*/[A-Za-z0-9_][\w.-]*")
+__all__ = ["check_model_path", "check_safetensors", "load_pretrained"]
+
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -33,7 +31,7 @@ def check_model_path(name_or_path: str, argument: str = "--model", required: tup
     path = Path(name_or_path)
     where = f"{argument} {name_or_path}"
     if not path.exists():
-        if HUB_ID.fullmatch(str(name_or_path)):
+        if is_hub_id(name_or_path, owner_required=True):  # anything else can only be a mistyped local path
             return False  # loaded from the Hub (or its cache); `load_pretrained` words a failure
         raise FileNotFoundError(f"{where}: no such folder.")
     if not path.is_dir():

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import datasets
 import PIL.Image
 
+from .. import _checks
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -54,9 +56,9 @@ IMAGE_TEXT_FEATURES = datasets.Features(
     {"images": datasets.List(datasets.Image()), "caption": _TEXT, "concepts": datasets.List(_TEXT)}
 )
 
-# A Hub id: "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path. The one
-# definition in the package: match with `HUB_ID.fullmatch(name)`, or ask `is_local_path(name)`.
-HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+# A Hub id: "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path
+# (`is_local_path`). Defined once, in `transformers_setok._checks`.
+HUB_ID = _checks.HUB_ID
 # One newline, Unix or Windows, at the start / end of a piece of text next to a placeholder.
 _LEADING_NEWLINE = re.compile(r"\A\r?\n")
 _TRAILING_NEWLINE = re.compile(r"\r?\n\Z")
