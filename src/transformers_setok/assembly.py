@@ -3,6 +3,7 @@
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from ._checks import check_positive_int
 from .modeling import SetokForImageReconstruction, SetokimConfig, SetokimDiffusionHead, SetokimForConditionalGeneration
 from .modeling.modeling_setok import SetokDetokenizer
 from .processing import SetokImageProcessor, SetokimProcessor
@@ -73,9 +74,8 @@ def add_generation_head(
     and sets `config.use_generation_head`. Stage 2 with `train_generation_head` then trains the head."""
     if model.generation_head is not None:
         raise ValueError("The model already has a generation head.")
-    for name, value in (("width", width), ("depth", depth)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    check_positive_int(width, "width")
+    check_positive_int(depth, "depth")
     setok, info = SetokForImageReconstruction.from_pretrained(setok_name_or_path, output_loading_info=True)
     if any(key.startswith("detokenizer.") for key in info["missing_keys"]):
         raise ValueError(

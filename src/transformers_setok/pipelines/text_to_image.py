@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._checks import check_positive_int
 from ..generation import revealed_counts
 
 __all__ = ["SetokimImageGenerationOutput", "SetokimTextToImagePipeline"]
@@ -81,16 +82,10 @@ class SetokimTextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"`generator` must be one torch.Generator, got {type(generator).__name__}.")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"`output_type` must be 'pil' or 'pt', got {output_type!r}.")
-        if (
-            isinstance(num_unmasking_rounds, bool)
-            or not isinstance(num_unmasking_rounds, int)
-            or num_unmasking_rounds < 1
-        ):
-            raise ValueError(f"`num_unmasking_rounds` must be a positive integer, got {num_unmasking_rounds!r}.")
+        check_positive_int(num_unmasking_rounds, "num_unmasking_rounds")
         vision = model.config.vision_config
         max_image_tokens = max_image_tokens or vision.max_num_clusters or vision.num_patches
-        if isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int) or max_image_tokens < 1:
-            raise ValueError(f"`max_image_tokens` must be a positive integer, got {max_image_tokens!r}.")
+        check_positive_int(max_image_tokens, "max_image_tokens")
 
         texts, inputs = self._encode_prompts(prompt)
         num_tokens = self._image_lengths(inputs, max_image_tokens, sample_length, generator)
