@@ -15,8 +15,9 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/setok demo --out setok-demo
 
+# DeepSpeed compiles a small C++ op at its first launch (about a minute): built once per environment, kept in it.
 test: $(VENV)/.installed-dev
-	$(VENV)/bin/python -m pytest -q
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(VENV)/bin/python -m pytest -q
 
 # The oldest supported versions (transformers 5.23.0 and the lower bound of every other range), in their own venv.
 .venv-oldest/.installed: pyproject.toml constraints-oldest.txt
@@ -26,7 +27,7 @@ test: $(VENV)/.installed-dev
 	touch $@
 
 test-oldest: .venv-oldest/.installed
-	.venv-oldest/bin/python -m pytest -q
+	TORCH_EXTENSIONS_DIR=$(abspath .venv-oldest)/torch_extensions .venv-oldest/bin/python -m pytest -q
 
 # The newest releases of the stack, past the upper bounds (pip warns that they are outside the ranges): run this
 # before raising a bound, then raise it and the pins together.
@@ -38,7 +39,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install $(QUIET) -c .venv-latest/torch.txt -U \
 		transformers trl peft accelerate diffusers datasets huggingface_hub
 	.venv-latest/bin/python -m pip list | grep -i -E "^(transformers|trl|peft|accelerate|diffusers|datasets|huggingface)"
-	.venv-latest/bin/python -m pytest -q
+	TORCH_EXTENSIONS_DIR=$(abspath .venv-latest)/torch_extensions .venv-latest/bin/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests scripts

@@ -183,6 +183,18 @@ class SetokimModel(SetokimPreTrainedModel):
             )
         return mask[..., None].expand_as(inputs_embeds)
 
+    def _idle_projector_term(self, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+        """While training a batch without images: the projector on an empty input, as a zero to add to the
+        embeddings. Its parameters then get a (zero) gradient on every process, so that DDP, DeepSpeed and FSDP run the
+        same collectives on a process whose batch has no image as on one whose batch has (`prepare_step` runs SeTok on
+        a blank image when another process reads images). Outside training, or with the projector frozen: None."""
+        projector = self.multi_modal_projector
+        if not (self.training and torch.is_grad_enabled()) or not any(p.requires_grad for p in projector.parameters()):
+            return None
+        # (never quantized: `QUANTIZATION_SKIP_MODULES`)
+        empty = inputs_embeds.new_zeros(0, self.config.vision_config.token_dim, dtype=projector.linear_1.weight.dtype)
+        return projector(empty).sum().to(inputs_embeds.dtype)
+
     def _has_unmasked_placeholders(self, input_ids, masked_image_tokens) -> bool:
         placeholders = input_ids == self.config.image_token_id
         if masked_image_tokens is not None:
@@ -261,6 +273,10 @@ class SetokimModel(SetokimPreTrainedModel):
             raise ValueError(
                 "Image features and image tokens do not match: the text holds image tokens but no image was given."
             )
+        else:
+            idle = self._idle_projector_term(inputs_embeds)
+            if idle is not None:
+                inputs_embeds = inputs_embeds + idle
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -549,6 +565,17 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             diffusion_prediction = self.run_generation_head(
                 noisy_image_tokens, diffusion_timesteps, hidden_states[masked_image_tokens]
             )
+        elif self._head_is_training():
+            # No image to draw here, but maybe on another process: the head runs on an empty input, so its parameters
+            # get a (zero) gradient and every process runs the same collectives (see `_idle_projector_term`).
+            head = self.generation_head
+            dtype = head.input_proj.weight.dtype
+            idle = head(
+                hidden_states.new_zeros(0, self.config.vision_config.token_dim, dtype=dtype),
+                hidden_states.new_zeros(0, dtype=dtype),
+                hidden_states.new_zeros(0, hidden_states.shape[-1]),
+            )
+            hidden_states = hidden_states + idle.sum().to(hidden_states.dtype)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
@@ -566,6 +593,15 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             image_outputs=outputs.image_outputs,
             diffusion_prediction=diffusion_prediction,
             **{CACHE_OUTPUT_FIELD: cache_of(outputs)},
+        )
+
+    def _head_is_training(self) -> bool:
+        head = self.generation_head
+        return (
+            head is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in head.parameters())
         )
 
     def run_generation_head(self, noisy_tokens: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor):

@@ -74,7 +74,7 @@ class DataValidationError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Where:
+class RecordPlace:
     """Where a record lives, as messages print it: `train.json, record 3 (id 'abc')`."""
 
     source: str
@@ -115,8 +115,8 @@ def load_llava_json(
         json_path,
         "json_path",
         image_folder,
-        _read_json_records,
-        _llava_to_conversation,
+        read_json_records,
+        llava_to_conversation,
         CONVERSATION_FEATURES,
         on_error=on_error,
         verify_images=verify_images,
@@ -142,7 +142,7 @@ def load_image_text_jsonl(
     `streaming=True`: a `datasets.IterableDataset` (`streaming.stream_image_text_jsonl`); `jsonl_path` may then also
     be a folder, a glob or a list of files, one shard each.
     """
-    _check_require_text(require_text)
+    check_require_text(require_text)
     if streaming:
         from .streaming import stream_image_text_jsonl
 
@@ -153,8 +153,8 @@ def load_image_text_jsonl(
         jsonl_path,
         "jsonl_path",
         image_folder,
-        _read_jsonl,
-        functools.partial(_to_image_text, require_text=require_text),
+        read_jsonl,
+        functools.partial(to_image_text, require_text=require_text),
         IMAGE_TEXT_FEATURES,
         on_error=on_error,
         verify_images=verify_images,
@@ -199,9 +199,9 @@ def load_hub_dataset(
             on_error=on_error,
             verify_images=verify_images,
         )
-    _check_on_error(on_error)
-    dataset, source = _open_dataset(name_or_path, split, data_files)
-    image_column = _find_image_column(dataset, image_column, source)
+    check_on_error(on_error)
+    dataset, source = open_dataset(name_or_path, split, data_files)
+    image_column = find_image_column(dataset, image_column, source)
     if messages_column not in dataset.column_names:
         raise ValueError(
             f"{source} has no {messages_column!r} column (`messages_column`); its columns are {dataset.column_names}."
@@ -209,16 +209,18 @@ def load_hub_dataset(
     id_column = ["id"] if "id" in dataset.column_names and "id" not in (image_column, messages_column) else []
     dataset = dataset.select_columns([image_column, messages_column, *id_column])
     # Checking a record needs the image count and paths, not pixels: keep images as {"bytes", "path"}.
-    if _undecoded(dataset.features[image_column]) != dataset.features[image_column]:
-        dataset = dataset.cast_column(image_column, _undecoded(dataset.features[image_column]))
+    if undecoded_images(dataset.features[image_column]) != dataset.features[image_column]:
+        dataset = dataset.cast_column(image_column, undecoded_images(dataset.features[image_column]))
     columns = dict(image_column=image_column, messages_column=messages_column)
 
     def check(indexed_row, where):
         index, row = indexed_row
-        _check_hub_row(row, where, verify_images=verify_images, **columns)
+        check_hub_row(row, where, verify_images=verify_images, **columns)
         return index
 
-    records = ((_Where(source, f"record {index}", _record_id(row)), (index, row)) for index, row in enumerate(dataset))
+    records = (
+        (RecordPlace(source, f"record {index}", record_id(row)), (index, row)) for index, row in enumerate(dataset)
+    )
     keep = _collect(records, check, on_error, source)
     if len(keep) < len(dataset):
         dataset = dataset.select(keep)
@@ -250,7 +252,7 @@ def load_webdataset(
     if streaming:
         return stream
     features = stream.features
-    undecoded = stream.cast_column("images", _undecoded(features["images"]))  # the tar's bytes, not re-encoded
+    undecoded = stream.cast_column("images", undecoded_images(features["images"]))  # the tar's bytes, not re-encoded
     return datasets.Dataset.from_list(list(undecoded), features=features)
 
 
@@ -321,7 +323,7 @@ def _count_caption(caption, left_out: _LeftOut) -> bool:
 
 
 def _stored_chat(record: dict, to_chat, **fn_kwargs) -> dict:
-    return _stored(to_chat(record, **fn_kwargs))
+    return stored_image(to_chat(record, **fn_kwargs))
 
 
 # --- Arguments ---
@@ -332,24 +334,24 @@ def is_local_path(name: str) -> bool:
     return os.path.exists(name) or not HUB_ID.fullmatch(name)
 
 
-def _check_on_error(on_error):
+def check_on_error(on_error):
     if on_error not in ON_ERROR:
         raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}.")
 
 
-def _check_require_text(require_text):
+def check_require_text(require_text):
     if require_text not in REQUIRE_TEXT:
         raise ValueError(f"`require_text` must be one of {REQUIRE_TEXT}, got {require_text!r}.")
 
 
-def _existing_file(path, argument: str) -> str:
+def existing_file(path, argument: str) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`{argument}`: no such file: {path}")
     return path
 
 
-def _existing_folder(path, argument: str) -> str:
+def existing_folder(path, argument: str) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"`{argument}`: no such folder: {path}")
@@ -371,12 +373,12 @@ def _load_record_file(
     verify_images: bool,
 ) -> datasets.Dataset:
     """What the file loaders share: check the arguments (`argument` names `path` in messages), `read(path)` the
-    (where, record) pairs, `convert(record, where, images)` each with the `_ImageFolder` (by default the file's
+    (where, record) pairs, `convert(record, where, images)` each with the `ImageFolder` (by default the file's
     folder), keep the good rows and make them a dataset of `features`."""
-    _check_on_error(on_error)
-    path = _existing_file(path, argument)
-    folder = _existing_folder(image_folder or os.path.dirname(path) or ".", "image_folder")
-    images = _ImageFolder(folder, verify_images)
+    check_on_error(on_error)
+    path = existing_file(path, argument)
+    folder = existing_folder(image_folder or os.path.dirname(path) or ".", "image_folder")
+    images = ImageFolder(folder, verify_images)
 
     def convert_one(record, where):
         return convert(record, where, images)
@@ -385,10 +387,10 @@ def _load_record_file(
     return datasets.Dataset.from_list(rows, features=features)
 
 
-def _read_json_records(path: str):
+def read_json_records(path: str):
     """Yield (where, record) from a JSON list, or from JSON Lines when the name ends in `.jsonl`."""
     if path.endswith(".jsonl"):
-        yield from _read_jsonl(path)
+        yield from read_jsonl(path)
         return
     with open(path, "rb") as file:
         data = file.read()
@@ -398,21 +400,21 @@ def _read_json_records(path: str):
     except UnicodeDecodeError as error:
         # Like a broken document, an undecodable one fails whatever `on_error` says.
         line = data[: error.start].count(b"\n") + 1
-        where = _Where(path, f"line {line}")
+        where = RecordPlace(path, f"line {line}")
         raise DataValidationError(where, "bad encoding", f"not UTF-8: {error.reason}") from error
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         # A broken JSON document loses every record, so this fails whatever `on_error` says.
-        where = _Where(path, f"line {error.lineno}, column {error.colno}")
+        where = RecordPlace(path, f"line {error.lineno}, column {error.colno}")
         raise DataValidationError(where, "bad JSON", error.msg) from error
     if not isinstance(records, list):
         raise DataValidationError(path, "bad JSON", f"expected a list of records, got a {type(records).__name__}")
     for index, record in enumerate(records):
-        yield _Where(path, f"record {index}", _record_id(record)), record
+        yield RecordPlace(path, f"record {index}", record_id(record)), record
 
 
-def _read_jsonl(path: str):
+def read_jsonl(path: str):
     """Yield (where, record) a line; a line that does not parse yields its error, so that it can be skipped."""
     # Bytes, decoded a line at a time: a line that is not UTF-8 is then one bad record, not a crash of the whole file.
     with open(path, "rb") as file:
@@ -420,7 +422,7 @@ def _read_jsonl(path: str):
             try:
                 line = raw.decode("utf-8-sig")  # -sig: drops the BOM Windows editors put before line 1
             except UnicodeDecodeError as error:
-                where = _Where(path, f"line {number}")
+                where = RecordPlace(path, f"line {number}")
                 detail = f"not UTF-8 at byte {error.start} of the line: {error.reason}"
                 yield where, DataValidationError(where, "bad encoding", detail)
                 continue
@@ -431,19 +433,19 @@ def _read_jsonl(path: str):
                 # would otherwise be reported at the break, "column 1" of a second line.
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                where = _Where(path, f"line {number}")
+                where = RecordPlace(path, f"line {number}")
                 yield where, DataValidationError(where, "bad JSON", f"column {error.colno}: {error.msg}")
                 continue
-            yield _Where(path, f"line {number}", _record_id(record)), record
+            yield RecordPlace(path, f"line {number}", record_id(record)), record
 
 
-def _record_id(record) -> str | None:
+def record_id(record) -> str | None:
     if isinstance(record, dict) and record.get("id") is not None:
         return str(record["id"])
     return None
 
 
-class _SkipCount:
+class SkipCount:
     """The records of `source` read, kept and skipped (by reason, the first `SHOWN_PER_REASON` of each named).
 
     With `log_every` (streams), the first skipped record and then every `log_every`-th are logged as they come, with
@@ -492,7 +494,7 @@ class _SkipCount:
             raise ValueError(f"All {self.read} records of {self.source} are bad: {self.summary()}.")
 
 
-def _checked(records, convert, on_error: str, count: _SkipCount):
+def checked_records(records, convert, on_error: str, count: SkipCount):
     """The skip/fail rule, lazily: `convert(record, where)` for each (where, record) as it comes. A bad record (a
     `DataValidationError` raised, or given in place of the record) raises (`on_error="fail"`) or is counted in
     `count` and dropped."""
@@ -512,14 +514,14 @@ def _checked(records, convert, on_error: str, count: _SkipCount):
 
 
 def _collect(records, convert, on_error: str, source: str) -> list:
-    """`_checked` read to the end: the good rows; the drops are logged, and nothing left is an error."""
-    count = _SkipCount(source)
-    kept = list(_checked(records, convert, on_error, count))
+    """`checked_records` read to the end: the good rows; the drops are logged, and nothing left is an error."""
+    count = SkipCount(source)
+    kept = list(checked_records(records, convert, on_error, count))
     count.finish()
     return kept
 
 
-def _require_object(record, where):
+def require_object(record, where):
     if not isinstance(record, dict):
         raise DataValidationError(where, "malformed record", f"expected a JSON object, got {_short(record)}")
 
@@ -561,7 +563,7 @@ def _check_image_parts(messages: list[dict], num_images: int, where):
 
 
 @dataclass(frozen=True)
-class _ImageFolder:
+class ImageFolder:
     """The folder a record file's image paths are relative to, and how closely to check the images."""
 
     path: str
@@ -593,8 +595,8 @@ def _check_image(file, shown: str, where, verify: bool):
 # --- LLaVA records ---
 
 
-def _llava_to_conversation(record, where, images: _ImageFolder) -> dict:
-    _require_object(record, where)
+def llava_to_conversation(record, where, images: ImageFolder) -> dict:
+    require_object(record, where)
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise DataValidationError(where, "malformed message", "'conversations' must be a non-empty list of turns")
@@ -636,12 +638,12 @@ def _llava_image_names(record: dict, where) -> list[str]:
 # --- Image-text records ---
 
 
-def _to_image_text(record, where, images: _ImageFolder, require_text: str | None = None) -> dict:
-    _require_object(record, where)
+def to_image_text(record, where, images: ImageFolder, require_text: str | None = None) -> dict:
+    require_object(record, where)
     name = record.get("image")
     if not isinstance(name, str) or not name:
         raise DataValidationError(where, "malformed image field", f"expected a path in 'image', got {_short(name)}")
-    caption, concepts = _image_texts(record, where, require_text)
+    caption, concepts = image_texts(record, where, require_text)
     return {
         "images": [images.resolve(name, where)],
         "caption": caption,
@@ -649,7 +651,7 @@ def _to_image_text(record, where, images: _ImageFolder, require_text: str | None
     }
 
 
-def _image_texts(record: dict, where, require_text: str | None = None) -> tuple[str | None, list[str]]:
+def image_texts(record: dict, where, require_text: str | None = None) -> tuple[str | None, list[str]]:
     """The caption and concepts of an image-text record, checked (the webdataset reader shares this)."""
     caption, concepts = _caption(record, where), _concepts(record, where)
     if caption is None and not concepts:
@@ -697,7 +699,7 @@ def _caption_to_generation(record: dict, template: str) -> dict:
 # --- Hub datasets ---
 
 
-def _open_dataset(name_or_path, split: str, data_files=None, streaming: bool = False):
+def open_dataset(name_or_path, split: str, data_files=None, streaming: bool = False):
     """The split to load, and a name for it in messages. `streaming` opens files and Hub sets as a
     `datasets.IterableDataset`; a dataset already loaded, or saved with `save_to_disk`, is returned as it is."""
     if isinstance(name_or_path, (datasets.Dataset, datasets.IterableDataset)):
@@ -730,7 +732,7 @@ def _pick_split(loaded, split: str, source: str):
     return loaded[split]
 
 
-def _find_image_column(dataset, image_column: str, source: str) -> str:
+def find_image_column(dataset, image_column: str, source: str) -> str:
     if image_column in dataset.column_names:
         return image_column
     if image_column == "images" and "image" in dataset.column_names:
@@ -740,7 +742,7 @@ def _find_image_column(dataset, image_column: str, source: str) -> str:
     )
 
 
-def _undecoded(feature):
+def undecoded_images(feature):
     """`feature` with its images left as {"bytes", "path"} dicts (image columns of file paths stay strings)."""
     if isinstance(feature, datasets.Image):
         return datasets.Image(decode=False)
@@ -756,7 +758,7 @@ def _row_images(row: dict, image_column: str) -> list:
 
 
 def _hub_to_conversation(row: dict, where, image_column: str, messages_column: str) -> dict:
-    """A row as a conversation, its messages checked; its images are checked apart (`_check_hub_image`), once."""
+    """A row as a conversation, its messages checked; its images are checked apart (`check_hub_image`), once."""
     images = _row_images(row, image_column)
     raw = row[messages_column]
     if not isinstance(raw, list) or not raw:
@@ -770,15 +772,15 @@ def _hub_to_conversation(row: dict, where, image_column: str, messages_column: s
     return {"images": images, "messages": messages}
 
 
-def _check_hub_row(row: dict, where, image_column: str, messages_column: str, verify_images: bool) -> dict:
+def check_hub_row(row: dict, where, image_column: str, messages_column: str, verify_images: bool) -> dict:
     """A row as a conversation, its messages and its images checked (each image once)."""
     conversation = _hub_to_conversation(row, where, image_column, messages_column)
     for number, image in enumerate(conversation["images"]):
-        _check_hub_image(image, where, number, verify_images)
+        check_hub_image(image, where, number, verify_images)
     return conversation
 
 
-def _check_hub_image(image, where, number: int, verify: bool):
+def check_hub_image(image, where, number: int, verify: bool):
     """Image `number` of a row: a path to an image file or the bytes of one (`_check_image`)."""
     if isinstance(image, str):  # a column of file paths
         image = {"bytes": None, "path": image}
@@ -826,7 +828,7 @@ def _hub_part(part, where, number: int) -> dict:
     )
 
 
-def _stored(conversation: dict) -> dict:
+def stored_image(conversation: dict) -> dict:
     """`conversation` with every part holding both keys, as a table stores it ("text": None for an image). A stream
     needs this done here: `Features.encode_example` leaves a list as it is when its first item needs no change."""
     for message in conversation["messages"]:

@@ -25,6 +25,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .._checks import check_positive_int
 from ..generation import noise_scheduler_for
 from ..modeling import SetokimForConditionalGeneration
 from .generation_targets import estimate_token_scale
@@ -52,6 +53,31 @@ class SetokimInputsMixin(LossTermsMixin):
     diffusion_noise_repeats: int = 4  # noise draws per hidden token (MAR's diffusion batch multiplier)
     diffusion_loss_weight: float = 1.0
 
+    def _check_requested_engine(self):
+        """Refuses a run whose accelerate config asks for FSDP or DeepSpeed that accelerate has quietly turned off
+        (it would train as plain DDP, or as separate copies, without saying so). Called at the end of `__init__`."""
+        requested = {
+            "FSDP": (
+                "ACCELERATE_USE_FSDP",
+                self.is_fsdp_enabled,
+                "accelerate builds FSDP from GPU states only, so on the CPU it falls back to DDP or to separate "
+                "single-process copies. Train with FSDP on GPUs; on the CPU use configs/accelerate/ddp.yaml or a "
+                "DeepSpeed config",
+            ),
+            "DeepSpeed": (
+                "ACCELERATE_USE_DEEPSPEED",
+                self.is_deepspeed_enabled,
+                "with `use_cpu: true` (ACCELERATE_USE_CPU) accelerate runs plain DDP instead. On a machine without "
+                "GPUs keep `use_cpu: false`: DeepSpeed then runs on its CPU accelerator (gloo) by itself",
+            ),
+        }
+        for engine, (variable, enabled, why) in requested.items():
+            if os.environ.get(variable, "false").lower() == "true" and not enabled:
+                raise RuntimeError(
+                    f"The accelerate config asks for {engine} ({variable}=true), but it is not enabled in this run: "
+                    f"{why}."
+                )
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples = []
         for _ in range(num_batches):
@@ -59,8 +85,13 @@ class SetokimInputsMixin(LossTermsMixin):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        batch_samples = [self._prepare_inputs(batch) for batch in batch_samples]
+        others_read_images = self._images_on_any_process(batch_samples, num_batches, device)
         with self.compute_loss_context_manager():
-            prepared = [self.prepare_step(self.model, self._prepare_inputs(batch)) for batch in batch_samples]
+            prepared = [
+                self.prepare_step(self.model, batch, others_read_images=others)
+                for batch, others in zip(batch_samples, others_read_images)
+            ]
         num_items_in_batch = super()._get_num_items_in_batch([step.model_kwargs for step in prepared], device)
         drawn = [step.diffusion for step in prepared if step.diffusion is not None]
         if drawn or self.accelerator.num_processes > 1:
@@ -71,14 +102,29 @@ class SetokimInputsMixin(LossTermsMixin):
                 targets.step_target_tokens = float(total)
         return prepared, num_items_in_batch
 
+    def _images_on_any_process(self, batch_samples, num_batches, device) -> list[bool]:
+        """For each micro-batch of the step: whether any process has images in its micro-batch at that place. One
+        all-reduce per step (none on one process); `prepare_step` then runs SeTok on a blank image where this process
+        has none but another has, so that every process runs the same collectives (ZeRO-3 and FSDP gather SeTok's and
+        the projector's parameters; DDP and ZeRO-2 reduce the projector's gradient)."""
+        has_images = [batch.get("pixel_values") is not None for batch in batch_samples]
+        if self.accelerator.num_processes == 1:
+            return [False] * len(batch_samples)
+        flags = torch.zeros(max(num_batches, len(batch_samples)), device=device)
+        flags[: len(has_images)] = torch.tensor(has_images, dtype=flags.dtype)
+        flags = self.accelerator.reduce(flags, reduction="sum")
+        return [bool(flags[i] > 0) for i in range(len(batch_samples))]
+
     def _prepare_inputs(self, inputs):
         if isinstance(inputs, SetokimStepInputs):
             return inputs  # prepared on the model's device by `get_batch_samples`
         return super()._prepare_inputs(inputs)
 
-    def prepare_step(self, model, inputs) -> SetokimStepInputs:
+    def prepare_step(self, model, inputs, others_read_images: bool = False) -> SetokimStepInputs:
         """`step_inputs.prepare_step` with this trainer's collator, processor and generation settings."""
         unwrapped = self.accelerator.unwrap_model(model)
+        if self.is_fsdp_enabled:
+            _register_image_features_with_fsdp(unwrapped)
         collator = self.data_collator
         return prepare_step(
             unwrapped,
@@ -88,6 +134,7 @@ class SetokimInputsMixin(LossTermsMixin):
             max_length=getattr(collator, "max_length", None),
             diffusion=self._diffusion_settings(unwrapped),
             generator=self._diffusion_generator(),
+            others_read_images=others_read_images,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -178,9 +225,7 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
             )
         if not 0.0 <= generation_mask_ratio_min <= 1.0:
             raise ValueError(f"`generation_mask_ratio_min` must lie in [0, 1], got {generation_mask_ratio_min}.")
-        repeats_ok = isinstance(diffusion_noise_repeats, int) and not isinstance(diffusion_noise_repeats, bool)
-        if not repeats_ok or diffusion_noise_repeats < 1:
-            raise ValueError(f"`diffusion_noise_repeats` must be a positive integer, got {diffusion_noise_repeats!r}.")
+        check_positive_int(diffusion_noise_repeats, "diffusion_noise_repeats")
         config = model.config
         self.train_language_model = train_language_model
         self.train_generation_head = train_generation_head
@@ -195,6 +240,7 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
             raise ValueError(f"`new_token_ids` must lie in [0, {vocab}), got {self.new_token_ids}.")
         self._select_trainable_parameters(model)
         super().__init__(model=model, args=args, **kwargs)
+        self._check_requested_engine()
         if train_generation_head and config.generation_token_scale is None:
             config.generation_token_scale = estimate_token_scale(model, self.train_dataset, self.data_collator)
             logger.info(
@@ -257,6 +303,18 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _register_image_features_with_fsdp(model):
+    """SeTok and the projector run in `get_image_features`, outside the model's forward (see `step_inputs`). FSDP 2
+    gathers the root's own parameters (the projector's among them) only around a forward: registered, the method
+    gathers them too (a no-op for a model that is not an FSDP module)."""
+    if getattr(model, "_setokim_fsdp_image_features", False):
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(model, "get_image_features")
+    model._setokim_fsdp_image_features = True
 
 
 def _zero_stage(accelerator) -> int | None:

@@ -15,6 +15,7 @@ collator builds the labels itself (prompt, image blocks and padding masked).
 """
 
 import logging
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -218,6 +219,7 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        self._check_requested_engine()
         if _is_quantized(setokim):
             self._keep_projector_in_tower_dtype(setokim)
 
@@ -244,6 +246,10 @@ def merge_adapters(peft_model: PeftModel, out_dir, processor: SetokimProcessor |
 
     A quantized base (QLoRA) is refused: adding the LoRA delta to 4-bit weights would re-quantize it away. Use
     `merge_adapters_from` with the full-precision base checkpoint and the saved adapter instead.
+
+    Under `accelerate launch` call it on every process; only the main one writes `out_dir`. With DeepSpeed ZeRO-3
+    (sharded weights) every process takes part in gathering each weight, the main process merges a full copy on the
+    CPU and returns it (`peft_model` is left untouched), the others return None.
     """
     base = _setokim_of(peft_model)
     if not isinstance(peft_model, PeftModel):
@@ -253,11 +259,53 @@ def merge_adapters(peft_model: PeftModel, out_dir, processor: SetokimProcessor |
             "The base model is quantized: merging LoRA into 4-bit weights would lose most of the adapter. Save the "
             "adapter (`trainer.save_model(dir)`) and call `merge_adapters_from(full_precision_base, dir, out_dir)`."
         )
+    is_main = _process_index() == 0
+    if any(hasattr(param, "ds_id") for param in peft_model.parameters()):  # ZeRO-3: each process holds a shard
+        peft_model = _gathered_copy(peft_model, keep=is_main)
+        if peft_model is None:
+            return None
     merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out_dir)
-    if processor is not None:
-        processor.save_pretrained(out_dir)
+    if is_main:
+        merged.save_pretrained(out_dir)
+        if processor is not None:
+            processor.save_pretrained(out_dir)
     return merged
+
+
+def _process_index() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _gathered_copy(peft_model: PeftModel, keep: bool) -> PeftModel | None:
+    """A full CPU copy of a ZeRO-3 `peft_model`, on the processes with `keep` (None on the others). Every process
+    must call it: each weight is gathered from its shards in turn, a collective. (ZeRO-3 shards parameters only: the
+    buffers are rebuilt with the copy.)"""
+    import deepspeed
+    from peft import get_peft_model
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    state = {}
+    for name, param in peft_model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if keep:
+                state[name] = param.detach().cpu().clone()
+    if not keep:
+        return None
+    base = _setokim_of(peft_model)
+    # Built outside ZeRO-3's partitioned construction, which transformers applies while a ZeRO-3 config is registered.
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        fresh = type(base)(base.config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+    fresh.generation_config = deepcopy(base.generation_config)
+    full = get_peft_model(fresh, peft_model.peft_config[peft_model.active_adapter])
+    missing, unexpected = full.load_state_dict(state, strict=False, assign=True)  # assign: the weights' own dtypes
+    if missing or unexpected:
+        raise RuntimeError(f"The gathered ZeRO-3 weights do not fit a fresh copy: {missing=} {unexpected=}.")
+    return full
 
 
 def merge_adapters_from(

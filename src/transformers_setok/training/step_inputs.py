@@ -144,6 +144,7 @@ def prepare_step(
     max_length: int | None = None,
     diffusion: DiffusionSettings | None = None,
     generator: torch.Generator | None = None,
+    others_read_images: bool = False,
 ) -> SetokimStepInputs:
     """A collated batch (see `SetokimChatCollator`) -> the step's `SetokimStepInputs`, SeTok run once.
 
@@ -152,13 +153,22 @@ def prepare_step(
     parameter frozen, autograd records nothing for the tower. `padding_side` should be the collator's (either side
     gives the same loss); `max_length` bounds the expanded rows (nothing is truncated). `diffusion` is required when
     the batch holds images to draw; `generator` (a CPU `torch.Generator`) draws the masks, noise and timesteps.
+
+    `others_read_images`: another process has images in its batch of this micro-step (the trainer asks them all).
+    A batch without images then still runs SeTok and the projector, on one blank image whose features fill no
+    placeholder: under ZeRO-3 (and FSDP) every process must gather the same parameters in the same order, and the
+    projector must get a (zero) gradient on every process for DDP's and ZeRO-2's reductions to match. The result is
+    the same as without it: the blank image's features are cut to none before they reach the LLM.
     """
     batch = dict(batch)
     pixel_values = batch.pop("pixel_values", None)
     ids = special_token_ids(processor_or_ids)
     expand = dict(padding_side=padding_side, pad_token_id=ids["pad_token_id"], max_length=max_length)
     if pixel_values is None:
-        return SetokimStepInputs(model.encode_and_expand(batch, **expand)[0])
+        expanded, _ = model.encode_and_expand(batch, **expand)
+        if others_read_images:
+            expanded["mm_encoder_outputs"] = {"image": _blank_image_features(model, expanded["input_ids"].device)}
+        return SetokimStepInputs(expanded)
 
     # 1. flags, on the collated batch (a target placeholder is labelled with its own id)
     is_target = image_target_flags(batch, ids["image_token_id"])
@@ -211,3 +221,18 @@ def prepare_step(
         num_target_tokens=int(target_counts.sum()),
     )
     return SetokimStepInputs(expanded, targets)
+
+
+def _blank_image_features(model, device) -> BaseModelOutputWithPooling:
+    """SeTok and the projector run on one blank image, its features cut to none (see `prepare_step`'s
+    `others_read_images`): the same parameters take part as for a real image, and nothing reaches the LLM."""
+    tower = frozen_vision_tower(model)
+    vision_config = model.config.vision_config
+    channels = getattr(getattr(vision_config, "vision_config", None), "num_channels", 3)
+    dtype = next(tower.parameters()).dtype
+    blank = torch.zeros(1, channels, vision_config.image_size, vision_config.image_size, dtype=dtype, device=device)
+    with eval_mode(tower):
+        outputs = model.get_image_features(blank)
+    return BaseModelOutputWithPooling(
+        last_hidden_state=outputs.last_hidden_state[:0], pooler_output=[outputs.pooler_output[0][:0]]
+    )

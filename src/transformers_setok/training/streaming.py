@@ -54,27 +54,27 @@ from .data import (
     CONVERSATION_FEATURES,
     IMAGE_TEXT_FEATURES,
     DataValidationError,
-    _check_hub_image,
-    _check_hub_row,
-    _check_on_error,
-    _check_require_text,
-    _checked,
-    _existing_file,
-    _existing_folder,
-    _find_image_column,
-    _image_texts,
-    _ImageFolder,
-    _llava_to_conversation,
-    _open_dataset,
-    _read_json_records,
-    _read_jsonl,
-    _record_id,
-    _require_object,
-    _SkipCount,
-    _stored,
-    _to_image_text,
-    _undecoded,
-    _Where,
+    ImageFolder,
+    RecordPlace,
+    SkipCount,
+    check_hub_image,
+    check_hub_row,
+    check_on_error,
+    check_require_text,
+    checked_records,
+    existing_file,
+    existing_folder,
+    find_image_column,
+    image_texts,
+    llava_to_conversation,
+    open_dataset,
+    read_json_records,
+    read_jsonl,
+    record_id,
+    require_object,
+    stored_image,
+    to_image_text,
+    undecoded_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def stream_image_text_jsonl(
     """`data.load_image_text_jsonl` as a stream. `jsonl_path` is a file, a folder (its `.jsonl` files), a glob or a
     list of files: one shard each. `require_text` ("caption" or "concepts") makes a record without that text a bad
     record, which a stream cannot check up front for the whole set (stage 1's `data.text_source`)."""
-    _check_require_text(require_text)
+    check_require_text(require_text)
     return _stream_record_files(
         jsonl_path, "jsonl_path", image_folder, "image_text", on_error, verify_images, require_text
     )
@@ -138,16 +138,16 @@ def stream_image_text_jsonl(
 
 # kind -> (reader, converter, features, file suffixes of a folder)
 _RECORD_FILES = {
-    "llava": (_read_json_records, _llava_to_conversation, CONVERSATION_FEATURES, (".json", ".jsonl")),
-    "image_text": (_read_jsonl, _to_image_text, IMAGE_TEXT_FEATURES, (".jsonl",)),
+    "llava": (read_json_records, llava_to_conversation, CONVERSATION_FEATURES, (".json", ".jsonl")),
+    "image_text": (read_jsonl, to_image_text, IMAGE_TEXT_FEATURES, (".jsonl",)),
 }
 
 
 def _stream_record_files(paths, argument, image_folder, kind, on_error, verify_images, require_text):
-    _check_on_error(on_error)
+    check_on_error(on_error)
     files = _shard_files(paths, argument, _RECORD_FILES[kind][3], remote=False)
     if image_folder is not None:
-        image_folder = _existing_folder(image_folder, "image_folder")
+        image_folder = existing_folder(image_folder, "image_folder")
     return datasets.IterableDataset.from_generator(
         _record_file_rows,
         features=_RECORD_FILES[kind][2],
@@ -168,15 +168,17 @@ def _record_file_rows(paths, kind, image_folder, on_error, verify_images, requir
     if kind == "image_text":
         convert = functools.partial(convert, require_text=require_text)
     for path in paths:
-        images = _ImageFolder(image_folder or os.path.dirname(path) or ".", verify_images)
-        count = _SkipCount(path, log_every=_data.STREAM_SKIP_LOG_EVERY)
-        yield from _checked(read(path), functools.partial(_convert_with, convert, images=images), on_error, count)
+        images = ImageFolder(image_folder or os.path.dirname(path) or ".", verify_images)
+        count = SkipCount(path, log_every=_data.STREAM_SKIP_LOG_EVERY)
+        yield from checked_records(
+            read(path), functools.partial(_convert_with, convert, images=images), on_error, count
+        )
         count.finish()
 
 
 def _convert_with(convert, record, where, images):
     row = convert(record, where, images)
-    return _stored(row) if "messages" in row else row
+    return stored_image(row) if "messages" in row else row
 
 
 def _shard_files(paths, argument: str, suffixes: tuple, remote: bool) -> list[str]:
@@ -199,7 +201,7 @@ def _shard_files(paths, argument: str, suffixes: tuple, remote: bool) -> list[st
     files = [os.fspath(path) for path in paths]
     if not files:
         raise ValueError(f"`{argument}`: no files given.")
-    return [path if remote and "://" in path else _existing_file(path, argument) for path in files]
+    return [path if remote and "://" in path else existing_file(path, argument) for path in files]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -223,8 +225,8 @@ def stream_hub_dataset(
     `datasets.Dataset` / a `save_to_disk` folder (memory-mapped, cut into `num_shards` contiguous shards; default
     one a record, at most 64). Records are checked as they stream, in batches of one (`IterableDataset.map`), so
     `state_dict()` resumes at the exact record."""
-    _check_on_error(on_error)
-    dataset, source = _open_dataset(name_or_path, split, data_files, streaming=True)
+    check_on_error(on_error)
+    dataset, source = open_dataset(name_or_path, split, data_files, streaming=True)
     if isinstance(dataset, datasets.Dataset):
         if len(dataset) == 0:
             raise ValueError(f"{source} holds no records.")
@@ -237,16 +239,16 @@ def stream_hub_dataset(
         )
     if dataset.features is None:  # e.g. JSON files: the first records tell the columns
         dataset = dataset._resolve_features()
-    image_column = _find_image_column(dataset, image_column, source)
+    image_column = find_image_column(dataset, image_column, source)
     if messages_column not in dataset.column_names:
         raise ValueError(
             f"{source} has no {messages_column!r} column (`messages_column`); its columns are {dataset.column_names}."
         )
     id_column = ["id"] if "id" in dataset.column_names and "id" not in (image_column, messages_column) else []
     dataset = dataset.select_columns([image_column, messages_column, *id_column])
-    if _undecoded(dataset.features[image_column]) != dataset.features[image_column]:
-        dataset = dataset.cast_column(image_column, _undecoded(dataset.features[image_column]))
-    count = _SkipCount(source, log_every=_data.STREAM_SKIP_LOG_EVERY)
+    if undecoded_images(dataset.features[image_column]) != dataset.features[image_column]:
+        dataset = dataset.cast_column(image_column, undecoded_images(dataset.features[image_column]))
+    count = SkipCount(source, log_every=_data.STREAM_SKIP_LOG_EVERY)
     return dataset.map(
         _checked_hub_batch,
         batched=True,
@@ -266,11 +268,11 @@ def stream_hub_dataset(
 
 def _checked_hub_batch(batch, indices, source, image_column, messages_column, verify_images, on_error, count):
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    records = ((_Where(source, f"record {index}", _record_id(row)), row) for index, row in zip(indices, rows))
+    records = ((RecordPlace(source, f"record {index}", record_id(row)), row) for index, row in zip(indices, rows))
     check = functools.partial(
-        _check_hub_row, image_column=image_column, messages_column=messages_column, verify_images=verify_images
+        check_hub_row, image_column=image_column, messages_column=messages_column, verify_images=verify_images
     )
-    kept = [_stored(row) for row in _checked(records, check, on_error, count)]
+    kept = [stored_image(row) for row in checked_records(records, check, on_error, count)]
     return {"images": [row["images"] for row in kept], "messages": [row["messages"] for row in kept]}
 
 
@@ -299,8 +301,8 @@ def stream_webdataset(
     (a trailing newline dropped). A member that does not decode makes a bad record ("bad JSON", "bad encoding");
     a tar that does not read fails whatever `on_error` says, like a JSON document that does not parse.
     """
-    _check_on_error(on_error)
-    _check_require_text(require_text)
+    check_on_error(on_error)
+    check_require_text(require_text)
     files = _shard_files(tar_paths, "tar_paths", WEBDATASET_SUFFIXES, remote=True)
     kind, _ = _parse_webdataset_columns(columns)
     return datasets.IterableDataset.from_generator(
@@ -357,8 +359,8 @@ def _webdataset_rows(paths, columns, on_error, verify_images, require_text):
         _webdataset_record, spec=spec, kind=kind, verify_images=verify_images, require_text=require_text
     )
     for path in paths:
-        count = _SkipCount(path, log_every=_data.STREAM_SKIP_LOG_EVERY)
-        yield from _checked(_tar_samples(path), convert, on_error, count)
+        count = SkipCount(path, log_every=_data.STREAM_SKIP_LOG_EVERY)
+        yield from checked_records(_tar_samples(path), convert, on_error, count)
         count.finish()
 
 
@@ -376,7 +378,7 @@ def _tar_samples(path: str):
                 stem, field = name.split(".", 1)
                 sample = posixpath.join(folder, stem)
                 if sample != key and fields:
-                    yield _Where(path, f"sample {number}", key), (key, fields)
+                    yield RecordPlace(path, f"sample {number}", key), (key, fields)
                     number, fields = number + 1, {}
                 key = sample
                 fields[field.lower()] = tar.extractfile(member).read()
@@ -384,7 +386,7 @@ def _tar_samples(path: str):
         # The rest of the tar is lost, like the records of a JSON document that does not parse.
         raise DataValidationError(path, "bad tar", f"after {number} samples: {error}") from error
     if fields:
-        yield _Where(path, f"sample {number}", key), (key, fields)
+        yield RecordPlace(path, f"sample {number}", key), (key, fields)
 
 
 def _open_binary(path: str):
@@ -401,9 +403,9 @@ def _webdataset_record(sample, where, spec: dict, kind: str, verify_images: bool
     image = values.get("image")
     if kind == "conversation":
         row = {"images": [] if image is None else [image], "messages": values.get("messages")}
-        return _stored(_check_hub_row(row, where, "images", "messages", verify_images))
-    _check_hub_image(image, where, 0, verify_images)  # "missing image" when the sample has none
-    caption, concepts = _image_texts(
+        return stored_image(check_hub_row(row, where, "images", "messages", verify_images))
+    check_hub_image(image, where, 0, verify_images)  # "missing image" when the sample has none
+    caption, concepts = image_texts(
         {"caption": values.get("caption"), "concepts": values.get("concepts")}, where, require_text
     )
     return {"images": [image], "caption": caption, "concepts": concepts}
@@ -435,7 +437,7 @@ def _member(fields: dict, key: str, alternatives: tuple, where):
             value = text[:-1] if text.endswith("\n") else text
             value = value[:-1] if value.endswith("\r") else value
     if json_key is not None:
-        _require_object(value, where)
+        require_object(value, where)
         value = value.get(json_key)
     return value
 

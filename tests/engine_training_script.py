@@ -1,0 +1,218 @@
+"""Two-step Setokim training runs on deliberately mixed batches, for `accelerate launch` under DDP, DeepSpeed or FSDP 2
+(used by tests/test_engines.py, not collected by pytest), or in one process for the reference.
+
+Usage: accelerate launch ... tests/engine_training_script.py OUT_DIR MODE[,MODE...]
+(DDP with ACCELERATE_USE_CPU=true; DeepSpeed without it; FSDP with SETOK_FSDP_CPU_SHIM=1, see tests/fsdp_cpu_shim.py)
+
+Modes: `sft_lora` (stage 3, LoRA), `sft_full` (stage 3, the whole LLM), `generation` (stage 2 with the generation
+head), `merge` (after `sft_lora`: `merge_adapters` on every process), `MODE_resume` (MODE twice: two steps saving a
+checkpoint after each, then step 2 again from checkpoint-1). The records are read in order (no shuffle), one per
+process and step, so with two processes
+    step 1: rank 0 has a text-only chat, rank 1 an image to read (sft) or to draw (generation)
+    step 2: rank 0 reads an image, rank 1 draws one (generation) / reads one (sft)
+Each mode writes `{mode}.pt` (rank 0: the trained parameters in full, gathered under ZeRO-3 / FSDP) and
+`{mode}.rank{R}.json` (the losses, the batches' image flags and a digest of that rank's full parameters).
+One process with `per_device_train_batch_size=2` trains on the same two records per step.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import assistant, tiny_processor, tiny_setokim, tiny_training_arguments, user
+from datasets import Dataset
+from PIL import Image
+from skimage import data
+from torch.utils.data import SequentialSampler
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from transformers_setok.training.collators import SetokimChatCollator
+from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
+from transformers_setok.training.sft_trainer import (
+    SetokimSFTTrainer,
+    merge_adapters,
+    setokim_lora_config,
+    setokim_sft_config,
+)
+
+if os.environ.get("SETOK_FSDP_CPU_SHIM") == "1":
+    import fsdp_cpu_shim
+
+    fsdp_cpu_shim.install()
+
+PHOTOS = ["astronaut", "chelsea", "coffee"]
+
+
+def _image(photo):
+    return Image.fromarray(getattr(data, photo)())
+
+
+def sft_records() -> list[dict]:
+    """text-only, image, image, image: step 1 is mixed (one process reads no image)."""
+    text_only = {"images": [], "messages": [user("what is the cat ?"), assistant("the cat")]}
+    read = [
+        {"images": [_image(photo)], "messages": [user(None, question), assistant("a cat")]}
+        for photo, question in zip(PHOTOS, ["what is in the image ?", "what is the cat ?", "what is the image ?"])
+    ]
+    return [text_only, *read]
+
+
+def generation_records() -> list[dict]:
+    """text-only / image to draw, then image to read / image to draw: the head and SeTok run on one process only."""
+    text_only = {"images": [], "messages": [user("what is the cat ?"), assistant("the cat")]}
+    read = {"images": [_image(PHOTOS[1])], "messages": [user(None, "what is in the image ?"), assistant("a cat")]}
+
+    def drawn(photo, caption):
+        return {
+            "images": [_image(photo)],
+            "messages": [user(caption), {"role": "assistant", "content": [{"type": "image"}]}],
+        }
+
+    return [text_only, drawn(PHOTOS[0], "a cat"), read, drawn(PHOTOS[2], "the cat")]
+
+
+class RecordingCollator(SetokimChatCollator):
+    """Notes whether each batch reads an image and whether it draws one."""
+
+    def __call__(self, examples):
+        batch = super().__call__(examples)
+        draws = bool((batch["labels"] == self.processor.image_token_id).any())
+        self.seen = getattr(self, "seen", []) + [{"reads": "pixel_values" in batch, "draws": draws}]
+        return batch
+
+
+class InOrder:
+    """Reads the records in order: the test decides which process gets which record."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class OrderedSFTTrainer(InOrder, SetokimSFTTrainer):
+    pass
+
+
+class OrderedPretrainTrainer(InOrder, SetokimPretrainTrainer):
+    pass
+
+
+def without_pooling_head(model):
+    """The tiny SeTok of conftest keeps SigLIP's attention-pooling head, whose output SeTok throws away (the shipped
+    SeTok config sets `vision_use_head: False`). Under ZeRO-3 it cannot run at all: `nn.MultiheadAttention` reads its
+    `out_proj` weight without calling that module, so DeepSpeed never gathers it ("mat2 must be a matrix")."""
+    for module in model.modules():
+        if getattr(module, "use_head", False) and hasattr(module, "head"):
+            module.use_head = False
+            del module.head
+            module.config.vision_use_head = False
+    return model
+
+
+def build_trainer(mode: str, out_dir: Path, processor, batch_size: int, **arguments):
+    common = dict(per_device_train_batch_size=batch_size, learning_rate=1e-2, seed=0, data_seed=0, **arguments)
+    if mode == "generation":
+        return OrderedPretrainTrainer(
+            model=without_pooling_head(tiny_setokim(processor, use_generation_head=True)),
+            args=tiny_training_arguments(out_dir / mode, **common),
+            data_collator=RecordingCollator(processor),
+            train_dataset=Dataset.from_list(generation_records()),
+            processing_class=processor,
+            train_generation_head=True,
+        )
+    return OrderedSFTTrainer(
+        without_pooling_head(tiny_setokim(processor)),
+        tiny_training_arguments(out_dir / mode, factory=setokim_sft_config, **common, bf16=False),
+        data_collator=RecordingCollator(processor),
+        train_dataset=Dataset.from_list(sft_records()),
+        processing_class=processor,
+        peft_config=setokim_lora_config(r=4, lora_alpha=8, lora_dropout=0.0) if mode == "sft_lora" else None,
+    )
+
+
+def gathered(model):
+    """All parameters in full (a ZeRO-3 parameter is gathered from its shards), as CPU float tensors."""
+    params = {}
+    for name, param in model.named_parameters():
+        context = nullcontext()
+        if hasattr(param, "full_tensor"):  # FSDP 2: a DTensor shard
+            param = param.full_tensor()
+        elif hasattr(param, "ds_id"):
+            import deepspeed
+
+            context = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+        with context:
+            params[name] = param.detach().float().cpu().clone()
+    return params
+
+
+def digest(params: dict) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(params):
+        sha.update(name.encode())
+        sha.update(params[name].contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def train(mode: str, out_dir: Path, batch_size: int = 1, resume_from_checkpoint=None, **arguments) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    processor = tiny_processor()
+    # A previous run's TrainingArguments leave DeepSpeed's ZeRO-3 config registered, which would build this model
+    # already partitioned (`zero3_init_flag: false` is the shipped config's choice): forget it first.
+    unset_hf_deepspeed_config()
+    trainer = build_trainer(mode, out_dir, processor, batch_size, **arguments)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    params = gathered(trainer.model)
+    state = trainer.accelerator.state
+    report = {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "distributed_type": str(state.distributed_type),
+        "batches": trainer.data_collator.seen,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "digest": digest(params),
+    }
+    return {"trainer": trainer, "params": params, "report": report}
+
+
+def main(out_dir: Path, modes: list[str]):
+    lora = None
+    for mode in modes:
+        if mode == "merge":
+            merged = merge_adapters(lora["trainer"].model, out_dir / "merged")  # on every process
+            rank = lora["report"]["rank"]
+            (out_dir / f"merge.rank{rank}.json").write_text(json.dumps({"returned": merged is not None}))
+            continue
+        if mode.endswith("_resume"):  # two steps saving after each, then step 2 again from the step-1 checkpoint
+            trained, saving = mode.removesuffix("_resume"), dict(save_strategy="steps", save_steps=1)
+            whole = train(trained, out_dir / "whole", **saving)
+            resumed = train(
+                trained,
+                out_dir / "whole",
+                resume_from_checkpoint=str(out_dir / "whole" / trained / "checkpoint-1"),
+                **saving,
+            )
+            rank = whole["report"]["rank"]
+            report = {"whole": whole["report"], "resumed": resumed["report"]}
+            report["max_diff"] = max(
+                float((whole["params"][k] - resumed["params"][k]).abs().max()) for k in whole["params"]
+            )
+            (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(report))
+            continue
+        run = train(mode, out_dir)
+        rank = run["report"]["rank"]
+        (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(run["report"]))
+        if rank == 0:
+            torch.save(run["params"], out_dir / f"{mode}.pt")
+        if mode == "sft_lora":
+            lora = run
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2].split(","))

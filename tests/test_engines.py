@@ -1,0 +1,188 @@
+"""Every process runs the same collectives whatever its batch holds (text only, an image to read, an image to draw),
+under DDP and DeepSpeed ZeRO-2 / ZeRO-3, on two CPU processes (gloo).
+
+tests/engine_training_script.py trains two steps on mixed batches (step 1: one process reads no image while the other
+reads or draws one). DDP is compared with one process training both records of each step; DeepSpeed with DDP. The
+DeepSpeed configs are the shipped `configs/accelerate/deepspeed_zero*.yaml` with two CPU processes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from transformers_setok.training.setokim_trainer import SetokimInputsMixin
+
+TESTS = Path(__file__).parent
+CONFIGS = TESTS.parent / "configs" / "accelerate"
+
+
+def launch(tmp_path: Path, modes: list[str], config: str | None = None, check: bool = True, **extra_env):
+    """tests/engine_training_script.py under `accelerate launch` with two CPU processes (gloo); DDP unless `config`
+    names a shipped accelerate config, which is run as shipped but for `num_processes: 2`."""
+    out = tmp_path / (config or "ddp").replace(".yaml", "")
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"), **extra_env)
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config is None:
+        # `--multi_gpu` is accelerate's torchrun launcher; ACCELERATE_USE_CPU keeps the processes on the CPU.
+        env["ACCELERATE_USE_CPU"] = "true"
+        command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    else:
+        # Not `use_cpu: true` / ACCELERATE_USE_CPU: accelerate would then silently run plain DDP (MULTI_CPU) instead
+        # of DeepSpeed, which finds no GPU and runs on its CPU accelerator (gloo) by itself.
+        env.pop("ACCELERATE_USE_CPU", None)
+        settings = yaml.safe_load((CONFIGS / config).read_text())
+        settings.update(num_processes=2)
+        (out / "accelerate.yaml").write_text(yaml.safe_dump(settings))
+        command += ["--config_file", str(out / "accelerate.yaml")]
+    command += ["--dynamo_backend", "no", "--main_process_port", "0"]
+    command += [str(TESTS / "engine_training_script.py"), str(out), ",".join(modes)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return result
+    assert result.returncode == 0, result.stderr[-6000:]
+    return out
+
+
+def reports(out: Path, mode: str) -> list[dict]:
+    ranks = [json.loads((out / f"{mode}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["digest"] == ranks[1]["digest"], f"{mode}: the processes ended with other weights"
+    assert [len(r["losses"]) for r in ranks] == [2, 2]
+    return ranks
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def trained(before: dict, after: dict, part: str) -> bool:
+    return any(part in name and not torch.equal(before[name], after[name]) for name in after)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("engines"), ["sft_lora", "merge", "sft_full", "generation"])
+
+
+def initial_parameters(mode, tmp_path):
+    from conftest import tiny_processor
+    from engine_training_script import build_trainer
+
+    torch.manual_seed(0)
+    trainer = build_trainer(mode, tmp_path / "initial", tiny_processor(), 1)
+    return {name: p.detach().float().clone() for name, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["sft_lora", "sft_full"])
+def test_ddp_on_mixed_batches_matches_one_process(ddp, mode, tmp_path):
+    """Step 1 has a text-only batch on rank 0 and an image on rank 1; one process trains on both records at once."""
+    from engine_training_script import train
+
+    ranks = reports(ddp, mode)
+    assert [b["reads"] for b in ranks[0]["batches"]] == [False, True]
+    assert [b["reads"] for b in ranks[1]["batches"]] == [True, True]
+    distributed = torch.load(ddp / f"{mode}.pt")
+    diff = max_diff(train(mode, tmp_path, batch_size=2)["params"], distributed)
+    print(f"{mode}: max abs diff DDP vs one process: {diff:.3g}")
+    assert diff < 1e-5
+    before = initial_parameters(mode, tmp_path)
+    part = "lora_" if mode == "sft_lora" else "language_model"
+    assert trained(before, distributed, part) and trained(before, distributed, "multi_modal_projector")
+
+
+def test_ddp_generation_on_mixed_batches_keeps_the_processes_equal(ddp, tmp_path):
+    """Step 1: rank 0 text only, rank 1 draws; step 2: rank 0 reads, rank 1 draws (the head and SeTok idle on rank 0).
+    The diffusion noise is drawn per process, so the reference is DDP itself (below: DeepSpeed against it)."""
+    ranks = reports(ddp, "generation")
+    assert [(b["reads"], b["draws"]) for b in ranks[0]["batches"]] == [(False, False), (True, False)]
+    assert [(b["reads"], b["draws"]) for b in ranks[1]["batches"]] == [(True, True), (True, True)]
+    before = initial_parameters("generation", tmp_path)
+    assert trained(before, torch.load(ddp / "generation.pt"), "generation_head")
+
+
+def _needs_deepspeed():
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (`pip install -c constraints.txt deepspeed`)")
+
+
+def _compare_with_ddp(out: Path, ddp: Path, modes, engine: str = "DEEPSPEED") -> dict:
+    diffs = {}
+    for mode in modes:
+        ranks = reports(out, mode)
+        if engine == "DEEPSPEED":
+            assert ranks[0]["distributed_type"].endswith(engine), "DeepSpeed ran (not a silent DDP fallback)"
+        assert ranks[0]["batches"] == json.loads((ddp / f"{mode}.rank0.json").read_text())["batches"]
+        diffs[mode] = max_diff(torch.load(out / f"{mode}.pt"), torch.load(ddp / f"{mode}.pt"))
+    print(f"max abs diff vs DDP: {diffs}")
+    assert all(diff < 1e-5 for diff in diffs.values()), diffs
+    return diffs
+
+
+def test_deepspeed_zero2_matches_ddp_on_mixed_batches(ddp, tmp_path):
+    """Stage 2 with the generation head (per-row embedding mask included) and stage 3 LoRA under ZeRO-2."""
+    _needs_deepspeed()
+    _compare_with_ddp(
+        launch(tmp_path, ["generation", "sft_lora"], config="deepspeed_zero2.yaml"), ddp, ["generation", "sft_lora"]
+    )
+
+
+def test_deepspeed_zero3_lora_full_and_merge_match_ddp(ddp, tmp_path):
+    """Stage 3 LoRA and full fine-tuning under ZeRO-3, `merge_adapters` on every process (the main one writes a
+    checkpoint gathered from the shards, equal to the DDP one), and resuming LoRA from a ZeRO-3 checkpoint."""
+    _needs_deepspeed()
+    from safetensors.torch import load_file
+
+    out = launch(tmp_path, ["sft_lora", "merge", "sft_full", "sft_lora_resume"], config="deepspeed_zero3.yaml")
+    _compare_with_ddp(out, ddp, ["sft_lora", "sft_full"])
+    returned = [json.loads((out / f"merge.rank{rank}.json").read_text())["returned"] for rank in (0, 1)]
+    assert returned == [True, False]
+    sharded, replicated = (
+        load_file(out / "merged" / "model.safetensors"),
+        load_file(ddp / "merged" / "model.safetensors"),
+    )
+    assert sharded.keys() == replicated.keys()
+    diff = max_diff(sharded, replicated)
+    print(f"merged under ZeRO-3 vs DDP: {diff:.3g}")
+    assert diff < 1e-5
+    for rank in (0, 1):  # resumed from the step-1 DeepSpeed checkpoint: the same step 2
+        resumed = json.loads((out / f"sft_lora_resume.rank{rank}.json").read_text())
+        assert resumed["resumed"]["losses"] == resumed["whole"]["losses"]
+        assert resumed["max_diff"] < 1e-6
+
+
+def test_fsdp_on_the_cpu_is_refused_instead_of_running_as_ddp(tmp_path):
+    """accelerate 1.15 builds FSDP from GPU states only: on the CPU the shipped fsdp.yaml used to train as plain DDP
+    without a word. The trainer now refuses it."""
+    result = launch(tmp_path, ["sft_lora"], config="fsdp.yaml", check=False)
+    assert result.returncode != 0
+    assert "asks for FSDP (ACCELERATE_USE_FSDP=true), but it is not enabled" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "engine", "hint"),
+    [("ACCELERATE_USE_FSDP", "FSDP", "GPU states only"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", "use_cpu: false")],
+)
+def test_an_engine_that_accelerate_turned_off_is_an_error(monkeypatch, variable, engine, hint):
+    trainer = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
+    SetokimInputsMixin._check_requested_engine(trainer)  # nothing asked for
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(RuntimeError, match=f"asks for {engine}") as error:
+        SetokimInputsMixin._check_requested_engine(trainer)
+    assert hint in str(error.value)
+    SetokimInputsMixin._check_requested_engine(SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=True))
+
+
+def test_fsdp2_lora_on_mixed_batches_matches_ddp(ddp, tmp_path):
+    """FSDP 2 on two CPU processes through tests/fsdp_cpu_shim.py (accelerate builds FSDP from GPU states only), the
+    shipped fsdp.yaml otherwise: SeTok and the projector run in `get_image_features`, outside the root's forward,
+    which the trainer registers with FSDP (without it: "aten.addmm.default got mixed torch.Tensor and DTensor")."""
+    out = launch(tmp_path, ["sft_lora"], config="fsdp.yaml", SETOK_FSDP_CPU_SHIM="1")
+    _compare_with_ddp(out, ddp, ["sft_lora"], engine="FSDP")
