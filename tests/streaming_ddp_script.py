@@ -201,3 +201,8 @@ def main(root: Path, out_dir: Path):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    # An orderly end of the process group: a process that exits with gloo's threads still running can abort
+    # ("terminate called without an active exception"), failing a run that trained correctly.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
