@@ -4,13 +4,16 @@ The threshold variant is checked against `reference_dpc`, a slow, loop-based tra
 numpy that shares no code with the implementation.
 """
 
+import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from transformers_setok import dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
+from transformers_setok import SetokConfig, dpc_knn_cluster, iterative_cluster, sincos_position_embedding_2d
+from transformers_setok.modeling import clustering_setok as clustering
 from transformers_setok.modeling.clustering_setok import pairwise_distances
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,16 +53,19 @@ def reference_dpc(features, k, threshold, fallback_num_clusters, max_num_cluster
     margins = [abs(s - threshold) for s in score]
     margins += [abs(rho[a] - rho[b]) for a in range(n) for b in range(a) if rho[a] != rho[b]]
 
+    # Centers: the passing scores, else the fallback count (capped at n); either way at most max_num_clusters, the
+    # best scores kept (the cap is hard: a fallback count above it is clipped to it).
     ranked = sorted(range(n), key=lambda a: (-score[a], a))
+    cap = n if max_num_clusters is None else max_num_clusters
     centers = [a for a in range(n) if score[a] > threshold]
     if not centers:
-        count = min(fallback_num_clusters, n)
+        count = min(fallback_num_clusters, n, cap)
         centers = ranked[:count]
         if count < n:
             margins.append(score[ranked[count - 1]] - score[ranked[count]])
-    elif max_num_clusters is not None and len(centers) > max_num_clusters:
-        centers = ranked[:max_num_clusters]
-        margins.append(score[ranked[max_num_clusters - 1]] - score[ranked[max_num_clusters]])
+    elif len(centers) > cap:
+        centers = ranked[:cap]
+        margins.append(score[ranked[cap - 1]] - score[ranked[cap]])
     centers = sorted(centers)
 
     labels = []
@@ -337,12 +343,14 @@ def test_max_num_clusters_keeps_highest_scores():
         assert assignment[0].tolist() == expected.tolist()
     assignment, num_clusters = dpc_knn_cluster(features, **DPC, max_num_clusters=10)
     assert num_clusters.tolist() == [4] and assignment[0].tolist() == labels
-    # Low threshold: most patches pass, the cap keeps exactly `cap` of them.
-    # The cap bounds the passing centers only (spec 1.2 step 5, docstring); the fallback count is its own setting.
+    # The cap is hard: it also clips a larger fallback count (no score passes 1e6).
     assignment, num_clusters = dpc_knn_cluster(
         features, k=4, threshold=1e6, fallback_num_clusters=5, max_num_clusters=2
     )
-    assert num_clusters.tolist() == [5]
+    expected, count, _ = reference_dpc(features[0].numpy(), 4, 1e6, 5, 2)
+    assert num_clusters.tolist() == [2] == [count]
+    assert assignment[0].tolist() == expected.tolist()
+    # Low threshold: most patches pass, the cap keeps exactly `cap` of them.
     many = torch.tensor(random_image(np.random.default_rng(5), 40, 4, 3), dtype=torch.float32)[None]
     uncapped = int(dpc_knn_cluster(many, k=2, threshold=0.05, fallback_num_clusters=1)[1])
     assert uncapped > 10
@@ -350,6 +358,62 @@ def test_max_num_clusters_keeps_highest_scores():
     expected, count, _ = reference_dpc(many[0].numpy(), 2, 0.05, 1, 10)
     assert num_clusters.tolist() == [10] == [count]
     assert assignment[0].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_max_num_clusters_is_a_hard_cap_on_the_fallback(with_padding):
+    # Issue 12: max_num_clusters=32 with fallback_num_clusters=64 and no score over the threshold gave 64 clusters.
+    # The cap wins: the 32 best scores, numbered in patch order, exactly as the reference.
+    features, padding, expected = well_conditioned_batch(
+        seed=12,
+        batch=3,
+        num_patches=70,
+        channels=4,
+        k=6,
+        threshold=1e6,
+        fallback=64,
+        max_num=32,
+        with_padding=with_padding,
+    )
+    assignment, num_clusters = dpc_knn_cluster(
+        features,
+        k=6,
+        threshold=1e6,
+        fallback_num_clusters=64,
+        max_num_clusters=32,
+        padding_mask=padding if with_padding else None,
+    )
+    assert (num_clusters <= 32).all()
+    for b, (expected_assignment, expected_count) in enumerate(expected):
+        assert int(num_clusters[b]) == expected_count == min(32, int((~padding[b]).sum())), f"image {b}"
+        assert assignment[b].tolist() == expected_assignment.tolist(), f"image {b}"
+    # The same batch uncapped takes the 64 fallback centers (or every real patch): the cap really did bind.
+    uncapped = dpc_knn_cluster(
+        features, k=6, threshold=1e6, fallback_num_clusters=64, padding_mask=padding if with_padding else None
+    )[1]
+    assert (uncapped > 32).all()
+
+
+@pytest.mark.parametrize("threshold, fallback", [(0.05, 1), (0.3, 3), (1e6, 50), (1e6, 1)])
+@pytest.mark.parametrize("cap", [1, 2, 5, 7])
+def test_token_count_never_exceeds_max_num_clusters(threshold, fallback, cap):
+    features, padding = _random_batch(seed=13, batch=6)
+    assignment, num_clusters = dpc_knn_cluster(
+        features, k=4, threshold=threshold, fallback_num_clusters=fallback, max_num_clusters=cap, padding_mask=padding
+    )
+    assert (num_clusters >= 1).all() and (num_clusters <= cap).all()
+    assert (num_clusters == min(fallback, cap)).all() or threshold < 1e6
+    for b in range(6):
+        assert sorted(set(assignment[b, ~padding[b]].tolist())) == list(range(int(num_clusters[b])))
+    # The capped centers are the best-scoring of the uncapped choice (a cap never adds a center)...
+    free_assignment, free_counts = dpc_knn_cluster(
+        features, k=4, threshold=threshold, fallback_num_clusters=fallback, padding_mask=padding
+    )
+    assert torch.equal(num_clusters, free_counts.clamp(max=cap))
+    # ... and the iterative variant obeys the same cap, its leftover cluster included.
+    for stop_mass in (0.05, 0.45, 0.9):
+        counts = iterative_cluster(features, k=4, max_num_clusters=cap, stop_mass=stop_mass, padding_mask=padding)[1]
+        assert (counts >= 1).all() and (counts <= cap).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -573,72 +637,200 @@ def test_iterative_padding_values_never_matter():
 # ---------------------------------------------------------------------------------------------------------------
 
 GOOD = torch.randn(2, 9, 4)
+DPC_ARGUMENTS = dict(k=3, threshold=0.5, fallback_num_clusters=2)
+ITERATIVE_ARGUMENTS = dict(k=3, max_num_clusters=4)
+
+# (features, arguments that differ from DPC_ARGUMENTS, error, message pattern). Later features add their rows here.
+DPC_BAD_INPUTS = [
+    (GOOD.numpy(), {}, TypeError, "features"),
+    ([[[0.0]]], {}, TypeError, "features"),
+    (GOOD[0], {}, ValueError, "features"),
+    (GOOD[None], {}, ValueError, "features"),
+    (torch.zeros(0, 9, 4), {}, ValueError, "features"),
+    (torch.zeros(2, 0, 4), {}, ValueError, "features"),
+    (
+        GOOD.clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("nan"))),
+        {},
+        ValueError,
+        "features",
+    ),
+    (
+        GOOD.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))),
+        {},
+        ValueError,
+        "features",
+    ),
+    (torch.ones(2, 9, 4, dtype=torch.long), {}, TypeError, "features"),
+    (GOOD * 1e20, {}, ValueError, "`features` are too large"),  # finite, but the squared distances overflow float32
+    (GOOD, {"k": 0}, ValueError, "`k`"),
+    (GOOD, {"k": -3}, ValueError, "`k`"),
+    (GOOD, {"k": 2.5}, (ValueError, TypeError), "`k`"),
+    (GOOD, {"k": True}, (ValueError, TypeError), "`k`"),
+    (GOOD, {"k": None}, (ValueError, TypeError), "`k`"),
+    # numpy and 0-d tensor numbers are accepted, but only when their value is: the message shows the input as given
+    (GOOD, {"k": np.int64(0)}, ValueError, r"`k` must be a positive integer, got np\.int64\(0\)"),
+    (GOOD, {"k": torch.tensor(0)}, ValueError, r"`k` must be a positive integer, got tensor\(0\)"),
+    (GOOD, {"k": np.float64(3.0)}, ValueError, "`k`"),
+    (GOOD, {"k": torch.tensor(3.0)}, ValueError, "`k`"),
+    (GOOD, {"k": torch.tensor([3])}, ValueError, "`k`"),  # a 1-element tensor is not a number
+    (GOOD, {"k": np.array([3])}, ValueError, "`k`"),
+    (GOOD, {"k": torch.tensor(True)}, ValueError, "`k`"),
+    (GOOD, {"k": np.bool_(True)}, ValueError, "`k`"),
+    (GOOD, {"k": "3"}, ValueError, "`k`"),
+    (GOOD, {"fallback_num_clusters": 0}, ValueError, "fallback_num_clusters"),
+    (GOOD, {"fallback_num_clusters": np.uint8(0)}, ValueError, "fallback_num_clusters"),
+    (GOOD, {"fallback_num_clusters": None}, ValueError, "fallback_num_clusters"),
+    (GOOD, {"max_num_clusters": 0}, ValueError, "max_num_clusters"),
+    (GOOD, {"max_num_clusters": -1}, ValueError, "max_num_clusters"),
+    (GOOD, {"max_num_clusters": np.int64(0)}, ValueError, r"max_num_clusters.*np\.int64\(0\)"),
+    (GOOD, {"max_num_clusters": torch.tensor(1.5)}, ValueError, "max_num_clusters"),
+    (GOOD, {"chunk_size": 0}, ValueError, "chunk_size"),
+    (GOOD, {"chunk_size": torch.tensor(0)}, ValueError, "chunk_size"),
+    (GOOD, {"padding_mask": torch.zeros(2, 8, dtype=torch.bool)}, ValueError, "padding_mask"),
+    (GOOD, {"padding_mask": torch.zeros(9, dtype=torch.bool)}, ValueError, "padding_mask"),
+    (GOOD, {"padding_mask": np.zeros((2, 9), dtype=bool)}, (ValueError, TypeError), "padding_mask"),
+    (GOOD, {"padding_mask": torch.tensor([[False] * 9, [True] * 9])}, ValueError, "padding_mask"),
+    (GOOD, {"threshold": float("nan")}, ValueError, "threshold"),
+    (GOOD, {"threshold": float("inf")}, ValueError, "threshold"),
+    (GOOD, {"threshold": "0.5"}, (ValueError, TypeError), "threshold"),
+    (GOOD, {"threshold": None}, (ValueError, TypeError), "threshold"),
+    (GOOD, {"threshold": True}, ValueError, "threshold"),
+    (GOOD, {"threshold": torch.tensor(float("nan"))}, ValueError, r"threshold.*got tensor\(nan\)"),
+    (GOOD, {"threshold": np.float32("inf")}, ValueError, "threshold"),
+    (GOOD, {"threshold": torch.tensor([0.5])}, ValueError, "threshold"),
+    (GOOD, {"threshold": torch.tensor(True)}, ValueError, "threshold"),
+    (GOOD, {"threshold": 1j}, ValueError, "threshold"),
+]
+
+ITERATIVE_BAD_INPUTS = [
+    ("not a tensor", {}, TypeError, "features"),
+    (torch.zeros(0, 9, 4), {}, ValueError, "features"),
+    (torch.full((1, 9, 4), float("nan")), {}, ValueError, "features"),
+    (torch.ones(1, 9, 4, dtype=torch.int32), {}, TypeError, "features"),
+    (GOOD, {"k": 0}, ValueError, "`k`"),
+    (GOOD, {"k": np.int32(-1)}, ValueError, r"`k`.*np\.int32\(-1\)"),
+    (GOOD, {"max_num_clusters": 0}, ValueError, "max_num_clusters"),
+    (GOOD, {"max_num_clusters": None}, (ValueError, TypeError), "max_num_clusters"),
+    (GOOD, {"max_num_clusters": torch.tensor(0)}, ValueError, "max_num_clusters"),
+    (GOOD, {"chunk_size": np.int64(0)}, ValueError, "chunk_size"),
+    (GOOD, {"bandwidth_scale": 0.0}, ValueError, "bandwidth_scale"),
+    (GOOD, {"bandwidth_scale": torch.tensor(-1.0)}, ValueError, "bandwidth_scale"),
+    (GOOD, {"bandwidth_scale": float("inf")}, ValueError, "bandwidth_scale"),
+    (GOOD, {"bandwidth_scale": "0.1"}, ValueError, "bandwidth_scale"),
+    (GOOD, {"stop_mass": 1.5}, ValueError, "stop_mass"),
+    (GOOD, {"stop_mass": np.float64(1.0)}, ValueError, "stop_mass"),
+    (GOOD, {"stop_mass": torch.tensor(0.0)}, ValueError, "stop_mass"),
+    (GOOD, {"stop_mass": None}, ValueError, "stop_mass"),
+    (GOOD, {"padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, "padding_mask"),
+]
 
 
-@pytest.mark.parametrize(
-    "features, kwargs, error, match",
-    [
-        (GOOD.numpy(), {}, TypeError, "features"),
-        ([[[0.0]]], {}, TypeError, "features"),
-        (GOOD[0], {}, ValueError, "features"),
-        (GOOD[None], {}, ValueError, "features"),
-        (torch.zeros(0, 9, 4), {}, ValueError, "features"),
-        (torch.zeros(2, 0, 4), {}, ValueError, "features"),
-        (
-            GOOD.clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(float("nan"))),
-            {},
-            ValueError,
-            "features",
-        ),
-        (
-            GOOD.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))),
-            {},
-            ValueError,
-            "features",
-        ),
-        (torch.ones(2, 9, 4, dtype=torch.long), {}, TypeError, "features"),
-        (GOOD, {"k": 0}, ValueError, "`k`"),
-        (GOOD, {"k": -3}, ValueError, "`k`"),
-        (GOOD, {"k": 2.5}, (ValueError, TypeError), "`k`"),
-        (GOOD, {"k": True}, (ValueError, TypeError), "`k`"),
-        (GOOD, {"fallback_num_clusters": 0}, ValueError, "fallback_num_clusters"),
-        (GOOD, {"max_num_clusters": 0}, ValueError, "max_num_clusters"),
-        (GOOD, {"chunk_size": 0}, ValueError, "chunk_size"),
-        (GOOD, {"padding_mask": torch.zeros(2, 8, dtype=torch.bool)}, ValueError, "padding_mask"),
-        (GOOD, {"padding_mask": torch.zeros(9, dtype=torch.bool)}, ValueError, "padding_mask"),
-        (GOOD, {"padding_mask": np.zeros((2, 9), dtype=bool)}, (ValueError, TypeError), "padding_mask"),
-        (GOOD, {"padding_mask": torch.tensor([[False] * 9, [True] * 9])}, ValueError, "padding_mask"),
-        (GOOD, {"threshold": float("nan")}, ValueError, "threshold"),
-        (GOOD, {"threshold": float("inf")}, ValueError, "threshold"),
-        (GOOD, {"threshold": "0.5"}, (ValueError, TypeError), "threshold"),
-        (GOOD, {"threshold": None}, (ValueError, TypeError), "threshold"),
-    ],
-)
+@pytest.mark.parametrize("features, kwargs, error, match", DPC_BAD_INPUTS)
 def test_dpc_rejects_bad_input(features, kwargs, error, match):
-    arguments = dict(k=3, threshold=0.5, fallback_num_clusters=2) | kwargs
     with pytest.raises(error, match=match):
-        dpc_knn_cluster(features, **arguments)
+        dpc_knn_cluster(features, **(DPC_ARGUMENTS | kwargs))
+
+
+@pytest.mark.parametrize("features, kwargs, error, match", ITERATIVE_BAD_INPUTS)
+def test_iterative_rejects_bad_input(features, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        iterative_cluster(features, **(ITERATIVE_ARGUMENTS | kwargs))
+
+
+# (argument, value): numpy and 0-d tensor numbers accepted wherever a Python number is. Extend as arguments appear.
+DPC_NUMBER_INPUTS = [
+    ("k", np.int64(3)),
+    ("k", np.int32(3)),
+    ("k", np.uint16(3)),
+    ("k", np.array(3)),
+    ("k", torch.tensor(3)),
+    ("k", torch.tensor(3, dtype=torch.int32)),
+    ("threshold", np.float32(0.5)),
+    ("threshold", np.float64(0.5)),
+    ("threshold", np.int64(0)),
+    ("threshold", 0),
+    ("threshold", torch.tensor(0.5)),
+    ("threshold", torch.tensor(0.5, dtype=torch.float64)),
+    ("threshold", torch.tensor(0.5, dtype=torch.bfloat16)),
+    ("fallback_num_clusters", np.int64(2)),
+    ("fallback_num_clusters", torch.tensor(2)),
+    ("max_num_clusters", np.int64(1)),
+    ("max_num_clusters", torch.tensor(1)),
+    ("chunk_size", np.int64(1)),
+    ("chunk_size", torch.tensor(1)),
+]
+ITERATIVE_NUMBER_INPUTS = [
+    ("k", np.int64(3)),
+    ("k", torch.tensor(3)),
+    ("max_num_clusters", np.int64(2)),
+    ("max_num_clusters", torch.tensor(2)),
+    ("bandwidth_scale", np.float32(0.5)),
+    ("bandwidth_scale", torch.tensor(0.5)),
+    ("bandwidth_scale", 1),
+    ("stop_mass", np.float64(0.2)),
+    ("stop_mass", torch.tensor(0.2)),
+    ("chunk_size", np.int64(1)),
+    ("chunk_size", torch.tensor(1)),
+]
+
+
+def _python(value):
+    return value.item() if isinstance(value, (np.generic, np.ndarray, torch.Tensor)) else value
+
+
+@pytest.mark.parametrize("name, value", DPC_NUMBER_INPUTS)
+def test_dpc_accepts_numpy_and_tensor_numbers(name, value):
+    expected = dpc_knn_cluster(GOOD, **(DPC_ARGUMENTS | {name: _python(value)}))
+    got = dpc_knn_cluster(GOOD, **(DPC_ARGUMENTS | {name: value}))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("name, value", ITERATIVE_NUMBER_INPUTS)
+def test_iterative_accepts_numpy_and_tensor_numbers(name, value):
+    expected = iterative_cluster(GOOD, **(ITERATIVE_ARGUMENTS | {name: _python(value)}))
+    got = iterative_cluster(GOOD, **(ITERATIVE_ARGUMENTS | {name: value}))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize(
-    "features, kwargs, error, match",
+    "name, value, expected",
     [
-        ("not a tensor", {}, TypeError, "features"),
-        (torch.zeros(0, 9, 4), {}, ValueError, "features"),
-        (torch.full((1, 9, 4), float("nan")), {}, ValueError, "features"),
-        (torch.ones(1, 9, 4, dtype=torch.int32), {}, TypeError, "features"),
-        (GOOD, {"k": 0}, ValueError, "`k`"),
-        (GOOD, {"max_num_clusters": 0}, ValueError, "max_num_clusters"),
-        (GOOD, {"max_num_clusters": None}, (ValueError, TypeError), "max_num_clusters"),
-        (GOOD, {"bandwidth_scale": 0.0}, ValueError, "bandwidth_scale"),
-        (GOOD, {"stop_mass": 1.5}, ValueError, "stop_mass"),
-        (GOOD, {"padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, "padding_mask"),
+        ("cluster_k", np.int64(3), 3),
+        ("cluster_k", torch.tensor(3), 3),
+        ("cluster_fallback_num_clusters", np.int32(4), 4),
+        ("max_num_clusters", np.int64(8), 8),
+        ("max_num_clusters", None, None),
+        ("cluster_chunk_size", torch.tensor(2), 2),
+        ("cluster_threshold", np.float32(0.25), 0.25),
+        ("cluster_threshold", torch.tensor(0.5), 0.5),
+        ("iterative_bandwidth_scale", np.float64(0.2), 0.2),
+        ("iterative_stop_mass", torch.tensor(0.125), 0.125),
     ],
 )
-def test_iterative_rejects_bad_input(features, kwargs, error, match):
-    arguments = dict(k=3, max_num_clusters=4) | kwargs
-    with pytest.raises(error, match=match):
-        iterative_cluster(features, **arguments)
+def test_config_clustering_fields_accept_numpy_and_tensor_numbers(name, value, expected):
+    config = SetokConfig(**{name: value})
+    assert getattr(config, name) == expected and type(getattr(config, name)) is type(expected)
+    assert json.loads(config.to_json_string())[name] == expected  # stored as Python numbers: serialisable
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cluster_k=np.int64(0)), "`cluster_k` must be a positive integer"),
+        (dict(cluster_k=torch.tensor(2.5)), r"`cluster_k` must be a positive integer, got tensor\(2\.5000\)"),
+        (dict(max_num_clusters=np.int64(0)), "`max_num_clusters` must be a positive integer"),
+        (dict(cluster_chunk_size=np.bool_(True)), "`cluster_chunk_size` must be a positive integer"),
+    ],
+)
+def test_config_rejects_bad_clustering_numbers(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SetokConfig(**kwargs)
+
+
+def test_config_accepts_a_fallback_above_the_cap():
+    # Documented: the cap is hard and clips the fallback, so this pair is valid (not silently exceeding the cap).
+    config = SetokConfig(max_num_clusters=4, cluster_fallback_num_clusters=64)
+    assert (config.max_num_clusters, config.cluster_fallback_num_clusters) == (4, 64)
 
 
 def test_nan_in_a_real_patch_is_rejected_even_with_padding_elsewhere():
@@ -694,6 +886,75 @@ def test_position_embedding_matches_image_grid_for_the_default_encoder():
     embedding = sincos_position_embedding_2d(27, 27, 1152)
     assert embedding.shape == (729, 1152)
     assert embedding.abs().sum(0).gt(0).all()  # 1152 is a multiple of 4: no channel is left empty
+
+
+@pytest.mark.parametrize("k", [1, 5, 36, 64])
+def test_k_smallest_matches_topk(k):
+    # The CPU path (numpy.partition, then a sort) gives exactly torch.topk's sorted values, ties and +inf included.
+    generator = torch.Generator().manual_seed(k)
+    squared = torch.rand(3, 64, 64, generator=generator).round(decimals=1)  # many exact ties
+    squared[1, :, 40:] = math.inf  # padding columns
+    expected = squared.topk(k, dim=-1, largest=False, sorted=True).values
+    assert torch.equal(clustering._k_smallest(squared, k), expected)
+    with ThreadPoolExecutor(3) as pool:  # rows split among threads
+        assert torch.equal(clustering._k_smallest(squared, k, pool, 3), expected)
+
+
+def test_symmetric_gram_matches_the_plain_product():
+    # On the CPU, from N ~ 384 on, only the upper triangle of row blocks of x @ x^T is multiplied and then mirrored.
+    x = torch.randn(2, 520, 16, generator=torch.Generator().manual_seed(17))
+    gram = clustering._gram(x, torch.empty(2, 520, 520))
+    assert torch.equal(gram, gram.mT)
+    torch.testing.assert_close(gram, x @ x.mT, rtol=1e-6, atol=1e-5)
+
+
+def test_partition_threads_do_not_change_the_result(monkeypatch):
+    # From N = 256 on the CPU, numpy.partition runs in threads; a single thread gives the same labels.
+    features = torch.tensor(random_image(np.random.default_rng(16), 2 * 300, 6, 5), dtype=torch.float32).view(
+        2, 300, 6
+    )
+    arguments = dict(k=16, threshold=0.3, fallback_num_clusters=8)
+    assert clustering._partition_workers(features, 16) == min(torch.get_num_threads(), 8)
+    threaded = dpc_knn_cluster(features, **arguments)
+    monkeypatch.setattr(clustering, "_partition_workers", lambda features, k_smallest: 1)
+    single = dpc_knn_cluster(features, **arguments)
+    assert torch.equal(threaded[0], single[0]) and torch.equal(threaded[1], single[1])
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_cpu_blocks_do_not_change_the_result(monkeypatch, with_padding):
+    # On the CPU the passes over the distance matrix go block by block of images; one image per block must give the
+    # labels (and soft masks) of one block for the whole batch.
+    features, padding = _random_batch(seed=15, batch=5)
+    padding = padding if with_padding else None
+    results = []
+    for block_bytes in (2**40, 1):
+        monkeypatch.setattr(clustering, "_CPU_BLOCK_BYTES", block_bytes)
+        results.append(
+            (
+                dpc_knn_cluster(features, k=5, threshold=0.4, fallback_num_clusters=3, padding_mask=padding),
+                iterative_cluster(
+                    features, k=5, max_num_clusters=4, padding_mask=padding, return_soft_assignment=True
+                ),
+            )
+        )
+    (dpc_whole, iterative_whole), (dpc_blocks, iterative_blocks) = results
+    assert all(torch.equal(a, b) for a, b in zip(dpc_whole, dpc_blocks))
+    assert all(torch.equal(a, b) for a, b in zip(iterative_whole, iterative_blocks))
+
+
+def test_unpadded_and_all_real_padding_mask_agree_with_the_padded_path():
+    # The unmasked fast path and the masked path (an image with padding in the batch) give the same labels.
+    features, padding = _random_batch(seed=14, batch=4)
+    padding[1:] = False
+    padding[3, -5:] = True  # one padded image forces the masked path for the whole batch
+    masked = dpc_knn_cluster(features, k=5, threshold=0.4, fallback_num_clusters=3, padding_mask=padding)
+    unmasked = dpc_knn_cluster(features[:3], k=5, threshold=0.4, fallback_num_clusters=3)
+    all_real = dpc_knn_cluster(
+        features[:3], k=5, threshold=0.4, fallback_num_clusters=3, padding_mask=torch.zeros(3, 36, dtype=torch.bool)
+    )
+    assert torch.equal(masked[0][:3], unmasked[0]) and torch.equal(masked[1][:3], unmasked[1])
+    assert torch.equal(all_real[0], unmasked[0]) and torch.equal(all_real[1], unmasked[1])
 
 
 def test_distances_stay_accurate_under_a_large_shared_offset():
