@@ -201,16 +201,7 @@ def load_hub_dataset(
         )
     check_on_error(on_error)
     dataset, source = open_dataset(name_or_path, split, data_files)
-    image_column = find_image_column(dataset, image_column, source)
-    if messages_column not in dataset.column_names:
-        raise ValueError(
-            f"{source} has no {messages_column!r} column (`messages_column`); its columns are {dataset.column_names}."
-        )
-    id_column = ["id"] if "id" in dataset.column_names and "id" not in (image_column, messages_column) else []
-    dataset = dataset.select_columns([image_column, messages_column, *id_column])
-    # Checking a record needs the image count and paths, not pixels: keep images as {"bytes", "path"}.
-    if undecoded_images(dataset.features[image_column]) != dataset.features[image_column]:
-        dataset = dataset.cast_column(image_column, undecoded_images(dataset.features[image_column]))
+    dataset, image_column = conversation_columns(dataset, image_column, messages_column, source)
     columns = dict(image_column=image_column, messages_column=messages_column)
 
     def check(indexed_row, where):
@@ -327,6 +318,22 @@ def _stored_chat(record: dict, to_chat, **fn_kwargs) -> dict:
 
 
 # --- Arguments ---
+
+
+def conversation_columns(dataset, image_column, messages_column: str, source: str):
+    """A Hub/saved data set (in memory or streamed) cut to its image, messages (and id) columns, images kept as
+    {"bytes", "path"} (checking a record needs the image count and paths, not pixels). Returns it and the image
+    column's name."""
+    image_column = find_image_column(dataset, image_column, source)
+    if messages_column not in dataset.column_names:
+        raise ValueError(
+            f"{source} has no {messages_column!r} column (`messages_column`); its columns are {dataset.column_names}."
+        )
+    id_column = ["id"] if "id" in dataset.column_names and "id" not in (image_column, messages_column) else []
+    dataset = dataset.select_columns([image_column, messages_column, *id_column])
+    if undecoded_images(dataset.features[image_column]) != dataset.features[image_column]:
+        dataset = dataset.cast_column(image_column, undecoded_images(dataset.features[image_column]))
+    return dataset, image_column
 
 
 def is_local_path(name: str) -> bool:

@@ -62,9 +62,9 @@ from .data import (
     check_on_error,
     check_require_text,
     checked_records,
+    conversation_columns,
     existing_file,
     existing_folder,
-    find_image_column,
     image_texts,
     llava_to_conversation,
     open_dataset,
@@ -74,7 +74,6 @@ from .data import (
     require_object,
     stored_image,
     to_image_text,
-    undecoded_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -239,15 +238,7 @@ def stream_hub_dataset(
         )
     if dataset.features is None:  # e.g. JSON files: the first records tell the columns
         dataset = dataset._resolve_features()
-    image_column = find_image_column(dataset, image_column, source)
-    if messages_column not in dataset.column_names:
-        raise ValueError(
-            f"{source} has no {messages_column!r} column (`messages_column`); its columns are {dataset.column_names}."
-        )
-    id_column = ["id"] if "id" in dataset.column_names and "id" not in (image_column, messages_column) else []
-    dataset = dataset.select_columns([image_column, messages_column, *id_column])
-    if undecoded_images(dataset.features[image_column]) != dataset.features[image_column]:
-        dataset = dataset.cast_column(image_column, undecoded_images(dataset.features[image_column]))
+    dataset, image_column = conversation_columns(dataset, image_column, messages_column, source)
     count = SkipCount(source, log_every=_data.STREAM_SKIP_LOG_EVERY)
     return dataset.map(
         _checked_hub_batch,
