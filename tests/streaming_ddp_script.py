@@ -29,6 +29,7 @@ from transformers_setok.training.data import (
     load_llava_json,
     load_webdataset,
 )
+from transformers_setok.training.runners import end_process_group
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 from transformers_setok.training.sft_trainer import SetokimSFTTrainer, setokim_sft_config
 from transformers_setok.training.streaming import (
@@ -201,8 +202,4 @@ def main(root: Path, out_dir: Path):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
-    # An orderly end of the process group: a process that exits with gloo's threads still running can abort
-    # ("terminate called without an active exception"), failing a run that trained correctly.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()

@@ -591,3 +591,21 @@ def test_every_source_trains_under_two_process_ddp_on_disjoint_records(tmp_path)
         assert report["resumed"] == report["straight"][4:], RESUMED  # two steps of two records trained before
     for source, parts in ((s, [report["split"][s] for report in ranks]) for s in ("llava", "webdataset")):
         assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(record_ids(source))
+
+
+def test_the_datasets_internal_that_reads_a_streams_columns_is_still_there():
+    """`resolve_stream_features` wraps datasets' `IterableDataset._resolve_features`: this fails loudly when a
+    datasets release moves it, before any stream without declared features loses its columns."""
+    from transformers_setok.training.streaming import resolve_stream_features
+
+    assert callable(getattr(datasets.IterableDataset, "_resolve_features", None))
+
+    def rows():
+        for i in range(3):
+            yield {"id": i, "text": f"row {i}"}
+
+    stream = datasets.IterableDataset.from_generator(rows)
+    assert stream.features is None and stream.column_names is None
+    resolved = resolve_stream_features(stream)
+    assert resolved.column_names == ["id", "text"]
+    assert [row["id"] for row in resolved] == [0, 1, 2]

@@ -24,7 +24,7 @@ from .modeling import (
     sincos_position_embedding_2d,
 )
 from .processing import SetokImageProcessor, SetokimProcessor
-from .visualization import visualize_clusters
+from .visualization import visualize_clusters, visualize_masks
 
 __version__ = "0.1.0"
 
@@ -57,4 +57,5 @@ __all__ = [
     "iterative_cluster",
     "sincos_position_embedding_2d",
     "visualize_clusters",
+    "visualize_masks",
 ]

@@ -207,7 +207,7 @@ def train(stage: str, config_path: str, resume: str | None = None, overwrite: bo
     """Checks the config, the checkpoint to resume from and the data set, then trains; bad input raises (ConfigError,
     FileNotFoundError) before any model is built, with a message naming the key at fault."""
     from .training.config import load_config
-    from .training.runners import run_stage
+    from .training.runners import end_process_group, run_stage
 
     config = load_config(config_path, stage)
     metrics = run_stage(config, resume, overwrite=overwrite)
@@ -218,6 +218,7 @@ def train(stage: str, config_path: str, resume: str | None = None, overwrite: bo
         print(f"Trained to step {metrics['global_step']}; the model is in {config.final_dir}")
         if "merged_dir" in metrics:
             print(f"Adapters merged into a plain Setokim: {metrics['merged_dir']}")
+    end_process_group()  # the command's processes end here, under `accelerate launch` too
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""Drawing SeTok's cluster map over an image."""
+"""Drawing SeTok's cluster map, or segmentation masks, over an image."""
 
 import colorsys
 
@@ -7,7 +7,7 @@ import PIL.Image
 
 from .processing.image_processing_setok import to_rgb_uint8
 
-__all__ = ["cluster_palette", "visualize_clusters"]
+__all__ = ["cluster_palette", "visualize_clusters", "visualize_masks"]
 
 
 def cluster_palette(num_colors: int) -> np.ndarray:
@@ -58,3 +58,79 @@ def visualize_clusters(
     edge[:, 1:] |= label_map[:, 1:] != label_map[:, :-1]
     blended[edge] = boundary_color
     return PIL.Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
+def visualize_masks(
+    image,
+    masks,
+    *,
+    alpha: float = 0.5,
+    colors: list[tuple[int, int, int]] | None = None,
+    outline: bool = True,
+) -> PIL.Image.Image:
+    """Overlay binary masks on an image, each in its own colour (later masks on top), at the image's own size.
+
+    Args:
+        image: PIL image, numpy array or torch tensor (anything [`SetokImageProcessor`] accepts).
+        masks: one `(H, W)` mask or several (a list, or an `(S, H, W)` array/tensor); bool, 0/1 or 0/255 values, or
+            PIL images. Masks of another size than the image are resized to it (nearest neighbour).
+        alpha: opacity of the colours (0: image only, 1: colours only).
+        colors: one RGB colour per mask (default: `cluster_palette`).
+        outline: draw each mask's one-pixel boundary in its full colour.
+
+    Returns:
+        An RGB `PIL.Image.Image` of the image's size.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
+    rgb = PIL.Image.fromarray(to_rgb_uint8(image))
+    masks = _mask_list(masks)
+    if colors is None:
+        colors = [tuple(int(c) for c in colour) for colour in cluster_palette(len(masks))]
+    if len(colors) != len(masks):
+        raise ValueError(f"`colors` has {len(colors)} colours for {len(masks)} masks.")
+    blended = np.asarray(rgb).astype(np.float32)
+    for index, (mask, colour) in enumerate(zip(masks, colors)):
+        mask = _binary_mask(mask, index, rgb.size)
+        colour = np.asarray(colour, dtype=np.float32)
+        blended[mask] = (1 - alpha) * blended[mask] + alpha * colour
+        if outline:
+            inner = mask.copy()
+            inner[1:, :] &= mask[:-1, :]
+            inner[:-1, :] &= mask[1:, :]
+            inner[:, 1:] &= mask[:, :-1]
+            inner[:, :-1] &= mask[:, 1:]
+            blended[mask & ~inner] = colour
+    return PIL.Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+
+
+def _mask_list(masks) -> list:
+    if hasattr(masks, "cpu"):
+        masks = masks.detach().cpu().numpy()
+    if isinstance(masks, (PIL.Image.Image, np.ndarray)) and np.asarray(masks).ndim == 2:
+        return [masks]
+    if isinstance(masks, np.ndarray) and masks.ndim == 3:
+        return list(masks)
+    if isinstance(masks, (list, tuple)) and masks:
+        return list(masks)
+    raise ValueError(
+        "`masks` must be one (H, W) mask, an (S, H, W) array or tensor, or a non-empty list of masks; got "
+        f"{type(masks).__name__} {getattr(masks, 'shape', '')}."
+    )
+
+
+def _binary_mask(mask, index: int, size: tuple[int, int]) -> np.ndarray:
+    """`mask` as an `(H, W)` bool array of the image's `size` (width, height)."""
+    if isinstance(mask, PIL.Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    mask = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)
+    if mask.ndim != 2 or mask.size == 0:
+        raise ValueError(f"Mask {index} must be a non-empty (H, W) array, got shape {mask.shape}.")
+    values = np.unique(mask)
+    if not (np.isin(values, [0, 1]).all() or np.isin(values, [0, 255]).all()):
+        raise ValueError(f"Mask {index} must be binary (bool, 0/1 or 0/255), found values {values[:6].tolist()}.")
+    mask = mask.astype(bool)
+    if mask.shape != (size[1], size[0]):
+        resized = PIL.Image.fromarray(mask.astype(np.uint8) * 255).resize(size, PIL.Image.Resampling.NEAREST)
+        mask = np.asarray(resized) > 127
+    return mask

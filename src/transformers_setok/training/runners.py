@@ -29,6 +29,7 @@ from .config import (
 )
 
 __all__ = [
+    "end_process_group",
     "finished_model",
     "last_complete_checkpoint",
     "previous_run",
@@ -53,6 +54,19 @@ def run_stage(config: StageConfig, resume: str | None = None, overwrite: bool = 
     checkpoint = resolve_resume(config, resume, overwrite=overwrite)
     runner = {"tokenizer": run_tokenizer_stage, "pretrain": run_pretrain_stage, "sft": run_sft_stage}[config.stage]
     return runner(config, resume_from_checkpoint=checkpoint, overwrite=overwrite)
+
+
+def end_process_group():
+    """Ends a multi-process run in order: every process waits for the others, then leaves the process group. A
+    process that exits with gloo's threads still running can abort ("terminate called without an active
+    exception"), which turns a run that trained and saved correctly into a failed one. Without a process group (one
+    process) it does nothing."""
+    from accelerate import PartialState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        state = PartialState()
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------------------------

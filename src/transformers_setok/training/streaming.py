@@ -83,6 +83,7 @@ __all__ = [
     "STREAMING_TRAINING_ARGUMENTS",
     "STREAM_STATE_FILE",
     "StreamStateCallback",
+    "resolve_stream_features",
     "split_for_process",
     "stream_hub_dataset",
     "stream_image_text_jsonl",
@@ -237,7 +238,7 @@ def stream_hub_dataset(
             "one shard each."
         )
     if dataset.features is None:  # e.g. JSON files: the first records tell the columns
-        dataset = dataset._resolve_features()
+        dataset = resolve_stream_features(dataset)
     dataset, image_column = conversation_columns(dataset, image_column, messages_column, source)
     count = SkipCount(source, log_every=_data.STREAM_SKIP_LOG_EVERY)
     return dataset.map(
@@ -435,6 +436,22 @@ def _member(fields: dict, key: str, alternatives: tuple, where):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Several processes
+
+
+def resolve_stream_features(dataset: datasets.IterableDataset) -> datasets.IterableDataset:
+    """`dataset` with its features read from its first records, for streams that do not declare them (e.g. a generator-built stream).
+
+    The one place that touches a datasets internal, `IterableDataset._resolve_features` (datasets 5.1-5.2 have no
+    public equivalent: `column_names` stays None until then). tests/test_streaming.py fails loudly if it moves.
+    """
+    resolve = getattr(dataset, "_resolve_features", None)
+    if resolve is None:
+        raise RuntimeError(
+            f"datasets {datasets.__version__} has no `IterableDataset._resolve_features`; "
+            "transformers_setok.training.streaming.resolve_stream_features needs another way to read a stream's "
+            "columns."
+        )
+    return resolve()
 
 
 def split_for_process(dataset: datasets.IterableDataset, rank: int | None = None, world_size: int | None = None):
