@@ -2,6 +2,7 @@ from .clustering_setok import dpc_knn_cluster, iterative_cluster, sincos_positio
 from .configuration_setok import SetokConfig
 from .configuration_setokim import SetokimConfig
 from .diffusion_head_setokim import SetokimDiffusionHead
+from .mask_decoder_setokim import SetokimMaskDecoder
 from .modeling_setok import (
     SetokForImageReconstruction,
     SetokModel,
@@ -9,7 +10,13 @@ from .modeling_setok import (
     SetokPreTrainedModel,
     SetokReconstructionOutput,
 )
-from .modeling_setokim import SetokimForConditionalGeneration, SetokimModel, SetokimPreTrainedModel
+from .modeling_setokim import (
+    SetokimForConditionalGeneration,
+    SetokimImageFeatures,
+    SetokimMaskPrediction,
+    SetokimModel,
+    SetokimPreTrainedModel,
+)
 
 __all__ = [
     "SetokConfig",
@@ -21,6 +28,9 @@ __all__ = [
     "SetokimConfig",
     "SetokimDiffusionHead",
     "SetokimForConditionalGeneration",
+    "SetokimImageFeatures",
+    "SetokimMaskDecoder",
+    "SetokimMaskPrediction",
     "SetokimModel",
     "SetokimPreTrainedModel",
     "dpc_knn_cluster",

@@ -1,5 +1,7 @@
 """Configuration of Setokim, the multimodal LLM that reads SeTok tokens."""
 
+import math
+
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -31,6 +33,19 @@ class SetokimConfig(PreTrainedConfig):
         generation_token_scale (`float`, *optional*): SeTok tokens are multiplied by it before diffusion (and drawn
             tokens divided by it), so that the head works on unit-variance data, like latent diffusion's VAE scaling
             factor. Stage 2 sets it to 1 / std of the training images' tokens when it is unset.
+        use_mask_decoder (`bool`): also build the referring-segmentation mask decoder (`mask_decoder`,
+            [`SetokimMaskDecoder`]): the LLM's hidden states at the `<image>` slots it writes for a referred object,
+            with the encoder's patch grid of that object's image, give a mask (logits at 4 x the patch grid) and its
+            predicted IoU. Configs saved before it existed load with it off.
+        mask_decoder_width, mask_decoder_depth, mask_decoder_heads, mask_decoder_intermediate_size (`int`): the
+            decoder's width D (a multiple of 8 and of 2 x heads: its cross-attentions run at D / 2 and its upsampled
+            features have D / 8 channels), its number of two-way attention blocks, attention heads, and the blocks' MLP
+            width (SAM's 256, 2, 8 and 2048).
+        mask_focal_weight, mask_dice_weight, mask_iou_weight (`float`): the mask loss, `mask_focal_weight x sigmoid
+            focal + mask_dice_weight x dice + mask_iou_weight x MSE(predicted IoU, IoU of the thresholded mask)` (SAM's
+            20 : 1 : 1), each term a mean over the target mask's pixels, then over the objects.
+        mask_focal_alpha, mask_focal_gamma (`float`): the focal loss's positive-class weight and focusing exponent
+            (0.25 and 2, as in SAM and DETR).
     """
 
     model_type = "setokim"
@@ -41,6 +56,12 @@ class SetokimConfig(PreTrainedConfig):
         "image_hidden_states",
         "image_outputs",
         "diffusion_prediction",
+        "pred_masks",
+        "iou_scores",
+        "mask_loss",
+        "mask_focal_loss",
+        "mask_dice_loss",
+        "mask_iou_loss",
     ]
     sub_configs_defaults = {
         "vision_config": SetokConfig,
@@ -62,6 +83,16 @@ class SetokimConfig(PreTrainedConfig):
     diffusion_prediction_type: str = "v_prediction"
     diffusion_num_inference_steps: int = 100
     generation_token_scale: float | None = None
+    use_mask_decoder: bool = False
+    mask_decoder_width: int = 256
+    mask_decoder_depth: int = 2
+    mask_decoder_heads: int = 8
+    mask_decoder_intermediate_size: int = 2048
+    mask_focal_weight: float = 20.0
+    mask_dice_weight: float = 1.0
+    mask_iou_weight: float = 1.0
+    mask_focal_alpha: float = 0.25
+    mask_focal_gamma: float = 2.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -77,6 +108,10 @@ class SetokimConfig(PreTrainedConfig):
             "generation_head_depth": self.generation_head_depth,
             "diffusion_num_train_timesteps": self.diffusion_num_train_timesteps,
             "diffusion_num_inference_steps": self.diffusion_num_inference_steps,
+            "mask_decoder_width": self.mask_decoder_width,
+            "mask_decoder_depth": self.mask_decoder_depth,
+            "mask_decoder_heads": self.mask_decoder_heads,
+            "mask_decoder_intermediate_size": self.mask_decoder_intermediate_size,
         }
         for name, value in sizes.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -88,6 +123,30 @@ class SetokimConfig(PreTrainedConfig):
         scale = self.generation_token_scale
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
             raise ValueError(f"`generation_token_scale` must be a positive number or None, got {scale!r}.")
+        self._validate_mask_decoder_fields()
+
+    def _validate_mask_decoder_fields(self):
+        if not isinstance(self.use_mask_decoder, bool):
+            raise ValueError(f"`use_mask_decoder` must be True or False, got {self.use_mask_decoder!r}.")
+        width, heads = self.mask_decoder_width, self.mask_decoder_heads
+        if width % 8 or width % (2 * heads):
+            raise ValueError(
+                f"`mask_decoder_width` must be a multiple of 8 and of 2 x `mask_decoder_heads` (its cross-attentions "
+                f"run at half the width, its upsampled features have width / 8 channels), got width {width} with "
+                f"{heads} heads."
+            )
+        numbers = {
+            "mask_focal_weight": self.mask_focal_weight,
+            "mask_dice_weight": self.mask_dice_weight,
+            "mask_iou_weight": self.mask_iou_weight,
+            "mask_focal_gamma": self.mask_focal_gamma,
+            "mask_focal_alpha": self.mask_focal_alpha,
+        }
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+        if self.mask_focal_alpha > 1:
+            raise ValueError(f"`mask_focal_alpha` must lie in [0, 1], got {self.mask_focal_alpha!r}.")
 
 
 __all__ = ["SetokimConfig"]

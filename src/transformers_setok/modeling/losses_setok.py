@@ -1,16 +1,19 @@
-"""SeTok's stage-1 losses (spec 1.6): pixel reconstruction, PatchGAN hinge terms, and the concept contrast.
+"""SeTok's stage-1 losses (spec 1.6): pixel reconstruction, PatchGAN hinge terms, and the concept contrast; and
+Setokim's mask loss of referring segmentation (spec 2): sigmoid focal + dice + the IoU head's squared error.
 
 These are the loss functions of one forward's inputs and outputs. How they are scheduled across training steps (when
 the adversarial term starts, VQGAN's adaptive weight, the discriminator's own step) is the trainer's
 (`transformers_setok.training.setok_trainer`)."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, Siglip2TextModel, SiglipTextModel
 
 from .distributed_setok import gather_contrast_batch, is_distributed
+from .mask_decoder_setokim import resize_mask_logits
 
 # AutoModel maps SigLIP's vision towers but not its text towers, the text encoder of the paper.
 TEXT_TOWERS = {"siglip_text_model": SiglipTextModel, "siglip2_text_model": Siglip2TextModel}
@@ -128,3 +131,123 @@ class SetokConceptContrast(nn.Module):
             similarity = nn.functional.normalize(pooled, dim=-1) @ texts.t()
         scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()
         return multi_positive_info_nce(scale * similarity, positives)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Referring segmentation (Setokim's mask decoder)
+
+
+@dataclass
+class MaskLossTerms:
+    """Per-object mask loss terms, each `(S,)`: `loss` = focal_weight x `focal` + dice_weight x `dice` + iou_weight x
+    `iou` (the IoU head's squared error). Means over objects are the forward's `mask_*_loss`; a trainer that
+    normalises over a whole accumulated batch sums these instead."""
+
+    loss: torch.Tensor
+    focal: torch.Tensor
+    dice: torch.Tensor
+    iou: torch.Tensor
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0):
+    """Focal loss of per-pixel logits against targets in [0, 1] (Lin et al., the form of DETR and SAM):
+    `alpha_t (1 - p_t)^gamma BCE`, alpha weighting the positive pixels. `(S, H, W)` -> `(S,)`, the mean over pixels.
+    Finite for any finite logits (the cross-entropy is taken from the logits)."""
+    probabilities = logits.sigmoid()
+    cross_entropy = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * (1 - p_t) ** gamma * cross_entropy).flatten(1).mean(1)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft dice loss `1 - (2 sum(p t) + smooth) / (sum p + sum t + smooth)`, `(S, H, W)` -> `(S,)`. The smoothing
+    term (1, as in DETR) keeps it defined for an empty target: an empty prediction of it then costs ~0."""
+    probabilities = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    overlap = 2 * (probabilities * targets).sum(1) + smooth
+    return 1 - overlap / (probabilities.sum(1) + targets.sum(1) + smooth)
+
+
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of the thresholded prediction (logit > 0) with the target (> 0.5), `(S, H, W)` -> `(S,)`; 1 when both are
+    empty."""
+    predicted, actual = (logits > 0).flatten(1), (targets > 0.5).flatten(1)
+    intersection = (predicted & actual).sum(1).float()
+    union = (predicted | actual).sum(1).float()
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+
+
+def mask_losses(
+    pred_masks: torch.Tensor,
+    iou_scores: torch.Tensor,
+    target_masks,
+    *,
+    focal_weight: float = 20.0,
+    dice_weight: float = 1.0,
+    iou_weight: float = 1.0,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> MaskLossTerms:
+    """The mask loss of S predictions, at each target's own resolution.
+
+    `pred_masks` `(S, h, w)` logits (resized bilinearly to each target's size), `iou_scores` `(S,)` the IoU head's
+    predictions, `target_masks` S float or bool masks `(H_i, W_i)` with values in [0, 1] (a list, or an `(S, H, W)`
+    tensor). The IoU head's target is the actual IoU of the thresholded prediction, detached. Computed in float32.
+    """
+    targets = check_target_masks(target_masks)
+    if pred_masks.ndim != 3 or iou_scores.shape != pred_masks.shape[:1] or len(targets) != pred_masks.shape[0]:
+        raise ValueError(
+            f"`pred_masks` (S, h, w), `iou_scores` (S,) and `target_masks` (S masks) must describe the same objects, "
+            f"got {tuple(pred_masks.shape)}, {tuple(iou_scores.shape)} and {len(targets)} masks."
+        )
+    focal, dice, iou = [], [], []
+    # Objects whose targets share a size are resized and scored together.
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, target in enumerate(targets):
+        by_size.setdefault(tuple(target.shape), []).append(index)
+    order = []
+    for size, indices in by_size.items():
+        index = torch.tensor(indices, device=pred_masks.device)
+        logits = resize_mask_logits(pred_masks[index], size)
+        target = torch.stack([targets[i] for i in indices]).to(logits.device, torch.float32)
+        focal.append(sigmoid_focal_loss(logits, target, focal_alpha, focal_gamma))
+        dice.append(dice_loss(logits, target))
+        actual = mask_iou(logits.detach(), target)
+        iou.append((iou_scores[index].float() - actual).pow(2))
+        order += indices
+    if not order:
+        empty = pred_masks.new_zeros(0, dtype=torch.float32)
+        return MaskLossTerms(loss=empty, focal=empty, dice=empty, iou=empty)
+    inverse = torch.argsort(torch.tensor(order, device=pred_masks.device))
+    focal, dice, iou = (torch.cat(terms)[inverse] for terms in (focal, dice, iou))
+    loss = focal_weight * focal + dice_weight * dice + iou_weight * iou
+    return MaskLossTerms(loss=loss, focal=focal, dice=dice, iou=iou)
+
+
+def check_target_masks(target_masks) -> list[torch.Tensor]:
+    """`target_masks` (a list of `(H_i, W_i)` tensors or an `(S, H, W)` tensor) as a list of float tensors, after
+    checking each is 2-D, non-empty in size, finite and within [0, 1]; raises naming `target_masks[i]` otherwise."""
+    if isinstance(target_masks, torch.Tensor):
+        if target_masks.ndim != 3:
+            raise ValueError(
+                f"`target_masks` must be a list of (H, W) masks or an (S, H, W) tensor, got shape "
+                f"{tuple(target_masks.shape)}."
+            )
+        target_masks = list(target_masks)
+    elif not isinstance(target_masks, (list, tuple)):
+        raise TypeError(f"`target_masks` must be a list of tensors or a tensor, got {type(target_masks).__name__}.")
+    checked = []
+    for index, mask in enumerate(target_masks):
+        name = f"`target_masks[{index}]`"
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (H, W), got {type(mask).__name__}.")
+        if mask.ndim != 2 or mask.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty (H, W) mask, got shape {tuple(mask.shape)}.")
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"{name} must be bool or floating point (values in [0, 1]), got {mask.dtype}.")
+        mask = mask.float()
+        if not torch.isfinite(mask).all() or bool((mask < 0).any()) or bool((mask > 1).any()):
+            raise ValueError(f"{name} must hold finite values in [0, 1].")
+        checked.append(mask)
+    return checked

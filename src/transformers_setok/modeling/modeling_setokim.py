@@ -16,6 +16,12 @@ embedding) instead of receiving a token; the LLM's hidden state at each of them 
 diffusion MLP that denoises that position's SeTok token, and `image_decoder` (SeTok's detokenizer) turns the drawn
 tokens into pixels. The noise schedule and the sampling loop come from diffusers, outside this file
 (`transformers_setok.generation`, `transformers_setok.pipelines`).
+
+Referring segmentation (`config.use_mask_decoder`): the answer about a referred object holds `[Img] <image> x m [/Img]`
+(m chosen by the LLM, as when it draws). Those positions, named in `segmentation_prompts`, keep the `<image>`
+embedding like the generation targets; the LLM's hidden states there are the object's prompt tokens, and
+`mask_decoder` (`mask_decoder_setokim.py`) turns them, with the encoder's patch grid of the object's image from the same
+forward's SeTok run (`get_image_features(...).patch_features`), into mask logits and a predicted IoU.
 """
 
 from dataclasses import dataclass
@@ -26,14 +32,47 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .compat_setokim import CACHE_OUTPUT_FIELD, cache_kwargs, cache_of, resolve_cache
 from .configuration_setokim import SetokimConfig
 from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear, repeat_noise_draws
 from .loading_setok import check_model_type, initialize_native_submodels
+from .losses_setok import MaskLossTerms, check_target_masks, mask_losses
+from .mask_decoder_setokim import SetokimMaskDecoder
 from .modeling_setok import SetokDetokenizer, SetokModel
 from .placeholders_setokim import expand_image_placeholders, image_blocks
+
+
+@dataclass
+class SetokimImageFeatures(BaseModelOutputWithPooling):
+    r"""
+    What [`SetokimModel.get_image_features`] returns.
+
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, max_num_tokens, token_dim)`):
+        The SeTok tokens of each image, padded (before the projector).
+    pooler_output (`list[torch.FloatTensor]`):
+        One `(n_i, hidden_size)` tensor of projected tokens per image.
+    patch_features (`torch.FloatTensor` of shape `(num_images, grid_size ** 2, vision_hidden_size)`, *optional*):
+        The vision encoder's patch grid (the layer SeTok clusters, before the position embedding), raster order; for a
+        model with a mask decoder (`config.use_mask_decoder`), which reads it.
+    """
+
+    patch_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class SetokimMaskPrediction(ModelOutput):
+    r"""
+    pred_masks (`torch.FloatTensor` of shape `(S, 4 * grid_size, 4 * grid_size)`):
+        Mask logits of the S objects at the decoder's resolution (`resize_mask_logits` brings them to any size).
+    iou_scores (`torch.FloatTensor` of shape `(S,)`):
+        The IoU the decoder predicts for each thresholded mask (logit > 0), in [0, 1].
+    """
+
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -60,11 +99,27 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
     diffusion_prediction (`torch.FloatTensor` of shape `(R * num_masked, token_dim)`, *optional*):
         The generation head's output for `noisy_image_tokens` (the velocity or the noise, after
         `config.diffusion_prediction_type`), when they were given.
+    pred_masks (`torch.FloatTensor` of shape `(S, 4 * grid_size, 4 * grid_size)`, *optional*):
+        Mask logits of the S referred objects of `segmentation_prompts` (row-major order), when they were given.
+    iou_scores (`torch.FloatTensor` of shape `(S,)`, *optional*):
+        The decoder's predicted IoU of each thresholded mask.
+    mask_loss (`torch.FloatTensor`, *optional*):
+        With `target_masks`: the mean over the S objects of `mask_focal_weight x focal + mask_dice_weight x dice +
+        mask_iou_weight x the IoU head's squared error` (weights from the config), at each target's resolution. Not
+        part of `loss` (the LM loss): the trainer weighs the tasks against each other, as for the diffusion loss.
+    mask_focal_loss, mask_dice_loss, mask_iou_loss (`torch.FloatTensor`, *optional*):
+        Its unweighted terms (means over the objects), for logging.
     """
 
     image_hidden_states: torch.FloatTensor | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
     diffusion_prediction: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    mask_focal_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    mask_iou_loss: torch.FloatTensor | None = None
 
 
 class SetokimProjector(nn.Module):
@@ -140,27 +195,30 @@ class SetokimModel(SetokimPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> SetokimImageFeatures:
         """Runs SeTok and the projector.
 
-        Returns a `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `(n_i, hidden_size)` tensor
-        per image (n_i: that image's token count), whose `last_hidden_state` holds the padded SeTok tokens, and with
-        the vision encoder's `hidden_states` / `attentions` when `output_hidden_states` / `output_attentions` are
+        Returns a `SetokimImageFeatures` (a `BaseModelOutputWithPooling`) whose `pooler_output` is a list with one
+        `(n_i, hidden_size)` tensor per image (n_i: that image's token count), whose `last_hidden_state` holds the
+        padded SeTok tokens, with the encoder's patch grid (`patch_features`) when the model has a mask decoder, and
+        with the vision encoder's `hidden_states` / `attentions` when `output_hidden_states` / `output_attentions` are
         passed. (The flags travel in `kwargs`, as in transformers' VLMs: `generate` hands named parameters of this
         method to it and takes them away from the LLM.)
         """
         setok = self.vision_tower(
             pixel_values,
+            output_patch_features=self.config.use_mask_decoder,
             output_hidden_states=kwargs.get("output_hidden_states"),
             output_attentions=kwargs.get("output_attentions"),
         )
         projected = self.multi_modal_projector(setok.last_hidden_state)
         per_image = [tokens[:count] for tokens, count in zip(projected, setok.num_tokens.tolist())]
-        return BaseModelOutputWithPooling(
+        return SetokimImageFeatures(
             last_hidden_state=setok.last_hidden_state,
             pooler_output=per_image,
             hidden_states=setok.hidden_states,
             attentions=setok.attentions,
+            patch_features=setok.patch_features,
         )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features, masked_image_tokens=None) -> torch.Tensor:
@@ -201,16 +259,19 @@ class SetokimModel(SetokimPreTrainedModel):
             placeholders = placeholders & ~masked_image_tokens
         return bool(placeholders.any())
 
-    def _check_masked_image_tokens(self, masked, input_ids, inputs_embeds):
+    def _check_masked_image_tokens(self, masked, input_ids, inputs_embeds, name: str = "masked_image_tokens"):
+        """`masked` (the `<image>` positions that keep their embedding) after checking it is a `(B, T)` bool tensor
+        that marks `<image>` tokens only; `name` is the argument it came in."""
         if masked is None:
             return None
-        if masked.dtype != torch.bool or masked.shape != inputs_embeds.shape[:2]:
-            raise ValueError(
-                f"`masked_image_tokens` must be a bool tensor of shape {tuple(inputs_embeds.shape[:2])} (batch, "
-                f"sequence), got {masked.dtype} {tuple(masked.shape)}."
+        shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+        if not isinstance(masked, torch.Tensor) or masked.dtype != torch.bool or tuple(masked.shape) != shape:
+            got = (
+                f"{masked.dtype} {tuple(masked.shape)}" if isinstance(masked, torch.Tensor) else type(masked).__name__
             )
+            raise ValueError(f"`{name}` must be a bool tensor of shape {shape} (batch, sequence), got {got}.")
         if input_ids is not None and bool((masked & (input_ids != self.config.image_token_id)).any()):
-            raise ValueError("`masked_image_tokens` may only mark `<image>` positions (`config.image_token_id`).")
+            raise ValueError(f"`{name}` may only mark `<image>` positions (`config.image_token_id`).")
         return masked
 
     def _check_context_length(self, new_length: int, past: int):
@@ -238,8 +299,10 @@ class SetokimModel(SetokimPreTrainedModel):
     ) -> SetokimModelOutputWithPast:
         r"""
         cache (`Cache`, *optional*): the KV cache (`past_key_values`, its name before transformers 5.24, works too).
-        masked_image_tokens (`(B, T)` bool, *optional*): `<image>` positions of images being generated whose token
-            is hidden: they keep the `<image>` embedding, and the image features fill the other placeholders only.
+        masked_image_tokens (`(B, T)` bool, *optional*): `<image>` positions that receive no image feature and keep
+            the `<image>` embedding: the hidden targets of images being generated and (from
+            `SetokimForConditionalGeneration.forward`) the prompts of referred objects. The image features fill the
+            other placeholders only.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
@@ -315,6 +378,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
                 depth=config.generation_head_depth,
             )
             self.image_decoder = SetokDetokenizer(config.vision_config)
+        self.mask_decoder = SetokimMaskDecoder(config) if config.use_mask_decoder else None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
@@ -330,6 +394,56 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
                 "This Setokim has no generation head: build it with `use_generation_head=True` "
                 "(`transformers_setok.add_generation_head` adds one to a trained model)."
             )
+
+    def require_mask_decoder(self):
+        """Raises unless the model has a mask decoder (`config.use_mask_decoder`)."""
+        if self.mask_decoder is None:
+            raise ValueError("This Setokim has no mask decoder: build it with `SetokimConfig(use_mask_decoder=True)`.")
+
+    def predict_masks(
+        self,
+        prompt_hidden_states: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        image_outputs: BaseModelOutputWithPooling,
+        image_index: torch.Tensor,
+    ) -> SetokimMaskPrediction:
+        """Masks of S referred objects from the LLM's hidden states at their prompt slots.
+
+        `prompt_hidden_states` `(M, hidden_size)`: the last hidden states (`SetokimModel`'s `last_hidden_state`) at
+        the `<image>` slots of the S objects, concatenated in object order, e.g.
+        `last_hidden_state[segmentation_prompts]`; `prompt_lengths` `(S,)`: each object's slot count m_i >= 1, summing
+        to M (`segmentation_prompt_lengths(segmentation_prompts)`); `image_outputs`: what `get_image_features`
+        returned for the images (its `patch_features` are read); `image_index` `(S,)` long: the image of each object,
+        an index into `image_outputs`. Returns `pred_masks` `(S, 4 * grid_size, 4 * grid_size)` logits and
+        `iou_scores` `(S,)`.
+        """
+        self.require_mask_decoder()
+        patch_grid = _patch_grid(image_outputs)
+        lengths, image_index = _check_mask_objects(
+            prompt_hidden_states, prompt_lengths, image_index, patch_grid.shape[0], self.config.text_config.hidden_size
+        )
+        device = prompt_hidden_states.device
+        longest = int(lengths.max()) if lengths.numel() else 0
+        real = torch.arange(longest, device=device)[None] < lengths.to(device)[:, None]
+        prompts = prompt_hidden_states.new_zeros(lengths.shape[0], longest, prompt_hidden_states.shape[-1])
+        prompts[real] = prompt_hidden_states
+        masks, iou = self.mask_decoder(prompts, real, patch_grid[image_index.to(patch_grid.device)].to(device))
+        return SetokimMaskPrediction(pred_masks=masks, iou_scores=iou)
+
+    def mask_loss_terms(self, pred_masks: torch.Tensor, iou_scores: torch.Tensor, target_masks) -> MaskLossTerms:
+        """Per-object mask loss terms `(S,)` of `pred_masks` `(S, h, w)` and `iou_scores` `(S,)` against S
+        `target_masks` (each at its own size), weighted by the config's `mask_*` fields (`losses_setok.mask_losses`)."""
+        config = self.config
+        return mask_losses(
+            pred_masks,
+            iou_scores,
+            target_masks,
+            focal_weight=config.mask_focal_weight,
+            dice_weight=config.mask_dice_weight,
+            iou_weight=config.mask_iou_weight,
+            focal_alpha=config.mask_focal_alpha,
+            focal_gamma=config.mask_focal_gamma,
+        )
 
     def decode_image_tokens(self, tokens: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         """SeTok tokens -> pixels through `image_decoder`: `tokens` `(B, L, token_dim)` (padded), `num_tokens` `(B,)`
@@ -527,6 +641,9 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         masked_image_tokens: torch.BoolTensor | None = None,
         noisy_image_tokens: torch.Tensor | None = None,
         diffusion_timesteps: torch.Tensor | None = None,
+        segmentation_prompts: torch.BoolTensor | None = None,
+        target_masks: list[torch.Tensor] | torch.Tensor | None = None,
+        mask_image_index: torch.LongTensor | None = None,
         past_key_values=None,
         **kwargs,
     ) -> SetokimCausalLMOutputWithPast:
@@ -541,7 +658,25 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             (row-major order of the mask).
         diffusion_timesteps (`(R * N,)`, *optional*): their diffusion timesteps. With `noisy_image_tokens`, the
             output's `diffusion_prediction` holds the head's output; the trainer forms the loss (it owns the schedule).
+        segmentation_prompts (`(B, T)` bool, *optional*): the `<image>` slots of referred objects (inside the answer's
+            `[Img] <image> x m [/Img]`; needs `config.use_mask_decoder`). They keep the `<image>` embedding, like
+            `masked_image_tokens`; each maximal run of True in a row is one object, objects in row-major order. The
+            LLM's hidden states there and the patch grid of each object's image give `pred_masks` and `iou_scores`.
+        target_masks (list of S `(H_i, W_i)` tensors, or `(S, H, W)`, *optional*): float or bool masks in [0, 1] of
+            the S objects, at any resolution: `mask_loss` is computed at each target's size.
+        mask_image_index (`(S,)` long, *optional*): the image of each object, an index into the batch's images in
+            placeholder order (into `image_outputs.pooler_output`); required with `segmentation_prompts`.
         """
+        prompt_lengths, target_masks = self._check_segmentation_inputs(
+            segmentation_prompts,
+            target_masks,
+            mask_image_index,
+            masked_image_tokens,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            _num_images(pixel_values, mm_encoder_outputs),
+        )
         if (noisy_image_tokens is None) != (diffusion_timesteps is None):
             raise ValueError("Pass `noisy_image_tokens` and `diffusion_timesteps` together.")
         if noisy_image_tokens is not None:
@@ -556,10 +691,26 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
-            masked_image_tokens=masked_image_tokens,
+            masked_image_tokens=_union(masked_image_tokens, segmentation_prompts),
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        mask_outputs = {}
+        prediction = None
+        if segmentation_prompts is not None:
+            prediction = self.predict_masks(
+                hidden_states[segmentation_prompts], prompt_lengths, outputs.image_outputs, mask_image_index
+            )
+            mask_outputs = {"pred_masks": prediction.pred_masks, "iou_scores": prediction.iou_scores}
+            if target_masks is not None:
+                mask_outputs.update(self._mask_loss_outputs(prediction, target_masks))
+        elif self._mask_decoder_is_training():
+            prediction = self._idle_mask_prediction(hidden_states)
+        if prediction is not None and prediction.pred_masks.shape[0] == 0 and self._mask_decoder_is_training():
+            # No object here, but maybe on another process: the decoder ran on an empty input, and its (zero) output
+            # joins the graph so that its parameters get a (zero) gradient (see `_idle_projector_term`).
+            idle = prediction.pred_masks.sum() + prediction.iou_scores.sum()
+            hidden_states = hidden_states + idle.to(hidden_states.dtype)
         diffusion_prediction = None
         if noisy_image_tokens is not None:
             diffusion_prediction = self.run_generation_head(
@@ -592,8 +743,103 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             image_outputs=outputs.image_outputs,
             diffusion_prediction=diffusion_prediction,
+            **mask_outputs,
             **{CACHE_OUTPUT_FIELD: cache_of(outputs)},
         )
+
+    def _check_segmentation_inputs(
+        self,
+        prompts,
+        target_masks,
+        image_index,
+        masked_image_tokens,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        num_images: int,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        """Checks the segmentation arguments of `forward` before anything runs; returns each object's prompt length
+        `(S,)` and the checked target masks (None for what was not given)."""
+        given = {
+            "segmentation_prompts": prompts is not None,
+            "target_masks": target_masks is not None,
+            "mask_image_index": image_index is not None,
+        }
+        if not any(given.values()):
+            return None, None
+        self.require_mask_decoder()
+        if prompts is None:
+            names = " and ".join(f"`{name}`" for name, present in given.items() if present)
+            raise ValueError(
+                f"{names} need `segmentation_prompts`: the `<image>` slots of the referred objects in the answer."
+            )
+        if image_index is None:
+            raise ValueError(
+                "`segmentation_prompts` need `mask_image_index`: for each object, the index of its image among the "
+                "batch's images."
+            )
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        prompts = self.model._check_masked_image_tokens(prompts, input_ids, inputs_embeds, "segmentation_prompts")
+        if masked_image_tokens is not None and bool((masked_image_tokens & prompts).any()):
+            raise ValueError(
+                "`segmentation_prompts` and `masked_image_tokens` overlap: an `<image>` slot is either a referred "
+                "object's prompt or a hidden target of an image being drawn."
+            )
+        if attention_mask is not None and bool((prompts & (attention_mask == 0)).any()):
+            raise ValueError("`segmentation_prompts` mark padding positions (where `attention_mask` is 0).")
+        lengths = segmentation_prompt_lengths(prompts)
+        _check_image_index(image_index, None)
+        targets = None if target_masks is None else check_target_masks(target_masks)
+        counts = {"objects in `segmentation_prompts`": lengths.shape[0]}
+        counts["`mask_image_index` entries"] = image_index.shape[0]
+        if targets is not None:
+            counts["`target_masks`"] = len(targets)
+        if len(set(counts.values())) != 1:
+            found = ", ".join(f"{count} {what}" for what, count in counts.items())
+            raise ValueError(
+                f"Every referred object needs one mask image index (and one target mask): got {found}. Each maximal "
+                "run of True in a row of `segmentation_prompts` is one object."
+            )
+        if not num_images:
+            raise ValueError(
+                "`segmentation_prompts` need the images they refer to: pass `pixel_values` or "
+                "`mm_encoder_outputs={'image': get_image_features(...)}`."
+            )
+        _check_image_index(image_index, num_images)
+        return lengths, targets
+
+    def _mask_loss_outputs(self, prediction: SetokimMaskPrediction, target_masks) -> dict:
+        terms = self.mask_loss_terms(prediction.pred_masks, prediction.iou_scores, target_masks)
+        names = {"mask_loss": terms.loss, "mask_focal_loss": terms.focal}
+        names.update(mask_dice_loss=terms.dice, mask_iou_loss=terms.iou)
+        if terms.loss.numel():
+            return {name: values.mean() for name, values in names.items()}
+        # No object in this batch: zeros that still reach the decoder's outputs.
+        zero = (prediction.pred_masks.sum() + prediction.iou_scores.sum()).float() * 0
+        return dict.fromkeys(names, zero)
+
+    def _mask_decoder_is_training(self) -> bool:
+        decoder = self.mask_decoder
+        return (
+            decoder is not None
+            and self.training
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in decoder.parameters())
+        )
+
+    def _idle_mask_prediction(self, hidden_states: torch.Tensor) -> SetokimMaskPrediction:
+        """The mask decoder on no object: every layer runs on empty tensors."""
+        config = self.config
+        patches = hidden_states.new_zeros(
+            0, config.vision_config.num_patches, config.vision_config.vision_config.hidden_size
+        )
+        masks, iou = self.mask_decoder(
+            hidden_states.new_zeros(0, 0, hidden_states.shape[-1]),
+            hidden_states.new_zeros(0, 0, dtype=torch.bool),
+            patches,
+        )
+        return SetokimMaskPrediction(pred_masks=masks, iou_scores=iou)
 
     def _head_is_training(self) -> bool:
         head = self.generation_head
@@ -615,6 +861,98 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             )
         repeats = noisy_tokens.shape[0] // condition.shape[0]
         return self.generation_head(noisy_tokens, timesteps, repeat_noise_draws(condition, repeats))
+
+
+def segmentation_prompt_lengths(segmentation_prompts: torch.Tensor) -> torch.Tensor:
+    """`(B, T)` bool -> `(S,)` long: the length of each maximal run of True in a row (one referred object each), in
+    row-major order (a run never continues into the next row)."""
+    starts = segmentation_prompts.clone()
+    starts[:, 1:] &= ~segmentation_prompts[:, :-1]
+    object_ids = starts.flatten().cumsum(0) - 1
+    return torch.bincount(object_ids[segmentation_prompts.flatten()], minlength=int(starts.sum()))
+
+
+def _union(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    if first is None or second is None:
+        return second if first is None else first
+    return first | second
+
+
+def _num_images(pixel_values, mm_encoder_outputs) -> int:
+    image_outputs = (mm_encoder_outputs or {}).get("image")
+    if image_outputs is not None and image_outputs.pooler_output is not None:
+        return len(image_outputs.pooler_output)
+    return 0 if pixel_values is None else int(pixel_values.shape[0])
+
+
+def _patch_grid(image_outputs) -> torch.Tensor:
+    """The `(num_images, N, C)` encoder patch grid that `get_image_features` of a model with a mask decoder returns."""
+    grid = getattr(image_outputs, "patch_features", None)
+    if grid is None:
+        raise ValueError(
+            "The image outputs carry no `patch_features` (the encoder's patch grid the mask decoder reads): pass "
+            "`pixel_values`, or what `get_image_features` of this model (with its mask decoder) returned, unchanged."
+        )
+    if grid.ndim != 3 or grid.shape[0] != len(image_outputs.pooler_output):
+        raise ValueError(
+            f"`patch_features` must be (num_images={len(image_outputs.pooler_output)}, N, C), got {tuple(grid.shape)}."
+        )
+    return grid
+
+
+def _check_image_index(image_index, num_images: int | None, name: str = "mask_image_index"):
+    """A 1-D integer tensor (one image per object) whose entries index `num_images` images (unchecked when None)."""
+    if (
+        not isinstance(image_index, torch.Tensor)
+        or image_index.ndim != 1
+        or image_index.dtype == torch.bool
+        or image_index.is_floating_point()
+        or image_index.is_complex()
+    ):
+        got = (
+            f"{image_index.dtype} {tuple(image_index.shape)}" if isinstance(image_index, torch.Tensor) else image_index
+        )
+        raise ValueError(f"`{name}` must be a 1-D integer tensor (one image index per object), got {got}.")
+    if num_images is not None and image_index.numel():
+        if int(image_index.min()) < 0 or int(image_index.max()) >= num_images:
+            raise ValueError(
+                f"`{name}` must index the batch's {num_images} images (0 to {num_images - 1}), got "
+                f"{image_index.tolist()}."
+            )
+
+
+def _check_mask_objects(prompt_hidden_states, prompt_lengths, image_index, num_images: int, hidden_size: int):
+    """`predict_masks`' arguments checked: returns the lengths and image indices as long tensors."""
+    if not isinstance(prompt_hidden_states, torch.Tensor) or prompt_hidden_states.ndim != 2:
+        got = (
+            tuple(prompt_hidden_states.shape)
+            if isinstance(prompt_hidden_states, torch.Tensor)
+            else type(prompt_hidden_states).__name__
+        )
+        raise ValueError(f"`prompt_hidden_states` must be (M, hidden_size={hidden_size}), got {got}.")
+    if prompt_hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"`prompt_hidden_states` must have the LLM's width {hidden_size}, got {prompt_hidden_states.shape[-1]}."
+        )
+    lengths = torch.as_tensor(prompt_lengths)
+    if lengths.numel() == 0:
+        lengths = lengths.long()
+    if lengths.ndim != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool or bool((lengths < 1).any()):
+        raise ValueError(f"`prompt_lengths` must be a 1-D tensor of positive integers, got {lengths.tolist()}.")
+    if int(lengths.sum()) != prompt_hidden_states.shape[0]:
+        raise ValueError(
+            f"`prompt_lengths` sum to {int(lengths.sum())} but `prompt_hidden_states` has "
+            f"{prompt_hidden_states.shape[0]} rows: give each object's hidden states, concatenated in object order."
+        )
+    image_index = torch.as_tensor(image_index)
+    if image_index.numel() == 0:
+        image_index = image_index.long()
+    _check_image_index(image_index, num_images, "image_index")
+    if image_index.shape != lengths.shape:
+        raise ValueError(
+            f"`image_index` must hold one image per object ({lengths.shape[0]} objects), got {image_index.shape[0]}."
+        )
+    return lengths.long(), image_index.long()
 
 
 def context_limit(text_config) -> int | None:
@@ -672,4 +1010,11 @@ def _with_caller_prompt(output, input_ids: torch.Tensor, prompt_length: int):
     return output
 
 
-__all__ = ["SetokimForConditionalGeneration", "SetokimModel", "SetokimPreTrainedModel"]
+__all__ = [
+    "SetokimForConditionalGeneration",
+    "SetokimImageFeatures",
+    "SetokimMaskPrediction",
+    "SetokimModel",
+    "SetokimPreTrainedModel",
+    "segmentation_prompt_lengths",
+]
