@@ -20,6 +20,7 @@ from PIL import Image
 from skimage import data
 
 from transformers_setok.training.collators import SetokimChatCollator
+from transformers_setok.training.runners import end_process_group
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 from transformers_setok.training.sft_trainer import SetokimSFTTrainer, setokim_lora_config, setokim_sft_config
 
@@ -126,8 +127,4 @@ def main(out_dir: Path, mode: str):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
-    # An orderly end of the process group: a process that exits with gloo's threads still running can abort
-    # ("terminate called without an active exception"), failing a run that trained correctly.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()

@@ -159,10 +159,10 @@ def tiny_processor() -> SetokimProcessor:
 
 
 def tiny_setokim(
-    processor: SetokimProcessor, use_generation_head: bool = False, **text_overrides
+    processor: SetokimProcessor, use_generation_head: bool = False, use_mask_decoder: bool = False, **text_overrides
 ) -> SetokimForConditionalGeneration:
     """A tiny Llama-based Setokim whose vocabulary and special ids match `processor` (with a tiny generation head
-    when asked)."""
+    and a tiny mask decoder when asked)."""
     text = dict(
         model_type="llama",
         hidden_size=32,
@@ -182,8 +182,15 @@ def tiny_setokim(
         use_generation_head=use_generation_head,
         generation_head_width=48,
         generation_head_depth=2,
+        **(TINY_MASK_DECODER if use_mask_decoder else {}),
     )
     return SetokimForConditionalGeneration(config).eval()
+
+
+TINY_MASK_DECODER = dict(
+    use_mask_decoder=True, mask_decoder_width=32, mask_decoder_depth=2, mask_decoder_heads=4,
+    mask_decoder_intermediate_size=64,
+)  # fmt: skip
 
 
 IMAGE, BOI, EOI, PAD = 67, 68, 69, 0

@@ -4,14 +4,17 @@
 Usage: accelerate launch ... tests/engine_training_script.py OUT_DIR MODE[,MODE...]
 (DDP with ACCELERATE_USE_CPU=true; DeepSpeed without it; FSDP with SETOK_FSDP_CPU_SHIM=1, see tests/fsdp_cpu_shim.py)
 
-Modes: `sft_lora` (stage 3, LoRA), `sft_full` (stage 3, the whole LLM), `generation` (stage 2 with the generation
-head), `merge` (after `sft_lora`: `merge_adapters` on every process), `MODE_resume` (MODE twice: two steps saving a
-checkpoint after each, then step 2 again from checkpoint-1). The records are read in order (no shuffle), one per
-process and step, so with two processes
+Modes: `sft_lora` (stage 3, LoRA), `sft_full` (stage 3, the whole LLM), `sft_full_tied` (the same with the LM head
+tied to the input embeddings), `generation` (stage 2 with the generation head), `generation_llm` (the same training
+the whole LLM, as FSDP requires), `merge` (after `sft_lora`: `merge_adapters` on every process), `MODE_resume` (MODE
+twice: two steps saving a checkpoint after each, then step 2 again from checkpoint-1; `{mode}.pt` holds the
+uninterrupted run's parameters). The records are read in order (no shuffle), one per process and step, so with two
+processes
     step 1: rank 0 has a text-only chat, rank 1 an image to read (sft) or to draw (generation)
     step 2: rank 0 reads an image, rank 1 draws one (generation) / reads one (sft)
 Each mode writes `{mode}.pt` (rank 0: the trained parameters in full, gathered under ZeRO-3 / FSDP) and
-`{mode}.rank{R}.json` (the losses, the batches' image flags and a digest of that rank's full parameters).
+`{mode}.rank{R}.json` (the losses, the batches' image flags, a digest of that rank's full parameters and the modules
+FSDP made units of).
 One process with `per_device_train_batch_size=2` trains on the same two records per step.
 """
 
@@ -32,6 +35,7 @@ from torch.utils.data import SequentialSampler
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from transformers_setok.training.collators import SetokimChatCollator
+from transformers_setok.training.runners import end_process_group
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 from transformers_setok.training.sft_trainer import (
     SetokimSFTTrainer,
@@ -101,31 +105,25 @@ class OrderedPretrainTrainer(InOrder, SetokimPretrainTrainer):
     pass
 
 
-def without_pooling_head(model):
-    """The tiny SeTok of conftest keeps SigLIP's attention-pooling head, whose output SeTok throws away (the shipped
-    SeTok config sets `vision_use_head: False`). Under ZeRO-3 it cannot run at all: `nn.MultiheadAttention` reads its
-    `out_proj` weight without calling that module, so DeepSpeed never gathers it ("mat2 must be a matrix")."""
-    for module in model.modules():
-        if getattr(module, "use_head", False) and hasattr(module, "head"):
-            module.use_head = False
-            del module.head
-            module.config.vision_use_head = False
-    return model
-
-
 def build_trainer(mode: str, out_dir: Path, processor, batch_size: int, **arguments):
-    common = dict(per_device_train_batch_size=batch_size, learning_rate=1e-2, seed=0, data_seed=0, **arguments)
-    if mode == "generation":
+    # Adam moves an entry by about lr x g / (|g| + eps): with eps=1e-8 a gradient entry that is rounding noise (one
+    # batch of two against two of one) moves by up to lr, so a larger eps keeps the comparisons to the real updates.
+    common = dict(
+        per_device_train_batch_size=batch_size, learning_rate=1e-2, adam_epsilon=1e-6, seed=0, data_seed=0, **arguments
+    )
+    if mode.startswith("generation"):
         return OrderedPretrainTrainer(
-            model=without_pooling_head(tiny_setokim(processor, use_generation_head=True)),
+            model=tiny_setokim(processor, use_generation_head=True),
             args=tiny_training_arguments(out_dir / mode, **common),
             data_collator=RecordingCollator(processor),
             train_dataset=Dataset.from_list(generation_records()),
             processing_class=processor,
             train_generation_head=True,
+            train_language_model=mode == "generation_llm",
         )
+    text = {"tie_word_embeddings": True} if mode.endswith("_tied") else {}
     return OrderedSFTTrainer(
-        without_pooling_head(tiny_setokim(processor)),
+        tiny_setokim(processor, **text),
         tiny_training_arguments(out_dir / mode, factory=setokim_sft_config, **common, bf16=False),
         data_collator=RecordingCollator(processor),
         train_dataset=Dataset.from_list(sft_records()),
@@ -148,6 +146,14 @@ def gathered(model):
         with context:
             params[name] = param.detach().float().cpu().clone()
     return params
+
+
+def fsdp_units(model) -> list[str]:
+    """The names of the modules that FSDP 2 made units of (`fully_shard` turns each into an FSDPModule), "" for
+    the root; empty without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
 
 
 def digest(params: dict) -> str:
@@ -177,6 +183,7 @@ def train(mode: str, out_dir: Path, batch_size: int = 1, resume_from_checkpoint=
         "batches": trainer.data_collator.seen,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "digest": digest(params),
+        "fsdp_units": fsdp_units(trainer.model),
     }
     return {"trainer": trainer, "params": params, "report": report}
 
@@ -204,6 +211,8 @@ def main(out_dir: Path, modes: list[str]):
                 float((whole["params"][k] - resumed["params"][k]).abs().max()) for k in whole["params"]
             )
             (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(report))
+            if rank == 0:  # the uninterrupted run, to compare with another engine's
+                torch.save(whole["params"], out_dir / f"{mode}.pt")
             continue
         run = train(mode, out_dir)
         rank = run["report"]["rank"]
@@ -216,8 +225,4 @@ def main(out_dir: Path, modes: list[str]):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2].split(","))
-    # An orderly end of the process group: a process that exits with gloo's threads still running can abort
-    # ("terminate called without an active exception"), failing a run that trained correctly.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()

@@ -6,7 +6,7 @@ works on the CPU with gloo, so this shim, imported by tests/engine_training_scri
 turns a MULTI_CPU state that was given an FSDP plugin into an FSDP one. It never ships in the package.
 """
 
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 
@@ -18,5 +18,8 @@ def install():
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            # As accelerate does on GPUs: every later `AcceleratorState()` (the optimizer wrapper makes one) copies
+            # the process state's type back, which would otherwise turn the run into MULTI_CPU halfway.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = __init__

@@ -1,9 +1,9 @@
 """Every process runs the same collectives whatever its batch holds (text only, an image to read, an image to draw),
-under DDP and DeepSpeed ZeRO-2 / ZeRO-3, on two CPU processes (gloo).
+under DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP 2, on two CPU processes (gloo).
 
 tests/engine_training_script.py trains two steps on mixed batches (step 1: one process reads no image while the other
-reads or draws one). DDP is compared with one process training both records of each step; DeepSpeed with DDP. The
-DeepSpeed configs are the shipped `configs/accelerate/deepspeed_zero*.yaml` with two CPU processes.
+reads or draws one). DDP is compared with one process training both records of each step; DeepSpeed and FSDP with
+DDP. The configs are the shipped `configs/accelerate/deepspeed_zero*.yaml` and `fsdp.yaml` with two CPU processes.
 """
 
 import json
@@ -52,7 +52,9 @@ def launch(tmp_path: Path, modes: list[str], config: str | None = None, check: b
 
 
 def reports(out: Path, mode: str) -> list[dict]:
+    """Each rank's report of `mode` (of the uninterrupted run for a `MODE_resume`), checked for two equal ranks."""
     ranks = [json.loads((out / f"{mode}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    ranks = [r.get("whole", r) for r in ranks]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"], f"{mode}: the processes ended with other weights"
     assert [len(r["losses"]) for r in ranks] == [2, 2]
@@ -70,7 +72,10 @@ def trained(before: dict, after: dict, part: str) -> bool:
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("engines"), ["sft_lora", "merge", "sft_full", "generation"])
+    return launch(
+        tmp_path_factory.mktemp("engines"),
+        ["sft_lora", "merge", "sft_full", "sft_full_tied", "generation", "generation_llm"],
+    )
 
 
 def initial_parameters(mode, tmp_path):
@@ -115,13 +120,13 @@ def _needs_deepspeed():
 
 
 def _compare_with_ddp(out: Path, ddp: Path, modes, engine: str = "DEEPSPEED") -> dict:
+    """`modes`: the modes run in both, or {mode run here: the DDP mode it must equal}."""
     diffs = {}
-    for mode in modes:
+    for mode, ddp_mode in (modes if isinstance(modes, dict) else {mode: mode for mode in modes}).items():
         ranks = reports(out, mode)
-        if engine == "DEEPSPEED":
-            assert ranks[0]["distributed_type"].endswith(engine), "DeepSpeed ran (not a silent DDP fallback)"
-        assert ranks[0]["batches"] == json.loads((ddp / f"{mode}.rank0.json").read_text())["batches"]
-        diffs[mode] = max_diff(torch.load(out / f"{mode}.pt"), torch.load(ddp / f"{mode}.pt"))
+        assert ranks[0]["distributed_type"].endswith(engine), f"{engine} ran (not a silent DDP fallback)"
+        assert ranks[0]["batches"] == json.loads((ddp / f"{ddp_mode}.rank0.json").read_text())["batches"]
+        diffs[mode] = max_diff(torch.load(out / f"{mode}.pt"), torch.load(ddp / f"{ddp_mode}.pt"))
     print(f"max abs diff vs DDP: {diffs}")
     assert all(diff < 1e-5 for diff in diffs.values()), diffs
     return diffs
@@ -181,9 +186,71 @@ def test_an_engine_that_accelerate_turned_off_is_an_error(monkeypatch, variable,
     SetokimInputsMixin._check_requested_engine(SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=True))
 
 
-def test_fsdp2_lora_on_mixed_batches_matches_ddp(ddp, tmp_path):
+def _unit_of(units: list[str], module: str) -> str:
+    """The FSDP unit that holds `module`'s parameters: the nearest enclosing unit ("" is the root)."""
+    return max((u for u in units if u == "" or module == u or module.startswith(f"{u}.")), key=len)
+
+
+# Run under FSDP 2 -> the DDP run it must equal (a `_resume` mode's uninterrupted run is compared).
+FSDP_MODES = {
+    "sft_lora": "sft_lora",
+    "sft_full_tied": "sft_full_tied",
+    "sft_full_resume": "sft_full",
+    "generation_llm_resume": "generation_llm",
+}
+
+
+def test_fsdp2_matches_ddp_on_mixed_batches_and_resumes(ddp, tmp_path):
     """FSDP 2 on two CPU processes through tests/fsdp_cpu_shim.py (accelerate builds FSDP from GPU states only), the
-    shipped fsdp.yaml otherwise: SeTok and the projector run in `get_image_features`, outside the root's forward,
-    which the trainer registers with FSDP (without it: "aten.addmm.default got mixed torch.Tensor and DTensor")."""
-    out = launch(tmp_path, ["sft_lora"], config="fsdp.yaml", SETOK_FSDP_CPU_SHIM="1")
-    _compare_with_ddp(out, ddp, ["sft_lora"], engine="FSDP")
+    shipped fsdp.yaml otherwise: stage 3 LoRA and full fine-tuning (LM head untied and tied), stage 2 with the
+    generation head (training the LLM: FSDP refuses the per-row embedding mask), each equal to DDP, and each full run
+    resumed from its step-1 checkpoint equal to the uninterrupted one.
+
+    What it guards: SeTok and the projector run in `get_image_features`, outside the root's forward, which the
+    trainer registers with FSDP (without it: "aten.addmm.default got mixed torch.Tensor and DTensor"); TRL's fused LM
+    head reads `lm_head.weight` without calling the module, whose unit SetokimSFTTrainer unsharded first (without
+    it the untied head's gradient is never averaged: 0.028 off DDP after two steps)."""
+    out = launch(tmp_path, list(FSDP_MODES), config="fsdp.yaml", SETOK_FSDP_CPU_SHIM="1")
+    _compare_with_ddp(out, ddp, FSDP_MODES, engine="FSDP")
+
+    # The wrap policy of fsdp.yaml: SeTok one unit (frozen, run once per step), one unit per decoder layer, the
+    # input embeddings and the LM head (accelerate's own), and the projector and the generation head in the root.
+    layers = [f"model.language_model.layers.{i}" for i in (0, 1)]
+    expected = ["", "model.vision_tower", "model.language_model.embed_tokens", *layers, "lm_head"]
+    for mode in ("sft_full_tied", "sft_full_resume", "generation_llm_resume"):
+        units = reports(out, mode)[0]["fsdp_units"]
+        assert units == expected, (mode, units)
+        for module in ("model.multi_modal_projector", "generation_head", "model.language_model.norm"):
+            assert _unit_of(units, module) == "", (mode, module)
+    lora_units = reports(out, "sft_lora")[0]["fsdp_units"]
+    assert lora_units == ["", *(f"base_model.model.{unit}" for unit in expected[1:])], lora_units
+
+    for mode in ("sft_full_resume", "generation_llm_resume"):
+        for rank in (0, 1):
+            resumed = json.loads((out / f"{mode}.rank{rank}.json").read_text())
+            assert resumed["resumed"]["losses"] == resumed["whole"]["losses"], mode
+            assert resumed["max_diff"] < 1e-6, (mode, resumed["max_diff"])
+
+
+def test_fsdp_yaml_names_the_units_because_the_no_split_fallback_cannot_work():
+    """Without `fsdp_transformer_layer_cls_to_wrap`, accelerate wraps the classes of the model's `_no_split_modules`,
+    which transformers gathers from every sub-model: SigLIP's list names classes a SeTok tower has not (its text
+    embeddings, and its pooling head, dropped by `vision_use_head: False`), and accelerate refuses a class it cannot
+    find. So fsdp.yaml names the classes; they must exist in a Setokim and pick SeTok and the decoder layers."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from conftest import tiny_processor, tiny_setokim
+
+    model = tiny_setokim(tiny_processor(), use_generation_head=True)
+    fallback = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    with pytest.raises(ValueError, match="Could not find the transformer layer class Siglip"):
+        fallback.set_auto_wrap_policy(model)
+
+    names = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    shipped = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=names.split(",")
+    )
+    shipped.set_auto_wrap_policy(model)
+    policy = fsdp2_prepare_auto_wrap_policy(shipped, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == ["model.vision_tower", "model.language_model.layers.0", "model.language_model.layers.1"]

@@ -354,6 +354,62 @@ def test_resuming_gives_the_same_later_losses(processor, records, tmp_path):
     np.testing.assert_allclose(losses(resumed)[-2:], losses(straight)[2:], rtol=1e-5)
 
 
+def test_resuming_mid_epoch_repeats_the_uninterrupted_step(processor, photos, tmp_path):
+    """Resumed inside an epoch, the Trainer restores the checkpoint's RNG state only after it has fetched (and the
+    trainer prepared) the first resumed step: the head's masks and noise must not come from the global RNG."""
+    cat, cup = Image.fromarray(photos["chelsea"]), Image.fromarray(photos["coffee"])
+    drawn = [text_to_image(cat, "a cat"), text_to_image(cup, "a cup")] * 2
+    kwargs = dict(max_steps=2, per_device_train_batch_size=1, save_strategy="steps", save_steps=1)
+
+    def run(seed, name, **train_kwargs):
+        torch.manual_seed(seed)
+        trainer = pretrain_trainer_for(
+            tiny_setokim(processor, use_generation_head=True), processor, drawn, tmp_path / name, **kwargs
+        )
+        trainer.train(**train_kwargs)
+        log = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+        return (log["step"], log["loss"], log["diffusion_loss"]), snapshot(trainer.model)
+
+    straight, straight_weights = run(0, "a")
+    resumed, resumed_weights = run(1, "b", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    assert resumed == straight
+    for name, weight in straight_weights.items():
+        assert torch.equal(resumed_weights[name], weight), name
+
+
+def test_diffusion_draws_are_seeded_from_the_step_and_leave_the_global_rng_alone(model, processor, records, tmp_path):
+    trainer = pretrain_trainer_for(model, processor, records, tmp_path)
+
+    def draws(micro_batch):
+        return torch.rand(8, generator=trainer._diffusion_generator(micro_batch))
+
+    first = draws(0)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    assert torch.equal(draws(0), first), "the same step and micro-batch draw alike, whatever the global RNG"
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG (dropout's) is not drawn from"
+    assert not torch.equal(draws(1), first), "each micro-batch of a step draws its own"
+    trainer.state.global_step = 1
+    assert not torch.equal(draws(0), first), "each step draws its own"
+    trainer.args.seed = 1
+    trainer.state.global_step = 0
+    assert not torch.equal(draws(0), first), "the run's seed changes the draws"
+
+
+def test_every_evaluation_draws_the_same_masks_and_noise(model, processor, records, tmp_path):
+    """An evaluation's draws depend on the batch's place in it only: the same weights give the same loss later."""
+    trainer = pretrain_trainer_for(model, processor, records, tmp_path)
+
+    def losses():
+        metrics = trainer.evaluate(eval_dataset=records)
+        return metrics["eval_loss"], metrics["eval_diffusion_loss"]
+
+    first = losses()
+    torch.manual_seed(7)
+    trainer.state.global_step = 5
+    assert losses() == first
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Sampling
 

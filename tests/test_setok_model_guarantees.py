@@ -217,3 +217,72 @@ def test_siglip_layers_get_siglips_own_init_either_way():
         bound = math.sqrt(6 / (2 * INIT_VISION["hidden_size"]))  # xavier_uniform_, SigLIP's init of attention
         assert q_proj.abs().max() <= bound
         assert q_proj.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+
+
+# ---------------------------------------------------------------- SigLIP's pooling head is not built (issue 11)
+
+
+def _head_keys(state_dict) -> set[str]:
+    return {key for key in state_dict if ".head." in f".{key}"}
+
+
+def _vision_prefix(model) -> str:
+    """Where the SigLIP encoder's keys start in `model`'s state dict ("vision_model." in a SetokModel)."""
+    (key,) = [k for k in model.state_dict() if k.endswith("embeddings.patch_embedding.weight")]
+    return key.removesuffix("embeddings.patch_embedding.weight")
+
+
+def test_setok_builds_no_pooling_head():
+    """SeTok clusters the encoder's patch features and never reads the pooled output: the head is not built (it would
+    cost parameters, and under ZeRO-3 it cannot run: `nn.MultiheadAttention` reads its unpartitioned weight)."""
+    given = SiglipVisionConfig(**TINY_VISION_KWARGS)
+    assert given.vision_use_head
+    config = SetokConfig(vision_config=given, **TINY_SETOK_KWARGS)
+    assert given.vision_use_head, "the caller's config object keeps its head"
+    assert config.vision_config.vision_use_head is False
+    assert json.loads(config.to_json_string())["vision_config"]["vision_use_head"] is False
+    assert SetokConfig().vision_config.vision_use_head is False
+    assert tiny_config().vision_config.vision_use_head is False
+    model = SetokModel(config)
+    with_head = SiglipVisionModel(given).state_dict()
+    assert not _head_keys(model.state_dict())
+    assert set(model.vision_model.state_dict()) == set(with_head) - _head_keys(with_head)
+
+
+@pytest.mark.parametrize("model_class", [SetokModel, SetokForImageReconstruction])
+def test_a_checkpoint_with_pooling_head_weights_loads_them_as_unexpected(tmp_path, pixels, model_class):
+    """A checkpoint saved with the head (an older release, or a config that asked for it) loads: the same SeTok, its
+    head keys reported as unexpected."""
+    from safetensors.torch import load_file, save_file
+
+    model = model_class(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    head = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION_KWARGS)).state_dict()
+    head = {_vision_prefix(model) + key: value for key, value in head.items() if key in _head_keys(head)}
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, **head}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["vision_config"]["vision_use_head"] = True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+
+    loaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert len(head) > 5 and set(info["unexpected_keys"]) == set(head)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert loaded.config.vision_config.vision_use_head is False and not _head_keys(loaded.state_dict())
+    with torch.no_grad():
+        expected, got = model.eval()(pixels), loaded.eval()(pixels)
+    assert torch.equal(got.last_hidden_state, expected.last_hidden_state)
+
+
+def test_from_pretrained_encoders_takes_a_siglip_with_its_head(tmp_path, pixels):
+    pretrained = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION_KWARGS)).eval()
+    assert _head_keys(pretrained.state_dict())
+    pretrained.save_pretrained(tmp_path)
+    model = SetokModel.from_pretrained_encoders(str(tmp_path), **TINY_SETOK_KWARGS).eval()
+    state, reference = model.vision_model.state_dict(), pretrained.state_dict()
+    assert set(state) == set(reference) - _head_keys(reference)
+    assert all(torch.equal(value, reference[key]) for key, value in state.items())
+    with torch.no_grad():
+        features = model.get_patch_features(pixels)
+        expected = pretrained(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)

@@ -151,7 +151,7 @@ def test_resuming_from_a_checkpoint_gives_the_same_later_losses(processor, recor
 def test_lora_preset_is_the_papers_on_the_llm_only():
     lora = setokim_lora_config()
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (128, 256, 0.05)
-    assert list(lora.modules_to_save) == ["multi_modal_projector"]
+    assert list(lora.modules_to_save) == ["multi_modal_projector", "mask_decoder"]
     assert setokim_lora_config(r=8, lora_dropout=0.0).r == 8
 
     wrapped = peft.get_peft_model(tiny_setokim(tiny_processor()), small_lora())

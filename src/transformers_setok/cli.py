@@ -92,6 +92,69 @@ def tokenize(
         print(f"Skipped {summary}.", file=sys.stderr)
 
 
+def segment(
+    images: list[str],
+    expression: str,
+    model_path: str,
+    out: str,
+    recursive: bool = False,
+    skip_bad: bool = False,
+):
+    """Segment what `expression` refers to in each image with a Setokim that has a mask decoder; write
+    `<stem>_mask.png` (255 on the object) and `<stem>_overlay.png` into `out`, listed in `out/index.json` with each
+    mask's predicted IoU and the text the model wrote. Bad input raises ValueError or OSError."""
+    import numpy as np
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import visualize_masks
+    from .pipelines import SetokimReferringSegmentationPipeline
+
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValueError("--expression must be a non-empty text: what to segment.")
+    paths = find_images(images, recursive, leave_out=out)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out {out}: is a file, not a folder for the masks.")
+    model = load_pretrained(AutoModelForImageTextToText, model_path, required=("config.json",)).eval()
+    if not getattr(model.config, "use_mask_decoder", False):
+        raise ValueError(
+            f"--model {model_path}: this Setokim has no mask decoder (config `use_mask_decoder`); train one with "
+            "referring-segmentation data."
+        )
+    segmenter = SetokimReferringSegmentationPipeline(model=model, processor=load_pretrained(AutoProcessor, model_path))
+    stems = [name.removesuffix("_mask.png") for name in overlay_names(paths, suffix="_mask.png")]
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"--out {out}: cannot create the folder: {error}") from error
+
+    written, skipped = [], []
+    for path, stem in tqdm(list(zip(paths, stems)), desc="segmenting", unit="image", disable=len(paths) <= 1):
+        try:
+            image = _open_image(path).convert("RGB")
+        except ValueError as error:
+            if not skip_bad:
+                raise ValueError(f"Cannot read {path} as an image: {error}; --skip-bad skips such files.") from error
+            skipped.append((path, str(error)))
+            continue
+        result = segmenter(image, expression=expression)
+        result["mask"].save(Path(out) / f"{stem}_mask.png")
+        visualize_masks(image, np.asarray(result["mask"]) > 0).save(Path(out) / f"{stem}_overlay.png")
+        entry = {"image": path, "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"}
+        written.append({**entry, "score": result["score"], "text": result["text"]})
+        tqdm.write(f"{path}\tIoU {result['score']:.3f}\t{Path(out) / entry['mask']}")
+    index = {
+        "model": model_path,
+        "expression": expression,
+        "images": written,
+        "skipped": [{"image": p, "error": e} for p, e in skipped],
+    }
+    (Path(out) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if skipped:
+        print(f"Skipped {len(skipped)} unreadable image(s), listed in {Path(out) / INDEX_FILE}.", file=sys.stderr)
+    return written
+
+
 def find_images(arguments: list[str], recursive: bool = False, leave_out: str | None = None) -> list[str]:
     """The image files `arguments` name: files as given, folders by their images (IMAGE_SUFFIXES, sorted; their
     subfolders' too with `recursive`, except those in `leave_out`, the overlay folder of an earlier run). Raises
@@ -125,8 +188,8 @@ def find_images(arguments: list[str], recursive: bool = False, leave_out: str | 
     return found
 
 
-def overlay_names(paths: list[str]) -> list[str]:
-    """A distinct overlay file name per image of `paths`, in order: `<stem>_clusters.png`. Where stems clash
+def overlay_names(paths: list[str], suffix: str = "_clusters.png") -> list[str]:
+    """A distinct overlay file name per image of `paths`, in order: `<stem><suffix>`. Where stems clash
     (a/x.jpg, b/x.png) the fewest parent folders that tell the images apart come first (a_x, b_x); in the same
     folder the extension follows (x_jpg, x_png); what still clashes (one file named twice) gets -2, -3, ...
     Names are compared case-insensitively, as some file systems do."""
@@ -151,7 +214,7 @@ def overlay_names(paths: list[str]) -> list[str]:
             count += 1
             name = f"{label}-{count}"
         taken.add(name.casefold())
-        names.append(f"{name}_clusters.png")
+        names.append(f"{name}{suffix}")
     return names
 
 
@@ -256,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true", help="skip unreadable images (counted at the end) instead of stopping"
     )
 
+    seg = commands.add_parser(
+        "segment",
+        parents=[common],
+        help="segment what an expression refers to in images (a Setokim with a mask decoder)",
+        description=f"Write each image's mask (<stem>_mask.png) and overlay (<stem>_overlay.png) into --out; "
+        f"--out/{INDEX_FILE} lists them with the predicted IoU and the text the model wrote.",
+    )
+    seg.add_argument("images", nargs="+", help="image files, or folders of images")
+    seg.add_argument("--expression", required=True, help='what to segment, e.g. "the bag on the left"')
+    seg.add_argument("--model", required=True, help="saved Setokim folder (with a mask decoder) or Hub id")
+    seg.add_argument("--out", required=True, help=f"folder for the masks, overlays and {INDEX_FILE}")
+    seg.add_argument("--recursive", action="store_true", help="take the images in the folders' subfolders too")
+    seg.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+
     trainer = commands.add_parser(
         "train",
         parents=[common],
@@ -309,6 +386,8 @@ def _run(args):
         )
         for name, row in metrics["held_out"].items():
             print(f"  {name}: {row['num_tokens']} tokens, held-out L1 {row['l1_before']:.3f} -> {row['l1_after']:.3f}")
+    elif args.command == "segment":
+        segment(args.images, args.expression, args.model, args.out, args.recursive, args.skip_bad)
     else:
         tokenize(args.images, args.model, args.out, args.batch_size, args.recursive, args.skip_bad)
 

@@ -1,5 +1,6 @@
 """Self-contained Setokim folders for the Hub: weights, remote code, processor, model card."""
 
+import shutil
 from pathlib import Path
 
 from .model_card import render_setokim_card
@@ -12,7 +13,9 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
 
     The folder holds the weights (safetensors), the modeling and processing code with `auto_map` (transformers' own
     `pipeline("image-text-to-text")` runs it), the processor, tokenizer and chat template, the generation config and a model card filled
-    from `model_cards/setokim.md` with the real config. The classes and config are left as they were.
+    from `model_cards/setokim.md` with the real config. A model with a mask decoder also carries the referring
+    segmentation pipeline (`custom_pipelines`: `pipeline("referring-segmentation", model=folder,
+    trust_remote_code=True)`). The classes and config are left as they were.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -23,7 +26,8 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
         model.config.register_for_auto_class()
         processor.register_for_auto_class("AutoProcessor")
         processor.image_processor.register_for_auto_class("AutoImageProcessor")
-        model.save_pretrained(folder)
+        with _segmentation_pipeline_declared(model, folder):
+            model.save_pretrained(folder)
         processor.save_pretrained(folder)
     finally:
         for cls, auto_class in previous_auto.items():
@@ -34,6 +38,42 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
     card = render_setokim_card(model.config, name=name, repo=repo, provenance=provenance)
     (folder / "README.md").write_text(card)
     return folder
+
+
+class _segmentation_pipeline_declared:
+    """While saving a model with a mask decoder: its config names the segmentation pipeline (transformers'
+    `custom_pipelines`, the entry `Pipeline.save_pretrained` writes for a registered pipeline), and the pipeline's
+    file, self-contained like the modeling files, is copied next to them. The model's config is left as it was."""
+
+    def __init__(self, model, folder: Path):
+        self.model, self.folder = model, folder
+
+    def __enter__(self):
+        from ..pipelines import referring_segmentation
+
+        config = self.model.config
+        self.previous = config.__dict__.get("custom_pipelines")
+        if not getattr(config, "use_mask_decoder", False):
+            return self
+        pipeline = referring_segmentation.SetokimReferringSegmentationPipeline
+        module = Path(referring_segmentation.__file__)
+        config.custom_pipelines = {
+            referring_segmentation.SEGMENTATION_TASK: {
+                "impl": f"{module.stem}.{pipeline.__name__}",
+                "pt": ["AutoModelForImageTextToText"],
+                "type": "multimodal",
+            }
+        }
+        shutil.copyfile(module, self.folder / module.name)
+        return self
+
+    def __exit__(self, *exc):
+        config = self.model.config
+        if self.previous is None:
+            config.__dict__.pop("custom_pipelines", None)
+        else:
+            config.custom_pipelines = self.previous
+        return False
 
 
 def push_folder_to_hub(folder, repo_id: str, *, private: bool = False, token: str | None = None) -> str:

@@ -1,5 +1,6 @@
 """Configuration of SeTok, the semantic-equivalent vision tokenizer (Wu et al., ICLR 2025)."""
 
+import copy
 import numbers
 import warnings
 from typing import Literal
@@ -34,7 +35,10 @@ class SetokConfig(PreTrainedConfig):
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*):
-            Config of the patch-grid vision encoder (SigLIP vision by default; CLIP vision and ViT work too).
+            Config of the patch-grid vision encoder (SigLIP vision by default; CLIP vision and ViT work too). SeTok
+            clusters the encoder's patch features and never reads a pooled output, so SigLIP's attention-pooling
+            head is not built: `vision_use_head` is always `False` here (a given config object is copied, not
+            changed). Checkpoints that hold head weights still load; their head keys are reported as unexpected.
         vision_feature_layer (`int`, defaults to -1):
             Index into the encoder's `hidden_states` whose patch features are clustered. -1 is the last layer, before
             any post-layernorm.
@@ -152,6 +156,7 @@ class SetokConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._without_pooling_head()
         if self.decoder_patch_size is None:
             self.decoder_patch_size = self.patch_size
         self._validate_setok_fields()
@@ -190,6 +195,14 @@ class SetokConfig(PreTrainedConfig):
     @property
     def reconstruction_size(self) -> int:
         return self.grid_size * self.decoder_patch_size
+
+    def _without_pooling_head(self):
+        # The head's output would be thrown away, its parameters cost memory, and under DeepSpeed ZeRO-3 it cannot
+        # run at all: `nn.MultiheadAttention` reads `out_proj.weight` without calling that module, so the partitioned
+        # weight is never gathered. Copied first: the caller's config object (or another model's) keeps its head.
+        if getattr(self.vision_config, "vision_use_head", False):
+            self.vision_config = copy.deepcopy(self.vision_config)
+            self.vision_config.vision_use_head = False
 
     def _validate_setok_fields(self):
         choices = {

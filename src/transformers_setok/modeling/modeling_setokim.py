@@ -57,9 +57,12 @@ class SetokimImageFeatures(BaseModelOutputWithPooling):
     patch_features (`torch.FloatTensor` of shape `(num_images, grid_size ** 2, vision_hidden_size)`, *optional*):
         The vision encoder's patch grid (the layer SeTok clusters, before the position embedding), raster order; for a
         model with a mask decoder (`config.use_mask_decoder`), which reads it.
+    cluster_assignment (`torch.LongTensor` of shape `(num_images, grid_size, grid_size)`, *optional*):
+        The token each encoder patch belongs to (SeTok's clusters): which tokens cover a referred object.
     """
 
     patch_features: torch.FloatTensor | None = None
+    cluster_assignment: torch.LongTensor | None = None
 
 
 @dataclass
@@ -219,6 +222,7 @@ class SetokimModel(SetokimPreTrainedModel):
             hidden_states=setok.hidden_states,
             attentions=setok.attentions,
             patch_features=setok.patch_features,
+            cluster_assignment=setok.cluster_assignment,
         )
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features, masked_image_tokens=None) -> torch.Tensor:
@@ -467,6 +471,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         *,
         image_outputs: BaseModelOutputWithPooling | None = None,
+        answer_token_counts: list[int] | None = None,
         padding_side: str = "left",
         pad_token_id: int | None = None,
         max_length: int | None = None,
@@ -476,14 +481,22 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         that image's n_i tokens, `[/Img]` (`placeholders_setokim.expand_image_placeholders`: `labels` follow, input
         image blocks are ignored, target images keep their tokens), re-padded on `padding_side`.
 
-        `batch`: `input_ids` `(B, T)`, optional `attention_mask` and `labels`. Returns the expanded batch and the image
-        outputs (None without images). Nothing is truncated: a row longer than `max_length` is an error.
+        `batch`: `input_ids` `(B, T)`, optional `attention_mask` and `labels`, and for referring segmentation
+        `segmentation_answers` `(B, T)` bool: placeholders that stand for a referred object's answer block rather
+        than an image. The s-th of those (row-major) becomes `answer_token_counts[s]` slots, and the expanded batch
+        holds `segmentation_prompts` `(B, T')`, True on those slots (what `forward` takes). Returns the expanded batch
+        and the image outputs (None without images). Nothing is truncated: a row longer than `max_length` is an error.
         """
         if pixel_values is not None and image_outputs is not None:
             raise ValueError("Pass either `pixel_values` or `image_outputs`, not both.")
         if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values)
         counts = [] if image_outputs is None else [len(features) for features in image_outputs.pooler_output]
+        batch = dict(batch)
+        answers = batch.pop("segmentation_answers", None)
+        is_answer = None
+        if answers is not None or answer_token_counts is not None:
+            counts, is_answer = self._merge_answer_counts(batch, answers, counts, answer_token_counts)
         if pad_token_id is None:
             pad_token_id = self.generation_config.pad_token_id
         expanded = expand_image_placeholders(
@@ -494,7 +507,41 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
             padding_side=padding_side,
             max_length=max_length,
         )
+        if is_answer is not None:
+            # Slot k (row-major) of the expanded rows belongs to placeholder `owner[k]`: blocks keep their order.
+            slots = (expanded["input_ids"] == self.config.image_token_id) & expanded["attention_mask"].bool()
+            owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+            prompts = torch.zeros_like(slots)
+            prompts[slots] = is_answer[owner].to(slots.device)
+            expanded["segmentation_prompts"] = prompts
         return expanded, image_outputs
+
+    def _merge_answer_counts(self, batch, answers, image_counts, answer_counts) -> tuple[list[int], torch.Tensor]:
+        """Every placeholder's count in placeholder order (images' and answers' interleaved as they stand), and
+        which placeholders are answers, `(P,)` bool."""
+        if answers is None or answer_counts is None:
+            raise ValueError(
+                "Pass `segmentation_answers` in the batch together with `answer_token_counts` (one count per answer "
+                "placeholder), or neither."
+            )
+        input_ids = batch["input_ids"]
+        if answers.shape != input_ids.shape or answers.dtype != torch.bool:
+            raise ValueError(
+                f"`segmentation_answers` must be a bool tensor of `input_ids`' shape {tuple(input_ids.shape)}, got "
+                f"{answers.dtype} {tuple(answers.shape)}."
+            )
+        real = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
+        placeholders = (input_ids == self.config.image_token_id) & real
+        if bool((answers & ~placeholders).any()):
+            raise ValueError("`segmentation_answers` marks tokens that are not image placeholders.")
+        is_answer = answers[placeholders].cpu()
+        if int(is_answer.sum()) != len(answer_counts) or int((~is_answer).sum()) != len(image_counts):
+            raise ValueError(
+                f"The batch has {int(is_answer.sum())} answer and {int((~is_answer).sum())} image placeholders, but "
+                f"{len(answer_counts)} `answer_token_counts` and {len(image_counts)} images."
+            )
+        images, answer_iter = iter(image_counts), iter(answer_counts)
+        return [int(next(answer_iter) if flag else next(images)) for flag in is_answer.tolist()], is_answer
 
     @torch.no_grad()
     def prepare_inputs(self, processor, text, images=None, **kwargs):

@@ -1,8 +1,23 @@
 """Pipelines: each calls only the public methods of the models it holds (as diffusers pipelines do).
 
 Understanding needs no pipeline of its own: transformers' `pipeline("image-text-to-text")` runs Setokim.
+Referring segmentation is a transformers `Pipeline` (it ships as remote code with exported checkpoints);
+text-to-image a diffusers `DiffusionPipeline`, imported on first use, since diffusers is an optional dependency.
 """
 
-from .text_to_image import SetokimImageGenerationOutput, SetokimTextToImagePipeline
+from .referring_segmentation import SEGMENTATION_TASK, SetokimReferringSegmentationPipeline
 
-__all__ = ["SetokimImageGenerationOutput", "SetokimTextToImagePipeline"]
+__all__ = [
+    "SEGMENTATION_TASK",
+    "SetokimImageGenerationOutput",
+    "SetokimReferringSegmentationPipeline",
+    "SetokimTextToImagePipeline",
+]
+
+
+def __getattr__(name):
+    if name in ("SetokimImageGenerationOutput", "SetokimTextToImagePipeline"):
+        from . import text_to_image
+
+        return getattr(text_to_image, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

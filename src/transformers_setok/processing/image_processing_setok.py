@@ -117,6 +117,37 @@ class SetokImageProcessor(PilBackend):
             transformed = self.pad(transformed, pad_size=pad_size, fill_value=False)
         return [mask[0] for mask in transformed]
 
+    def post_process_masks(self, mask_logits, original_sizes, threshold: float = 0.0) -> list[np.ndarray]:
+        """Mask logits at the processed image's geometry -> bool masks at each original image's size.
+
+        `mask_logits`: `(S, h, w)` (a tensor or array; any resolution of the processed square, e.g. the mask
+        decoder's), `original_sizes`: S `(height, width)` pairs. The logits are resized bilinearly to each original
+        size (undoing this processor's resize) and thresholded at `threshold` (0: probability one half). Only a plain
+        resize can be undone: a processor that also crops or pads raises.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if getattr(self, "do_center_crop", None) or getattr(self, "do_pad", None):
+            raise ValueError(
+                "`post_process_masks` undoes a plain resize; this processor also crops or pads (do_center_crop / "
+                "do_pad), whose lost borders cannot be restored."
+            )
+        logits = torch.as_tensor(np.asarray(mask_logits) if not _is_array(mask_logits) else mask_logits)
+        if logits.ndim != 3:
+            raise ValueError(f"`mask_logits` must be (S, h, w), got shape {tuple(logits.shape)}.")
+        sizes = [tuple(size) for size in original_sizes]
+        if len(sizes) != len(logits) or any(len(size) != 2 or min(size) < 1 for size in sizes):
+            raise ValueError(
+                f"`original_sizes` must hold one (height, width) pair of positive ints per mask: {len(logits)} masks, "
+                f"got {sizes!r:.120}."
+            )
+        masks = []
+        for logit, size in zip(logits.detach().float().cpu(), sizes):
+            resized = F.interpolate(logit[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            masks.append((resized > threshold).numpy())
+        return masks
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         # Every image is converted to RGB here (grayscale, alpha, palette, 16-bit), whatever `do_convert_rgb` says.
         rgb = to_rgb_uint8(image, input_data_format=input_data_format)

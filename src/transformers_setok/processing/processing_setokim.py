@@ -38,6 +38,16 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# How a referring expression is asked for (training chats and the segmentation pipeline alike); `{expression}` is
+# replaced by it. The answer is the object's image block, `[Img] <image> x m [/Img]`.
+DEFAULT_SEGMENTATION_PROMPT = "Please segment: {expression}"
+
+
+def _check_segmentation_prompt(prompt) -> None:
+    if not isinstance(prompt, str) or "{expression}" not in prompt:
+        raise ValueError(f"`segmentation_prompt` must be a text holding '{{expression}}', got {prompt!r}.")
+
+
 class SetokimProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: SetokImagesKwargs
     _defaults = {"text_kwargs": {"padding": False}}
@@ -64,12 +74,15 @@ class SetokimProcessor(ProcessorMixin):
         image_token: str = "<image>",
         boi_token: str = "[Img]",
         eoi_token: str = "[/Img]",
+        segmentation_prompt: str = DEFAULT_SEGMENTATION_PROMPT,
         **kwargs,
     ):
         missing = [token for token in (image_token, boi_token, eoi_token) if token not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         self.image_token, self.boi_token, self.eoi_token = image_token, boi_token, eoi_token
+        _check_segmentation_prompt(segmentation_prompt)
+        self.segmentation_prompt = segmentation_prompt
         self.image_token_id, self.boi_token_id, self.eoi_token_id = tokenizer.convert_tokens_to_ids(
             [image_token, boi_token, eoi_token]
         )
@@ -80,6 +93,14 @@ class SetokimProcessor(ProcessorMixin):
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"An image's token count must be a positive integer, got {num_tokens!r}.")
         return self.boi_token + self.image_token * num_tokens + self.eoi_token
+
+    def segmentation_request(self, expression: str) -> list[dict]:
+        """The user turn's content that asks to segment `expression` in the turn's image: the image part, then
+        `segmentation_prompt` with the expression filled in."""
+        if not isinstance(expression, str) or not expression.strip():
+            raise ValueError(f"`expression` must be a non-empty text, got {expression!r}.")
+        text = self.segmentation_prompt.replace("{expression}", expression.strip())
+        return [{"type": "image"}, {"type": "text", "text": text}]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, image_token_counts=None, **kwargs) -> str:
         if image_token_counts is None:

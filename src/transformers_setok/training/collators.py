@@ -75,6 +75,28 @@ def _images_of(example: Mapping) -> list:
     return []
 
 
+def segmentation_messages(processor, example: Mapping) -> list[dict]:
+    """A segmentation record's chat: its request (`messages`, or the processor's `segmentation_request` around
+    `expression`), then the assistant's answer, one image placeholder (the object's image block)."""
+    if example.get("messages") is not None:
+        request = list(example["messages"])
+        if not request or request[-1].get("role") != "user":
+            raise ValueError("A segmentation record's `messages` must end with the user's request.")
+    else:
+        request = [{"role": "user", "content": processor.segmentation_request(example.get("expression"))}]
+    return request + [{"role": "assistant", "content": [{"type": "image"}]}]
+
+
+def decode_record_mask(example: Mapping, index: int):
+    """A segmentation record's `mask` (any form `training.masks.decode_mask` reads) as a bool `(H, W)` array."""
+    from .masks import MaskError, decode_mask
+
+    try:
+        return decode_mask(example["mask"])
+    except MaskError as error:
+        raise ValueError(f"Sample {index}: its `mask` does not decode: {error}") from error
+
+
 @dataclass
 class SetokimChatCollator:
     """Conversational records -> a training batch with one `<image>` placeholder per image (not yet expanded).
@@ -87,6 +109,13 @@ class SetokimChatCollator:
     turns and on padding) and, when the batch has images, `pixel_values` `(N_images, 3, H, W)`: the images of all
     samples, sample by sample, in placeholder order. Pass the batch through `step_inputs.prepare_step` before the
     model.
+
+    A referring-segmentation record (`training.data.SEGMENTATION_FEATURES`: one image, an `expression` or
+    `messages` ending with the request, and the object's `mask`) becomes the chat "user: <image> Please segment:
+    {expression}" (the processor's `segmentation_prompt`) answered by one more placeholder, the object's image block
+    whose length `prepare_step` sets from SeTok's clusters. The batch then also holds `segmentation_answers` `(B, T)`
+    bool (those answer placeholders), `target_masks` `(S, H, W)` bool (each object's mask at `pixel_values`'
+    resolution, transformed with its image) and `mask_image_index` `(S,)` (its image among `pixel_values`).
 
     `max_length` never truncates (that would cut image placeholders or answers): a longer sample is an error. It
     bounds the unexpanded length; `expand_image_placeholders(max_length=...)` and the model check the final one.
@@ -103,13 +132,22 @@ class SetokimChatCollator:
             raise ValueError("The tokenizer has no pad token: set `processor.tokenizer.pad_token` (e.g. to its eos).")
 
     def __call__(self, examples: list[Mapping]) -> dict[str, torch.Tensor]:
-        input_ids, labels, images = [], [], []
+        input_ids, labels, answers, images = [], [], [], []
+        objects = []  # (image index in the batch, image, mask) of each segmentation record
         for index, example in enumerate(examples):
-            ids, sample_labels = tokenize_conversation(self.processor, example["messages"])
+            segmentation = example.get("mask") is not None
+            messages = segmentation_messages(self.processor, example) if segmentation else example["messages"]
+            ids, sample_labels = tokenize_conversation(self.processor, messages)
             sample_images = _images_of(example)
-            self._check_sample(index, ids, sample_labels, len(sample_images))
+            self._check_sample(index, ids, sample_labels, len(sample_images) + segmentation)
+            # The answer's placeholder is the sample's last: the assistant turn that closes the chat holds it.
+            answer = [False] * len(ids)
+            if segmentation:
+                answer[len(ids) - 1 - ids[::-1].index(self.processor.image_token_id)] = True
+                objects.append((len(images), sample_images[0], decode_record_mask(example, index)))
             input_ids.append(ids)
             labels.append(sample_labels)
+            answers.append(answer)
             images.extend(sample_images)
 
         batch = {
@@ -119,6 +157,13 @@ class SetokimChatCollator:
         }
         if images:
             batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        if objects:
+            batch["segmentation_answers"] = pad_sequences(answers, 0, self.padding_side).bool()
+            image_index, object_images, masks = zip(*objects)
+            # The object images once more, for their masks' geometry (the same transform as their pixels).
+            processed = self.processor.image_processor(list(object_images), masks=list(masks), return_tensors="pt")
+            batch["target_masks"] = processed["target_masks"]
+            batch["mask_image_index"] = torch.tensor(image_index, dtype=torch.long)
         return batch
 
     def _check_sample(self, index: int, ids: list[int], labels: list[int], num_images: int):
@@ -164,5 +209,6 @@ __all__ = [
     "encode_and_expand",
     "expand_image_placeholders",
     "pad_sequences",
+    "segmentation_messages",
     "tokenize_conversation",
 ]

@@ -20,6 +20,7 @@ still shrink it.
 import json
 import os
 
+import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -46,12 +47,15 @@ class SetokimInputsMixin(LossTermsMixin):
     the loss normaliser counts the expanded labels (an image to draw is n + 2 labelled tokens where the collator wrote
     one placeholder) and the model, the Trainer's loss and TRL's metrics all see the expanded `input_ids` and
     `labels`. Images in assistant turns are generation targets: the loss is then the LM loss plus
-    `diffusion_loss_weight` x the head's MSE, logged as `diffusion_loss`.
+    `diffusion_loss_weight` x the head's MSE, logged as `diffusion_loss`. Referring-segmentation records add
+    `mask_loss_weight` x the mask decoder's loss (its own 20 x focal + dice + IoU terms, `config.mask_*_weight`), a
+    mean over the objects of the whole accumulated step on all processes, logged as `mask_loss` and its three terms.
     """
 
     generation_mask_ratio_min: float = 0.7  # MAR: 70-100 % of a target image's tokens hidden
     diffusion_noise_repeats: int = 4  # noise draws per hidden token (MAR's diffusion batch multiplier)
     diffusion_loss_weight: float = 1.0
+    mask_loss_weight: float = 1.0
 
     def _check_requested_engine(self):
         """Refuses a run whose accelerate config asks for FSDP or DeepSpeed that accelerate has quietly turned off
@@ -89,17 +93,22 @@ class SetokimInputsMixin(LossTermsMixin):
         others_read_images = self._images_on_any_process(batch_samples, num_batches, device)
         with self.compute_loss_context_manager():
             prepared = [
-                self.prepare_step(self.model, batch, others_read_images=others)
-                for batch, others in zip(batch_samples, others_read_images)
+                self.prepare_step(self.model, batch, others_read_images=others, micro_batch=i)
+                for i, (batch, others) in enumerate(zip(batch_samples, others_read_images))
             ]
         num_items_in_batch = super()._get_num_items_in_batch([step.model_kwargs for step in prepared], device)
         drawn = [step.diffusion for step in prepared if step.diffusion is not None]
-        if drawn or self.accelerator.num_processes > 1:
-            total = torch.tensor(float(sum(targets.num_target_tokens for targets in drawn)), device=device)
+        objects = sum(step.num_objects for step in prepared)
+        if drawn or objects or self.accelerator.num_processes > 1:
+            # The step's drawn tokens and referred objects on all processes, in one reduction: the normalisers of
+            # the diffusion and mask losses.
+            totals = torch.tensor([float(sum(t.num_target_tokens for t in drawn)), float(objects)], device=device)
             if self.accelerator.num_processes > 1:
-                total = self.accelerator.reduce(total, reduction="sum")
+                totals = self.accelerator.reduce(totals, reduction="sum")
             for targets in drawn:
-                targets.step_target_tokens = float(total)
+                targets.step_target_tokens = float(totals[0])
+            for step in prepared:
+                step.step_objects = float(totals[1])
         return prepared, num_items_in_batch
 
     def _images_on_any_process(self, batch_samples, num_batches, device) -> list[bool]:
@@ -120,8 +129,13 @@ class SetokimInputsMixin(LossTermsMixin):
             return inputs  # prepared on the model's device by `get_batch_samples`
         return super()._prepare_inputs(inputs)
 
-    def prepare_step(self, model, inputs, others_read_images: bool = False) -> SetokimStepInputs:
-        """`step_inputs.prepare_step` with this trainer's collator, processor and generation settings."""
+    def prepare_step(
+        self, model, inputs, others_read_images: bool = False, micro_batch: int | None = None
+    ) -> SetokimStepInputs:
+        """`step_inputs.prepare_step` with this trainer's collator, processor and generation settings. `micro_batch`:
+        the batch's place in the optimizer step being prepared (`get_batch_samples`); None for a batch outside
+        training (evaluation, a direct `compute_loss`). It picks the masks' and noise's generator (see
+        `_diffusion_generator`)."""
         unwrapped = self.accelerator.unwrap_model(model)
         if self.is_fsdp_enabled:
             _register_image_features_with_fsdp(unwrapped)
@@ -133,33 +147,49 @@ class SetokimInputsMixin(LossTermsMixin):
             padding_side=getattr(collator, "padding_side", "right"),
             max_length=getattr(collator, "max_length", None),
             diffusion=self._diffusion_settings(unwrapped),
-            generator=self._diffusion_generator(),
+            generator=self._diffusion_generator(micro_batch),
             others_read_images=others_read_images,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = inputs if isinstance(inputs, SetokimStepInputs) else self.prepare_step(model, inputs)
-        if step.diffusion is None:
+        segments = "segmentation_prompts" in step.model_kwargs
+        if step.diffusion is None and not segments:
             return super().compute_loss(
                 model, step.model_kwargs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        loss, outputs = super().compute_loss(
-            model, step.model_kwargs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        # The model's own forward, which runs its heads on the LLM's hidden states: a fused LM loss (TRL's, stage 3)
+        # calls the backbone alone, so neither the generation head nor the mask decoder would run. The LM loss is the
+        # same sum over the labelled tokens, divided by the step's count (`num_items_in_batch`).
+        loss, outputs = Trainer.compute_loss(
+            self, model, step.model_kwargs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        targets = step.diffusion
-        errors = (outputs.diffusion_prediction.float() - targets.target.float()).pow(2).mean(-1)  # one per row
-        error_sum = (targets.weights * errors).sum()  # each target token of this micro-batch counted once
-        local_mean = error_sum / targets.weights.sum()
-        self.record_loss_term("diffusion_loss", local_mean, model.training)
-        total = targets.step_target_tokens
-        if model.training and total and self._lm_loss_scaled_for_accumulation(num_items_in_batch):
-            # Like the LM loss: a share of the mean over every target token of the accumulated batch on all
-            # processes (the Trainer neither divides by the micro-batches nor DDP's average undoes the processes).
-            diffusion_loss = error_sum / total * self.accelerator.num_processes
-        else:
-            diffusion_loss = local_mean
-        loss = loss + self.diffusion_loss_weight * diffusion_loss
+        scaled = model.training and self._lm_loss_scaled_for_accumulation(num_items_in_batch)
+        if step.diffusion is not None:
+            targets = step.diffusion
+            errors = (outputs.diffusion_prediction.float() - targets.target.float()).pow(2).mean(-1)  # one per row
+            error_sum = (targets.weights * errors).sum()  # each target token of this micro-batch counted once
+            local_mean = error_sum / targets.weights.sum()
+            self.record_loss_term("diffusion_loss", local_mean, model.training)
+            loss = loss + self.diffusion_loss_weight * self._step_share(
+                local_mean, error_sum, targets.step_target_tokens, scaled
+            )
+        if segments and outputs.mask_loss is not None:
+            for name in ("mask_loss", "mask_focal_loss", "mask_dice_loss", "mask_iou_loss"):
+                self.record_loss_term(name, getattr(outputs, name), model.training)
+            mask_sum = outputs.mask_loss * step.num_objects
+            loss = loss + self.mask_loss_weight * self._step_share(
+                outputs.mask_loss, mask_sum, step.step_objects, scaled
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def _step_share(self, local_mean, local_sum, step_total, scaled: bool):
+        """Like the LM loss: with the Trainer's accumulation scaling, this micro-batch's share of the mean over the
+        whole accumulated step on all processes (the Trainer neither divides by the micro-batches nor DDP's average
+        undoes the processes); otherwise the micro-batch's own mean."""
+        if scaled and step_total:
+            return local_sum / step_total * self.accelerator.num_processes
+        return local_mean
 
     def _lm_loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         # Mirrors the Trainer's own test in `training_step`.
@@ -176,12 +206,29 @@ class SetokimInputsMixin(LossTermsMixin):
         )
         return super().prediction_step(model, step, prediction_loss_only, ignore_keys=ignore_keys)
 
-    def _diffusion_generator(self) -> torch.Generator:
-        """A generator for this batch's masks and noise. Its seed comes from the global RNG (which the Trainer seeds and
-        restores on resume, so runs repeat) plus the process index: under DDP every process draws other noise and
-        timesteps instead of the same ones."""
-        seed = int(torch.randint(2**62, (1,))) + self.accelerator.process_index
-        return torch.Generator().manual_seed(seed)
+    def evaluation_loop(self, *args, **kwargs):
+        self._evaluation_draws = 0  # every evaluation draws the same masks and noise for the same batch
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _diffusion_generator(self, micro_batch: int | None) -> torch.Generator:
+        """The generator of one batch's masks, noise and timesteps, seeded from `args.seed`, the process index and
+        the batch's place: in training the optimizer step (`state.global_step`) and the `micro_batch` of that step;
+        otherwise the batch's place in the current evaluation (so every evaluation draws alike and its loss is
+        comparable from one checkpoint to the next).
+
+        Not from the global RNG, deliberately: resuming mid-epoch, the Trainer restores the checkpoint's RNG state
+        only after `get_batch_samples` has fetched (and so prepared) the first resumed step. A seed drawn from the
+        global RNG would then differ from the uninterrupted run's, and drawing it would shift the global RNG (and so
+        dropout) of one run against the other. Seeded from the step, a resumed run draws what the uninterrupted one
+        drew, whenever the Trainer restores its RNG; the process index gives every process its own draws."""
+        if micro_batch is None:
+            place = [1, getattr(self, "_evaluation_draws", 0)]
+            self._evaluation_draws = place[1] + 1
+        else:
+            place = [0, self.state.global_step, micro_batch]
+        words = [self.args.seed % 2**32, self.accelerator.process_index, *place]
+        low, high = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).tolist()
+        return torch.Generator().manual_seed(high << 32 | low)
 
     def _diffusion_settings(self, model) -> DiffusionSettings | None:
         if getattr(model, "generation_head", None) is None:

@@ -15,6 +15,7 @@ collator builds the labels itself (prompt, image blocks and padding masked).
 """
 
 import logging
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 
@@ -47,7 +48,7 @@ LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|m
 
 # Quantizer skip patterns match module names from the start, and a given list replaces transformers' default one
 # (which holds `lm_head`), so every module that must stay in full precision is named here by its full path.
-QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head", "mask_decoder"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -55,14 +56,14 @@ QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector"
 
 
 def setokim_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **overrides) -> LoraConfig:
-    """The paper's stage-3 LoRA: the LLM's attention and MLP projections get adapters, the projector is trained whole
-    (`modules_to_save`), SeTok gets nothing. `overrides` go to `LoraConfig` (e.g. `trainable_token_indices`)."""
+    """The paper's stage-3 LoRA: the LLM's attention and MLP projections get adapters, the projector and (for a model
+    that has one) the mask decoder are trained whole (`modules_to_save`), SeTok gets nothing. `overrides` go to `LoraConfig` (e.g. `trainable_token_indices`)."""
     kwargs = dict(
         r=r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         target_modules=LLM_LORA_TARGETS,
-        modules_to_save=["multi_modal_projector"],
+        modules_to_save=["multi_modal_projector", "mask_decoder"],
         task_type="CAUSAL_LM",
     )
     kwargs.update(overrides)
@@ -223,6 +224,12 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
         if _is_quantized(setokim):
             self._keep_projector_in_tower_dtype(setokim)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with _lm_head_unsharded(self.accelerator.unwrap_model(model)):
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+
     @staticmethod
     def _keep_projector_in_tower_dtype(setokim):
         # For QLoRA, TRL casts every trainable parameter to bf16 (the paper's adapter dtype), the projector's
@@ -231,6 +238,37 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
         dtype = next(setokim.model.vision_tower.parameters()).dtype
         for param in setokim.model.multi_modal_projector.parameters():
             param.data = param.data.to(dtype)
+
+
+@contextmanager
+def _lm_head_unsharded(model):
+    """The LM head's FSDP 2 unit unsharded while TRL's fused LM head computes the loss (nothing to do without FSDP).
+
+    accelerate gives the LM head a unit of its own (with the input embeddings when they are tied), and FSDP gathers a
+    unit's weights in that module's forward. TRL's fused head never calls the module: it reads `lm_head.weight`, a
+    shard, and gathers it itself (`DTensor.full_tensor()`), whose backward gives each process the slice of its own
+    gradient, unreduced, straight into its shard, so each process moves its slice by its own batch only. Unsharded
+    first, the head's weight is the full parameter FSDP manages: its gradient is reduce-scattered (averaged) and the
+    unit resharded after the backward like any other. (Tied to the input embeddings, the unit would be unsharded by
+    their forward anyway, which is why tied heads were right without this.)"""
+    head = model.get_output_embeddings()
+    if not _is_fsdp_module(head):
+        yield
+        return
+    head.unshard()
+    try:
+        yield
+    finally:
+        if not torch.is_grad_enabled():  # no backward to reshard it (evaluation)
+            head.reshard()
+
+
+def _is_fsdp_module(module) -> bool:
+    if not torch.distributed.is_available():  # a torch build without distributed support has no FSDP
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 # --------------------------------------------------------------------------------------------------------------------

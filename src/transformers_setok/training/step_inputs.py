@@ -4,12 +4,15 @@ The collator cannot know the image token counts (only SeTok does), so a collated
 `pixel_values` and labels. `prepare_step` turns it into what the model takes, and what the generation head must
 predict, in this order:
 
-    1. flags       which images are targets (a placeholder inside an assistant turn: an image to draw)
-    2. SeTok       `model.get_image_features(pixel_values)` once for every image of the step: tokens and counts
+    1. flags       which images are targets (a placeholder inside an assistant turn: an image to draw); a
+                   referred object's answer placeholder (`segmentation_answers`) stands for no image
+    2. SeTok       `model.get_image_features(pixel_values)` once for every image of the step: tokens and counts;
+                   each object's answer length m_s (its image's clusters on its mask, `segmentation_targets`)
     3. hidden      for each target image, 70-100 % of its tokens hidden at random (MAR's masking)
     4. visible     the features that enter the LLM: every input image's, the target images' unhidden ones
-    5. expansion   `model.encode_and_expand`: each placeholder -> `[Img]`, n_i x `<image>`, `[/Img]`; the hidden
-                   positions become `masked_image_tokens`
+    5. expansion   `model.encode_and_expand`: each placeholder -> `[Img]`, n_i (or m_s) x `<image>`, `[/Img]`; the
+                   hidden positions become `masked_image_tokens`, the answers' slots `segmentation_prompts` (with
+                   `target_masks` and `mask_image_index`, for the mask decoder)
     6. diffusion   the hidden tokens' noised copies (R draws each, laid out by `repeat_noise_draws`), timesteps,
                    and the head's targets
     -> SetokimStepInputs(model_kwargs, diffusion)
@@ -27,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modeling.diffusion_head_setokim import repeat_noise_draws
 from .generation_targets import draw_noise, image_target_flags, prediction_target, sample_hidden_tokens
+from .segmentation_targets import object_token_counts
 
 __all__ = [
     "DiffusionSettings",
@@ -70,7 +74,8 @@ class DiffusionTargets:
 
 @dataclass
 class SetokimStepInputs(Mapping):
-    """A prepared micro-batch: `model_kwargs` for `model(**model_kwargs)` and, when it draws images, `diffusion`.
+    """A prepared micro-batch: `model_kwargs` for `model(**model_kwargs)` and, when it draws images, `diffusion`
+    (and, for referring segmentation, `target_masks` and `mask_image_index` among the kwargs).
 
     It reads as the mapping of its model kwargs, since the Trainer inspects a batch that way (`labels`,
     `input_ids`); the targets stay out of the kwargs, so nothing has to be popped before the model is called.
@@ -78,6 +83,14 @@ class SetokimStepInputs(Mapping):
 
     model_kwargs: dict
     diffusion: DiffusionTargets | None = None
+    # The step's referred objects on all processes (set by the trainer before the step, None outside training).
+    step_objects: float | None = None
+
+    @property
+    def num_objects(self) -> int:
+        """The referred objects (masks to predict) of this micro-batch."""
+        index = self.model_kwargs.get("mask_image_index")
+        return 0 if index is None else len(index)
 
     def __getitem__(self, key):
         return self.model_kwargs[key]
@@ -162,23 +175,33 @@ def prepare_step(
     """
     batch = dict(batch)
     pixel_values = batch.pop("pixel_values", None)
+    objects = {key: batch.pop(key) for key in ("target_masks", "mask_image_index") if key in batch}
     ids = special_token_ids(processor_or_ids)
     expand = dict(padding_side=padding_side, pad_token_id=ids["pad_token_id"], max_length=max_length)
+    if pixel_values is None and (objects or "segmentation_answers" in batch):
+        raise ValueError("The batch has segmentation answers (`target_masks`) but no `pixel_values`: their images.")
     if pixel_values is None:
         expanded, _ = model.encode_and_expand(batch, **expand)
         if others_read_images:
             expanded["mm_encoder_outputs"] = {"image": _blank_image_features(model, expanded["input_ids"].device)}
         return SetokimStepInputs(expanded)
 
-    # 1. flags, on the collated batch (a target placeholder is labelled with its own id)
+    # 1. flags, on the collated batch (a target placeholder is labelled with its own id; an object's answer
+    #    placeholder too, but it stands for no image of its own)
     is_target = image_target_flags(batch, ids["image_token_id"])
-    # 2. SeTok, once
+    if "segmentation_answers" in batch:
+        is_target = is_target[~_answer_flags(batch, ids["image_token_id"])]
+    # 2. SeTok, once; an object's answer gets as many slots as its image has clusters on it
     with eval_mode(frozen_vision_tower(model)):
         image_outputs = model.get_image_features(pixel_values)
     counts = torch.tensor([len(tokens) for tokens in image_outputs.pooler_output], device=is_target.device)
+    if objects:
+        expand["answer_token_counts"] = object_token_counts(
+            image_outputs.cluster_assignment, objects["target_masks"], objects["mask_image_index"]
+        )
     if not bool(is_target.any()):
         expanded, _ = model.encode_and_expand(batch, image_outputs=image_outputs, **expand)
-        expanded["mm_encoder_outputs"] = {"image": image_outputs}
+        expanded.update(mm_encoder_outputs={"image": image_outputs}, **objects)
         return SetokimStepInputs(expanded)
     if diffusion is None:
         raise ValueError(
@@ -198,13 +221,15 @@ def prepare_step(
     ]
     # 5. expansion, and the hidden positions in it (a target's `<image>` tokens are labelled, in image order)
     expanded, _ = model.encode_and_expand(batch, image_outputs=image_outputs, **expand)
+    expanded.update(objects)
     target_positions = expanded["labels"] == ids["image_token_id"]
+    if "segmentation_prompts" in expanded:  # an object's answer slots are labelled too, but nothing is drawn there
+        target_positions &= ~expanded["segmentation_prompts"]
     masked_image_tokens = torch.zeros_like(target_positions)
     masked_image_tokens[target_positions] = hidden.to(target_positions.device)
     expanded["masked_image_tokens"] = masked_image_tokens
-    expanded["mm_encoder_outputs"] = {
-        "image": BaseModelOutputWithPooling(last_hidden_state=image_outputs.last_hidden_state, pooler_output=visible)
-    }
+    # The same outputs (the encoder grid and clusters a mask decoder reads included), the visible features only.
+    expanded["mm_encoder_outputs"] = {"image": type(image_outputs)(**{**image_outputs, "pooler_output": visible})}
     # 6. diffusion inputs: the hidden SeTok tokens (before the projector: what the head draws), scaled, R draws
     setok_tokens = image_outputs.last_hidden_state
     clean = torch.cat([setok_tokens[i, : int(counts[i])] for i in target_images])[hidden.to(setok_tokens.device)]
@@ -221,6 +246,12 @@ def prepare_step(
         num_target_tokens=int(target_counts.sum()),
     )
     return SetokimStepInputs(expanded, targets)
+
+
+def _answer_flags(batch: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """`(P,)` bool, one entry per placeholder of the collated batch: True on a referred object's answer."""
+    real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    return batch["segmentation_answers"][(batch["input_ids"] == image_token_id) & real]
 
 
 def _blank_image_features(model, device) -> BaseModelOutputWithPooling:
