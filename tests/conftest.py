@@ -1,5 +1,8 @@
 """Shared fixtures: tiny SeTok configs built locally (no hub access) and real photos that ship with scikit-image."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +18,8 @@ from transformers_setok import (
 )
 
 logging.set_verbosity_error()
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # Building blocks of `tiny_config`, also used on their own (e.g. for `from_pretrained_encoders`).
@@ -277,3 +282,50 @@ def model(processor):
     """A module's tiny Setokim matching `processor`, seeded."""
     torch.manual_seed(0)
     return tiny_setokim(processor)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Subprocesses: two CPU processes under `accelerate launch`, and a Python without this package
+
+
+def accelerate_launch(script: Path, script_args: list[str], workdir: Path, config: str | None = None, **extra_env):
+    """`script` under `accelerate launch` with two CPU processes (gloo): DDP, or the shipped accelerate `config`
+    (configs/accelerate/) as shipped but for `num_processes: 2`. Returns the finished process (not checked)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(workdir / "hf_home"), **extra_env)
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config is None:
+        # `--multi_gpu` is accelerate's torchrun launcher; ACCELERATE_USE_CPU keeps the processes on the CPU.
+        env["ACCELERATE_USE_CPU"] = "true"
+        command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    else:
+        # Not `use_cpu: true` / ACCELERATE_USE_CPU: accelerate would then silently run plain DDP (MULTI_CPU) instead
+        # of DeepSpeed, which finds no GPU and runs on its CPU accelerator (gloo) by itself.
+        env.pop("ACCELERATE_USE_CPU", None)
+        settings = yaml.safe_load((REPO / "configs" / "accelerate" / config).read_text())
+        settings.update(num_processes=2)
+        (workdir / "accelerate.yaml").write_text(yaml.safe_dump(settings))
+        command += ["--config_file", str(workdir / "accelerate.yaml")]
+    command += ["--dynamo_backend", "no", "--main_process_port", "0", str(script), *script_args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+# The first lines of a child Python that must run without this package (remote code): importing it fails there.
+WITHOUT_THE_PACKAGE = r"""
+import importlib.abc
+import sys
+
+
+class HideSetok(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers_setok" or name.startswith("transformers_setok."):
+            raise ImportError(f"{name} is hidden in this test")
+        return None
+
+
+sys.meta_path.insert(0, HideSetok())
+"""

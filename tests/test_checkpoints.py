@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SETOK_KWARGS, TINY_TEXT_CONFIG, TINY_VISION_KWARGS, tiny_config
+from conftest import TINY_SETOK_KWARGS, TINY_TEXT_CONFIG, TINY_VISION_KWARGS, WITHOUT_THE_PACKAGE, tiny_config
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -199,20 +199,10 @@ def test_auto_model_loads_the_tokenizer_out_of_a_reconstruction_checkpoint(tmp_p
         assert_same_outputs(full.model(pixels), tokenizer(pixels), ("last_hidden_state", "cluster_assignment"))
 
 
-CHILD = r"""
-import importlib.abc
+CHILD = (
+    WITHOUT_THE_PACKAGE
+    + r"""
 import json
-import sys
-
-
-class HideSetok(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "transformers_setok" or name.startswith("transformers_setok."):
-            raise ImportError(f"{name} is hidden in this test")
-        return None
-
-
-sys.meta_path.insert(0, HideSetok())
 try:
     import transformers_setok  # noqa: F401
 except ImportError:
@@ -247,6 +237,7 @@ print(json.dumps({
     "refusal": refusal,
 }))
 """
+)
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ DDP. The configs are the shipped `configs/accelerate/deepspeed_zero*.yaml` and `
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from conftest import accelerate_launch
 
 from transformers_setok.training.setokim_trainer import SetokimInputsMixin
 
@@ -28,23 +26,9 @@ def launch(tmp_path: Path, modes: list[str], config: str | None = None, check: b
     names a shipped accelerate config, which is run as shipped but for `num_processes: 2`."""
     out = tmp_path / (config or "ddp").replace(".yaml", "")
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"), **extra_env)
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config is None:
-        # `--multi_gpu` is accelerate's torchrun launcher; ACCELERATE_USE_CPU keeps the processes on the CPU.
-        env["ACCELERATE_USE_CPU"] = "true"
-        command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    else:
-        # Not `use_cpu: true` / ACCELERATE_USE_CPU: accelerate would then silently run plain DDP (MULTI_CPU) instead
-        # of DeepSpeed, which finds no GPU and runs on its CPU accelerator (gloo) by itself.
-        env.pop("ACCELERATE_USE_CPU", None)
-        settings = yaml.safe_load((CONFIGS / config).read_text())
-        settings.update(num_processes=2)
-        (out / "accelerate.yaml").write_text(yaml.safe_dump(settings))
-        command += ["--config_file", str(out / "accelerate.yaml")]
-    command += ["--dynamo_backend", "no", "--main_process_port", "0"]
-    command += [str(TESTS / "engine_training_script.py"), str(out), ",".join(modes)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = accelerate_launch(
+        TESTS / "engine_training_script.py", [str(out), ",".join(modes)], out, config, **extra_env
+    )
     if not check:
         return result
     assert result.returncode == 0, result.stderr[-6000:]

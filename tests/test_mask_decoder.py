@@ -9,7 +9,16 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import BOI, EOI, IMAGE, count_setok_calls, image_block, setokim_config
+from conftest import (
+    BOI,
+    EOI,
+    IMAGE,
+    TINY_MASK_DECODER,
+    WITHOUT_THE_PACKAGE,
+    count_setok_calls,
+    image_block,
+    setokim_config,
+)
 from PIL import Image
 from skimage import data
 from test_attention_paths import emulated_flash_attention  # noqa: F401  (registers "emulated_varlen")
@@ -20,14 +29,10 @@ from transformers_setok.modeling.mask_decoder_setokim import SetokimMaskDecoder
 from transformers_setok.modeling.modeling_setokim import segmentation_prompt_lengths
 
 LLM_PROJECTIONS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-TINY_DECODER = dict(
-    use_mask_decoder=True, mask_decoder_width=32, mask_decoder_depth=2, mask_decoder_heads=4,
-    mask_decoder_intermediate_size=64,
-)  # fmt: skip
 
 
 def decoder_config(**overrides) -> SetokimConfig:
-    return SetokimConfig.from_dict({**setokim_config().to_dict(), **TINY_DECODER, **overrides})
+    return SetokimConfig.from_dict({**setokim_config().to_dict(), **TINY_MASK_DECODER, **overrides})
 
 
 def sigmoid(x: float) -> float:
@@ -462,20 +467,10 @@ def test_a_model_without_a_decoder_says_how_to_build_one(features):
         model.predict_masks(torch.zeros(1, 32), [1], features, torch.tensor([0]))
 
 
-REMOTE_CHILD = r"""
-import importlib.abc
+REMOTE_CHILD = (
+    WITHOUT_THE_PACKAGE
+    + r"""
 import json
-import sys
-
-
-class HideSetok(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "transformers_setok" or name.startswith("transformers_setok."):
-            raise ImportError(f"{name} is hidden in this test")
-        return None
-
-
-sys.meta_path.insert(0, HideSetok())
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -493,6 +488,7 @@ print(json.dumps({
     "setok_imported": "transformers_setok" in sys.modules,
 }))
 """
+)
 
 
 def test_remote_code_carries_the_decoder(model, pixels, tmp_path, monkeypatch):

@@ -5,36 +5,17 @@ tests/resume_generation_script.py runs both, uninterrupted and resumed from the 
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
+from conftest import accelerate_launch
 
 TESTS = Path(__file__).parent
-CONFIGS = TESTS.parent / "configs" / "accelerate"
 
 
 def launch(tmp_path: Path, config: str | None = None) -> list[dict]:
     """The script under `accelerate launch` with two CPU processes: DDP, or the shipped accelerate `config` but for
     `num_processes: 2`. Returns the two processes' reports."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"))
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config is None:
-        # `--multi_gpu` is accelerate's torchrun launcher; ACCELERATE_USE_CPU keeps the processes on the CPU.
-        env["ACCELERATE_USE_CPU"] = "true"
-        command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    else:
-        # DeepSpeed finds no GPU and runs on its CPU accelerator; with ACCELERATE_USE_CPU it would be plain DDP.
-        env.pop("ACCELERATE_USE_CPU", None)
-        settings = yaml.safe_load((CONFIGS / config).read_text())
-        settings.update(num_processes=2)
-        (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(settings))
-        command += ["--config_file", str(tmp_path / "accelerate.yaml")]
-    command += ["--dynamo_backend", "no", "--main_process_port", "0"]
-    command += [str(TESTS / "resume_generation_script.py"), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = accelerate_launch(TESTS / "resume_generation_script.py", [str(tmp_path)], tmp_path, config)
     assert result.returncode == 0, result.stderr[-6000:]
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_processor, tiny_setokim
+from conftest import WITHOUT_THE_PACKAGE, tiny_processor, tiny_setokim
 from skimage import data
 
 from transformers_setok.hub import export_setokim
@@ -138,17 +138,10 @@ def test_a_model_without_a_mask_decoder_says_how_to_build_one(photo):
         pipe(photo, expression="the cup")
 
 
-REMOTE_CHILD = r"""
-import importlib.abc, json, sys
-
-
-class HideSetok(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "transformers_setok" or name.startswith("transformers_setok."):
-            raise ImportError(f"{name} is hidden in this test")
-
-
-sys.meta_path.insert(0, HideSetok())
+REMOTE_CHILD = (
+    WITHOUT_THE_PACKAGE
+    + r"""
+import json
 import numpy as np, PIL.Image
 from transformers import pipeline
 
@@ -162,6 +155,7 @@ print(json.dumps({
     "setok_imported": "transformers_setok" in sys.modules,
 }))
 """
+)
 
 
 def test_exported_checkpoints_carry_the_pipeline_as_remote_code(segmenter, photo, tmp_path):

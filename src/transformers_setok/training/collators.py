@@ -136,9 +136,14 @@ class SetokimChatCollator:
         objects = []  # (image index in the batch, image, mask) of each segmentation record
         for index, example in enumerate(examples):
             segmentation = example.get("mask") is not None
+            sample_images = _images_of(example)
+            if segmentation and len(sample_images) != 1:
+                raise ValueError(
+                    f"Sample {index} is a referring-segmentation record (it has a `mask`) with {len(sample_images)} "
+                    "images: an expression is segmented in exactly one image."
+                )
             messages = segmentation_messages(self.processor, example) if segmentation else example["messages"]
             ids, sample_labels = tokenize_conversation(self.processor, messages)
-            sample_images = _images_of(example)
             self._check_sample(index, ids, sample_labels, len(sample_images) + segmentation)
             # The answer's placeholder is the sample's last: the assistant turn that closes the chat holds it.
             answer = [False] * len(ids)
