@@ -1,11 +1,13 @@
 """The metrics the package ships as `evaluate` modules: they load from their local folders with the Hub off, and
-cIoU / gIoU match hand-computed values."""
+cIoU / gIoU and MagicBrush's editing L1 / L2 match hand-computed values."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from transformers_setok import metrics
@@ -77,8 +79,9 @@ def test_unknown_metric_is_refused():
         metrics.load("cider")
 
 
-def test_loads_from_the_local_folder_with_the_hub_off(tmp_path):
-    # A fresh process with the Hub and datasets offline and an empty modules cache: nothing cached helps it.
+def run_offline(code: str, tmp_path) -> str:
+    """`code` run in a fresh process with the Hub and datasets offline and an empty modules cache (nothing cached
+    helps it); its stdout."""
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -86,10 +89,90 @@ def test_loads_from_the_local_folder_with_the_hub_off(tmp_path):
         HF_HOME=str(tmp_path),
         HF_MODULES_CACHE=str(tmp_path / "m"),
     )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_loads_from_the_local_folder_with_the_hub_off(tmp_path):
     code = (
         "from transformers_setok import metrics; "
         "print(metrics.load('referring_iou').compute(predictions=[[[1, 1]]], references=[[[0, 1]]])['ciou'])"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "0.5"
+    assert run_offline(code, tmp_path) == "0.5"
+
+
+# --- MagicBrush's L1 / L2 (editing_distance) ---
+
+EDITING_DISTANCE = str(Path(metrics.__file__).parent / "editing_distance")
+
+
+@pytest.fixture(scope="module")
+def editing_distance():
+    import evaluate
+
+    return evaluate.load(EDITING_DISTANCE)
+
+
+def grey(*rows) -> np.ndarray:
+    return np.array(rows, dtype=np.uint8)
+
+
+def test_l1_l2_against_hand_computed_values(editing_distance):
+    # Sample 1 (1 x 2 grey): output [0, 51] against target [0, 255]: differences 0 and 204/255 = 0.8 per channel,
+    # so L1 = 0.8 / 2 = 0.4 and L2 = 0.64 / 2 = 0.32.
+    # Sample 2 (1 x 1): a grey 0 output against a pure red target: channel differences 1, 0, 0 -> L1 = L2 = 1/3.
+    red = np.zeros((1, 1, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    result = editing_distance.compute(predictions=[grey([0, 51]), grey([0])], references=[grey([0, 255]), red])
+    assert result["per_sample_l1"] == pytest.approx([0.4, 1 / 3])
+    assert result["per_sample_l2"] == pytest.approx([0.32, 1 / 3])
+    assert result["l1"] == pytest.approx((0.4 + 1 / 3) / 2) and result["l2"] == pytest.approx((0.32 + 1 / 3) / 2)
+
+
+def test_every_pair_weighs_the_same(editing_distance):
+    # A 1-pixel pair at distance 1 and a 100-pixel pair at distance 0: the mean over pairs is 0.5 (a mean over
+    # pixels would give 1/101).
+    result = editing_distance.compute(
+        predictions=[grey([255]), np.zeros((10, 10), np.uint8)], references=[grey([0]), np.zeros((10, 10), np.uint8)]
+    )
+    assert result["l1"] == pytest.approx(0.5) and result["l2"] == pytest.approx(0.5)
+
+
+def test_identical_images_are_at_distance_zero(editing_distance, photos):
+    photo = PIL.Image.fromarray(photos["chelsea"]).resize((60, 40))
+    result = editing_distance.compute(predictions=[photo, photos["rocket"]], references=[photo, photos["rocket"]])
+    assert result == {"l1": 0.0, "l2": 0.0, "per_sample_l1": [0.0, 0.0], "per_sample_l2": [0.0, 0.0]}
+
+
+def test_the_output_is_resized_to_the_target(editing_distance, photos):
+    # A flat image stays flat under any resize: a 2 x 2 output of 51 against a 4 x 4 target of 0 is at 0.2 / 0.04.
+    flat = editing_distance.compute(
+        predictions=[np.full((2, 2), 51, np.uint8)], references=[np.zeros((4, 4), np.uint8)]
+    )
+    assert flat["l1"] == pytest.approx(0.2) and flat["l2"] == pytest.approx(0.04)
+    # A photo: the output (not the target) is brought to the target's size, with PIL's bicubic filter.
+    output, target = PIL.Image.fromarray(photos["astronaut"]), PIL.Image.fromarray(photos["coffee"]).resize((90, 70))
+    resized = np.asarray(output.resize(target.size, PIL.Image.Resampling.BICUBIC), dtype=np.float64) / 255
+    difference = resized - np.asarray(target, dtype=np.float64) / 255
+    result = editing_distance.compute(predictions=[output], references=[target])
+    assert result["l1"] == pytest.approx(np.abs(difference).mean(), abs=1e-12)
+    assert result["l2"] == pytest.approx(np.square(difference).mean(), abs=1e-12)
+    swapped = editing_distance.compute(predictions=[target], references=[output])
+    assert swapped["l1"] != pytest.approx(result["l1"])  # which image is resized matters
+
+
+def test_editing_distance_bad_inputs(editing_distance):
+    with pytest.raises(ValueError, match="No samples"):
+        editing_distance.compute(predictions=[], references=[])
+    with pytest.raises(ValueError, match=r"predictions\[0\] is an image of mode 'F': pass 8-bit images"):
+        editing_distance.compute(predictions=[np.full((2, 2), 0.5, np.float32)], references=[grey([0])])
+
+
+def test_editing_distance_loads_with_the_hub_off(tmp_path):
+    code = (
+        "import evaluate, numpy as np; "
+        f"metric = evaluate.load({EDITING_DISTANCE!r}); "
+        "print(metric.compute(predictions=[np.full((3, 3), 255, np.uint8)], references=[np.zeros((1, 1), np.uint8)]))"
+    )
+    assert run_offline(code, tmp_path) == "{'l1': 1.0, 'l2': 1.0, 'per_sample_l1': [1.0], 'per_sample_l2': [1.0]}"

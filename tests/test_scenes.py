@@ -1,5 +1,6 @@
 """Fashion-MNIST scenes (`transformers_setok.scenes`): items on a canvas with masks from their own pixels and
-unambiguous referring expressions, deterministic, held-out scenes from t10k. The idx files are written here in
+unambiguous referring expressions, deterministic, held-out scenes from t10k; their edits change only the edited
+region and name what they edit unambiguously. The idx files are written here in
 Fashion-MNIST's format from real 28 x 28 images (scikit-learn's digits, scaled up), as the Debian package cannot be
 pip-installed; train and t10k hold different images so that the split used can be told apart."""
 
@@ -13,20 +14,27 @@ import pytest
 from transformers_setok.scenes import (
     CANVAS_SIZE,
     CLASS_PHRASES,
+    EDIT_KINDS,
+    INDEFINITE_PHRASES,
     ITEM_THRESHOLD,
     POSITION_PHRASES,
     Scene,
+    SceneEdit,
     SceneItem,
     build_scenes,
     compose,
+    edit_dataset,
+    heldout_edits,
     heldout_scenes,
     load_split,
     read_idx,
     scene_dataset,
+    scene_edits,
     scene_records,
+    train_edits,
     train_scenes,
 )
-from transformers_setok.training.data import SEGMENTATION_FEATURES
+from transformers_setok.training.data import EDITING_FEATURES, SEGMENTATION_FEATURES
 from transformers_setok.training.masks import decode_mask
 
 
@@ -196,3 +204,116 @@ def test_bad_arguments(data_dir):
         compose((item,), images)
     with pytest.raises(ValueError, match="overlaps"):
         compose((SceneItem("train", 0, 0, 0, 0), SceneItem("train", 1, 0, 10, 10)), images)
+
+
+# --- Edits ---
+
+
+@pytest.fixture(scope="module")
+def edits(data_dir):
+    return train_edits(60, seed=3, data_dir=data_dir)
+
+
+def test_every_kind_of_edit_is_made(edits, scenes):
+    edits, _ = edits
+    kinds = [edit.kind for edit in edits]
+    assert set(kinds) == set(EDIT_KINDS)
+    named = sum(bool(scene.expressions()) for scene in scenes[0])
+    assert kinds.count("remove") == kinds.count("replace") == named  # one of each per scene with a named item
+    assert [edit.source for edit in edits if edit.kind == "remove"] == [s for s in scenes[0] if s.expressions()]
+
+
+def test_each_edit_changes_exactly_its_region(edits):
+    edits, images = edits
+    for edit in edits:
+        source, target = (np.asarray(scene.image(images)) for scene in (edit.source, edit.target))
+        region = edit.mask(images)
+        changed = source != target
+        np.testing.assert_array_equal(source[~region], target[~region])  # nothing outside the region moves
+        assert region.any() and not (changed & ~region).any()
+        top, left, bottom, right = edit.box
+        inside_box = np.zeros_like(region)
+        inside_box[top:bottom, left:right] = True
+        assert not (region & ~inside_box).any()
+        if edit.kind == "replace":
+            # The old item's pixels and the new one's, both in the same box; a pixel of equal grey in both stays.
+            drawn = [item.pixels(images) > 0 for item in (edit.removed, edit.added)]
+            np.testing.assert_array_equal(region[top:bottom, left:right], drawn[0] | drawn[1])
+        else:
+            np.testing.assert_array_equal(changed, region)  # a removal clears every pixel of it, an addition draws
+
+
+def test_targets_are_the_same_items_edited(edits):
+    edits, images = edits
+    for edit in edits:
+        before, after = list(edit.source.items), list(edit.target.items)
+        if edit.kind == "remove":
+            assert edit.added is None and edit.label is None
+            assert after == [item for item in before if item != edit.removed] and len(after) == len(before) - 1
+        elif edit.kind == "replace":
+            assert edit.added.label != edit.removed.label and edit.added.box == edit.removed.box
+            assert edit.added.split == edit.removed.split and edit.added.index not in {i.index for i in before}
+            assert after == [edit.added if item == edit.removed else item for item in before]
+            assert edit.instruction.endswith(f" with {INDEFINITE_PHRASES[edit.added.label]}")
+        else:
+            assert edit.removed is None and after == before + [edit.added]
+            assert edit.instruction == f"add {INDEFINITE_PHRASES[edit.added.label]} on the right"
+        compose(edit.target.items, images)  # the target is a valid scene: boxes on the canvas, none overlapping
+
+
+def test_instructions_are_unambiguous(edits):
+    edits, _ = edits
+    for edit in edits:
+        if edit.kind == "add":
+            # "on the right": the new box lies wholly right of every other, in the target.
+            assert refers_to(edit.target, POSITION_PHRASES["right"]) == [len(edit.target.items) - 1]
+            continue
+        phrase = edit.instruction.removeprefix(f"{edit.kind} ").split(" with ")[0]
+        assert refers_to(edit.source, phrase) == [edit.source.items.index(edit.removed)], edit.instruction
+
+
+def test_additions_only_where_there_is_room():
+    images, labels = np.full((20, 28, 28), 200, dtype=np.uint8), np.arange(20) % 10
+    crowded = Scene((SceneItem("train", 0, 0, 0, 0), SceneItem("train", 1, 1, 40, 60)))  # right edge at 88 > 82
+    roomy = Scene((SceneItem("train", 0, 0, 0, 0), SceneItem("train", 1, 1, 40, 30)))  # right edge at 58
+    edits = scene_edits([crowded, roomy], images, labels, kinds=("add",))
+    assert [edit.source for edit in edits] == [roomy]
+    assert edits[0].added.left >= 58 + 2 and edits[0].added.box[3] <= CANVAS_SIZE
+    with pytest.raises(ValueError, match="`kinds` must be some of"):
+        scene_edits([roomy], images, labels, kinds=("recolour",))
+
+
+def test_edits_are_deterministic_from_the_seed(data_dir, edits):
+    again, _ = train_edits(60, seed=3, data_dir=data_dir)
+    assert again == edits[0]
+    fewer, _ = train_edits(10, seed=3, data_dir=data_dir)
+    assert fewer == [edit for edit in edits[0] if edit.source in fewer_sources(edits[0], 10)]
+    removals, _ = train_edits(60, seed=3, data_dir=data_dir, kinds=("remove",))
+    assert removals == [edit for edit in edits[0] if edit.kind == "remove"]  # a kind does not depend on the others
+    assert train_edits(60, seed=4, data_dir=data_dir)[0] != edits[0]
+
+
+def fewer_sources(edits, count: int) -> list:
+    """The first `count` distinct source scenes of `edits`, in order (scene by scene)."""
+    return list(dict.fromkeys(edit.source for edit in edits))[:count]
+
+
+def test_heldout_edits_use_t10k_only(data_dir):
+    edits, images = heldout_edits(30, seed=3, data_dir=data_dir)
+    t10k, _ = load_split(data_dir, "t10k")
+    np.testing.assert_array_equal(images, t10k)
+    assert edits and {edit.kind for edit in edits} <= set(EDIT_KINDS)
+    items = [item for edit in edits for item in (*edit.source.items, *edit.target.items)]
+    assert {item.split for item in items} == {"t10k"}
+
+
+def test_edit_records_are_loader_records(edits):
+    edits, images = edits
+    dataset = edit_dataset(edits[:6], images)
+    assert dataset.features == EDITING_FEATURES and len(dataset) == 6
+    row, edit = dataset[0], edits[0]
+    assert row["instruction"] == edit.instruction
+    np.testing.assert_array_equal(np.asarray(row["images"][0]), np.asarray(edit.source.image(images)))
+    np.testing.assert_array_equal(np.asarray(row["images"][1]), np.asarray(edit.target.image(images)))
+    np.testing.assert_array_equal(decode_mask(row["edit_mask"]), edit.mask(images))
+    assert isinstance(edit, SceneEdit)

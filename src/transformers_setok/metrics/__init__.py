@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["METRICS", "load", "metric_path"]
 
 _HERE = Path(__file__).resolve().parent
-METRICS = ("referring_iou",)
+METRICS = ("referring_iou", "editing_distance")
 
 
 def metric_path(name: str) -> str:

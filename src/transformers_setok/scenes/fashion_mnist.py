@@ -21,11 +21,19 @@ only, not on how many scenes are built.
   is named by position, "the item on the left" ("... on the right", "... at the top", "... at the bottom"), when its box lies wholly on that side of
   every other item's box (so the phrase is unambiguous); an item with neither gets no expression. To have repeated
   classes often enough to teach positions, a scene repeats a class with probability `repeat_probability`.
+
+Edits (`SceneEdit`, `scene_edits`, `train_edits` / `heldout_edits`) turn a scene into image-editing triplets whose
+targets are composed from the same items: "remove X" (the target without the item), "replace X with Y" (another
+image, of class Y, from the same split, in X's box) and "add Y on the right" (a new item whose box lies wholly right
+of every other box, only where the canvas has room). X is named by its referring expression above, so the
+instruction picks exactly one item; Y is a class named with its article ("a sneaker", "a pair of trousers"). The
+edited region (`SceneEdit.mask`) is the removed and the added item's drawn pixels, the only pixels that can change.
+`edit_records` gives them in the loaders' format (`training.data.EDITING_FEATURES`).
 """
 
 import gzip
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +46,26 @@ __all__ = [
     "CLASSES",
     "CLASS_PHRASES",
     "DATA_DIR",
+    "EDIT_KINDS",
+    "INDEFINITE_PHRASES",
     "ITEM_THRESHOLD",
     "POSITIONS",
     "POSITION_PHRASES",
     "Scene",
+    "SceneEdit",
     "SceneItem",
     "build_scenes",
     "compose",
+    "edit_dataset",
+    "edit_records",
+    "heldout_edits",
     "heldout_scenes",
     "load_split",
     "read_idx",
     "scene_dataset",
+    "scene_edits",
     "scene_records",
+    "train_edits",
     "train_scenes",
 ]
 
@@ -69,6 +85,20 @@ POSITION_PHRASES = {
     "bottom": "the item at the bottom",
 }
 _PLACEMENT_TRIES = 1000
+EDIT_KINDS = ("remove", "replace", "add")
+# A class as the thing to draw ("replace the bag with a sneaker"): trousers come in pairs.
+INDEFINITE_PHRASES = (
+    "a t-shirt",
+    "a pair of trousers",
+    "a pullover",
+    "a dress",
+    "a coat",
+    "a sandal",
+    "a shirt",
+    "a sneaker",
+    "a bag",
+    "an ankle boot",
+)
 
 
 # --- The idx files ---
@@ -223,9 +253,7 @@ def build_scenes(
         raise ValueError(f"`min_items` and `max_items` must satisfy 1 <= min <= max, got {min_items}, {max_items}.")
     if canvas_size < ITEM_SIZE:
         raise ValueError(f"`canvas_size` must be at least {ITEM_SIZE}, got {canvas_size}.")
-    labels = np.asarray(labels)
-    by_class = {label: np.flatnonzero(labels == label) for label in range(len(CLASSES))}
-    by_class = {label: indices for label, indices in by_class.items() if len(indices)}
+    by_class = _by_class(labels)
     return [
         _scene(
             images,
@@ -239,6 +267,13 @@ def build_scenes(
         )
         for number in range(count)
     ]
+
+
+def _by_class(labels) -> dict[int, np.ndarray]:
+    """Class -> the indices of its images, for the classes that have any."""
+    labels = np.asarray(labels)
+    by_class = {label: np.flatnonzero(labels == label) for label in range(len(CLASSES))}
+    return {label: indices for label, indices in by_class.items() if len(indices)}
 
 
 def _scene(images, by_class, rng, split, min_items, max_items, canvas_size, repeat_probability) -> Scene:
@@ -315,3 +350,159 @@ def scene_dataset(scenes, images: np.ndarray):
     from ..training.data import SEGMENTATION_FEATURES
 
     return datasets.Dataset.from_list(scene_records(scenes, images), features=SEGMENTATION_FEATURES)
+
+
+# --- Edits ---
+
+
+@dataclass(frozen=True)
+class SceneEdit:
+    """Scene `source` edited by `instruction` (a `kind` of `EDIT_KINDS`): `removed` is the item taken out (None when
+    one is only added), `added` the item put in (None for a removal); a replacement's `added` sits in `removed`'s
+    box. Like a scene, an edit holds no pixels: its methods take the split's images."""
+
+    kind: str
+    instruction: str
+    source: Scene
+    removed: SceneItem | None
+    added: SceneItem | None
+
+    @property
+    def target(self) -> Scene:
+        """The scene after the edit: the same items, in the same order, the removed one replaced or gone, the added
+        one last when nothing was removed."""
+        items = [self.added if item == self.removed else item for item in self.source.items]
+        if self.removed is None:
+            items.append(self.added)
+        return replace(self.source, items=tuple(item for item in items if item is not None))
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(top, left, bottom, right) of the edited box (bottom/right exclusive)."""
+        return (self.removed or self.added).box
+
+    @property
+    def label(self) -> int | None:
+        """The class the edited box holds after the edit; None when it is left empty."""
+        return None if self.added is None else self.added.label
+
+    def mask(self, images: np.ndarray) -> np.ndarray:
+        """The edited region, bool `(canvas_size, canvas_size)`: the drawn pixels of the removed and the added item,
+        the only pixels the edit can change."""
+        size = self.source.canvas_size
+        region = np.zeros((size, size), dtype=bool)
+        for item in (self.removed, self.added):
+            if item is not None:
+                top, left, bottom, right = item.box
+                region[top:bottom, left:right] |= item.pixels(images) > 0
+        return region
+
+    def record(self, images: np.ndarray) -> dict:
+        """The edit as an editing record (`training.data.EDITING_FEATURES`)."""
+        return {
+            "images": [self.source.image(images), self.target.image(images)],
+            "instruction": self.instruction,
+            "edit_mask": encode_rle(self.mask(images)),
+        }
+
+
+def scene_edits(scenes, images: np.ndarray, labels: np.ndarray, *, seed: int = 0, kinds=EDIT_KINDS) -> list[SceneEdit]:
+    """Up to one edit of each kind in `kinds` per scene, scene by scene, kinds in `EDIT_KINDS` order. `images` and
+    `labels` are the scenes' split (`load_split`): replacements and additions are drawn from it.
+
+    The edit of kind `k` of scene `n` is drawn from `numpy.random.default_rng((seed, n, EDIT_KINDS.index(k)))`, so it
+    does not depend on how many scenes or which other kinds are asked for. A scene gets no removal or replacement
+    when none of its items has a referring expression, and no addition when the canvas has no room on the right."""
+    unknown = [kind for kind in kinds if kind not in EDIT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"`kinds` must be some of {EDIT_KINDS}, got {list(kinds)!r}.")
+    by_class = _by_class(labels)
+    make = {"remove": _removal, "replace": _replacement, "add": _addition}
+    edits = []
+    for number, scene in enumerate(scenes):
+        for kind in (kind for kind in EDIT_KINDS if kind in kinds):
+            rng = np.random.default_rng((seed, number, EDIT_KINDS.index(kind)))
+            edit = make[kind](scene, images, by_class, rng)
+            if edit is not None:
+                edits.append(edit)
+    return edits
+
+
+def _named_item(scene: Scene, rng) -> tuple[SceneItem, str] | None:
+    """A random item of those with a referring expression, and the expression."""
+    named = scene.expressions()
+    if not named:
+        return None
+    number, expression = named[int(rng.integers(len(named)))]
+    return scene.items[number], expression
+
+
+def _removal(scene, images, by_class, rng) -> SceneEdit | None:
+    chosen = _named_item(scene, rng)
+    if chosen is None:
+        return None
+    item, expression = chosen
+    return SceneEdit("remove", f"remove {expression}", scene, removed=item, added=None)
+
+
+def _replacement(scene, images, by_class, rng) -> SceneEdit | None:
+    chosen = _named_item(scene, rng)
+    others = None if chosen is None else [label for label in sorted(by_class) if label != chosen[0].label]
+    if not others:
+        return None
+    item, expression = chosen
+    label = int(rng.choice(others))
+    new = _new_item(scene, images, by_class, label, item.top, item.left, rng)
+    return SceneEdit("replace", f"replace {expression} with {INDEFINITE_PHRASES[label]}", scene, item, new)
+
+
+def _addition(scene, images, by_class, rng) -> SceneEdit | None:
+    if not scene.items:
+        return None  # "on the right" of nothing means nothing
+    start = max(item.box[3] for item in scene.items) + GAP  # wholly right of every box, GAP px clear
+    if start + ITEM_SIZE > scene.canvas_size:
+        return None
+    label = int(rng.choice(sorted(by_class)))
+    top = int(rng.integers(0, scene.canvas_size - ITEM_SIZE + 1))
+    left = int(rng.integers(start, scene.canvas_size - ITEM_SIZE + 1))
+    new = _new_item(scene, images, by_class, label, top, left, rng)
+    return SceneEdit("add", f"add {INDEFINITE_PHRASES[label]} on the right", scene, None, new)
+
+
+def _new_item(scene: Scene, images, by_class, label: int, top: int, left: int, rng) -> SceneItem:
+    """An item of class `label` at (`top`, `left`): an image of the scene's split not in the scene yet."""
+    split = scene.items[0].split
+    used = {item.index for item in scene.items}
+    return SceneItem(split, _pick(images, by_class[label], used, rng), label, top, left)
+
+
+def train_edits(count: int, seed: int = 0, data_dir=DATA_DIR, kinds=EDIT_KINDS, **kwargs):
+    """The edits (`scene_edits`) of `train_scenes(count, seed, data_dir, **kwargs)`, and the train split's images."""
+    return _split_edits("train", count, seed, data_dir, kinds, **kwargs)
+
+
+def heldout_edits(count: int, seed: int = 0, data_dir=DATA_DIR, kinds=EDIT_KINDS, **kwargs):
+    """The edits of `heldout_scenes(count, seed, data_dir, **kwargs)`: scenes, replacements and additions all from
+    t10k, never seen in training. Returns them and t10k's images."""
+    return _split_edits("t10k", count, seed, data_dir, kinds, **kwargs)
+
+
+def _split_edits(split, count, seed, data_dir, kinds, **kwargs):
+    images, labels = load_split(data_dir, split)
+    scenes = build_scenes(images, labels, count, split=split, seed=seed, **kwargs)
+    return scene_edits(scenes, images, labels, seed=seed, kinds=kinds), images
+
+
+def edit_records(edits, images: np.ndarray) -> list[dict]:
+    """One editing record per edit (`SceneEdit.record`): {"images": [source, target], "instruction": str,
+    "edit_mask": RLE}."""
+    return [edit.record(images) for edit in edits]
+
+
+def edit_dataset(edits, images: np.ndarray):
+    """`edit_records` as a `datasets.Dataset` of `EDITING_FEATURES` (the images stored as PNG bytes)."""
+    import datasets
+
+    from ..training.data import EDITING_FEATURES
+
+    return datasets.Dataset.from_list(edit_records(edits, images), features=EDITING_FEATURES)

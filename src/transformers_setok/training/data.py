@@ -18,15 +18,27 @@ Two schemas come out, and the collators and trainers rely on them exactly:
   time to be binary and not empty. `masks.decode_mask(record["mask"])` gives it back as a bool `(height, width)`
   array; the image processor's `masks=` brings it to the model's resolution with the image (`target_masks`). The
   collator writes the prompt around `expression` and appends the mask answer after the last message.
+* Image editing, for stage 3 (`load_instructpix2pix`, `load_magicbrush`, `load_editing_jsonl`, and
+  `transformers_setok.scenes.edit_records`; `EDITING_FEATURES`): `images` holds exactly two images, the source then
+  the target (the edited image); `instruction` is the edit asked for ("replace the bag with a sneaker"), a string
+  that is not blank and holds no `<image>`; `edit_mask` is None or the edited region, a mask as `mask` above (COCO
+  RLE of the images' size, binary, not empty). A record is the chat "user: <source image> {instruction}" ->
+  "assistant: <target image>": the target sits in the assistant turn, an image to draw, as a text-to-image answer
+  does (`editing_messages`; `edits_to_messages` writes the records as conversations the collator trains today).
+  The mask is `edit_mask`, not `mask`: the collator reads a record with a `mask` as a segmentation request.
+  Source and target must be the same size (else "image size mismatch"): an instruction edit keeps the frame (the
+  pairs of MagicBrush and InstructPix2Pix are pixel-aligned), MagicBrush's L1/L2 compare the two pixel by pixel,
+  and the edit mask must fit both; a pair of two sizes is most often two images wrongly paired, and a data set that
+  does change sizes can resize its targets before it is loaded.
 
 Every record is checked at load time: the JSON parses, the image files exist and are images (each header is read;
 `verify_images=True` also reads the rest of each file), the placeholders match the images, the roles are known.
 `on_error="fail"` raises `DataValidationError` at the first bad record, naming the file, the record and the
 problem; `on_error="skip"` drops the bad records and logs how many, by reason, at WARNING.
 
-`streaming=True` (every loader) returns a `datasets.IterableDataset` of the same records instead, checked one by one
-as they are read, by the same rules (see `streaming`, which also has the webdataset reader and what the Trainer needs
-to train and resume on a stream).
+`streaming=True` (the conversation and image-text loaders) returns a `datasets.IterableDataset` of the same records
+instead, checked one by one as they are read, by the same rules (see `streaming`, which also has the webdataset reader
+and what the Trainer needs to train and resume on a stream).
 """
 
 import functools
@@ -40,6 +52,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import PIL.Image
 
 from .. import _checks
@@ -73,6 +86,14 @@ SEGMENTATION_FEATURES = datasets.Features(
         "mask": {"size": datasets.List(datasets.Value("int64")), "counts": _TEXT},
     }
 )
+EDITING_FEATURES = datasets.Features(
+    {
+        "images": CONVERSATION_FEATURES["images"],  # [source, target]
+        "instruction": _TEXT,
+        "edit_mask": SEGMENTATION_FEATURES["mask"],  # None when the record has no mask
+    }
+)
+EDIT_ROLES = ("source", "target")  # the order of an editing record's images
 
 # A Hub id: "name" or "owner/name"; anything else (absolute, "./x", "a/b/c") can only be a local path
 # (`is_local_path`). Defined once, in `transformers_setok._checks`.
@@ -293,15 +314,20 @@ def _captions_to_chats(dataset, to_chat, name: str, **fn_kwargs):
             )
         if len(captioned) == 0:
             raise ValueError(f"{name}: none of the {len(dataset)} records has a caption.")
+    return _to_chats(captioned, to_chat, IMAGE_TEXT_FEATURES, **fn_kwargs)
+
+
+def _to_chats(dataset, to_chat, features: datasets.Features, **fn_kwargs):
+    """Records of `features` (in memory or streamed) -> conversations, `to_chat(record, **fn_kwargs)` each."""
     # Paths stay paths: decoding to PIL here would re-encode every image into the new table.
-    captioned = captioned.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    if isinstance(captioned, datasets.IterableDataset):
+    dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    if isinstance(dataset, datasets.IterableDataset):
         # `cast`, not `map(features=)`: a stream's map only declares them, and the records must get them.
-        columns = captioned.column_names or list(IMAGE_TEXT_FEATURES)
-        chats = captioned.map(_stored_chat, fn_kwargs=dict(to_chat=to_chat, **fn_kwargs), remove_columns=columns)
+        columns = dataset.column_names or list(features)
+        chats = dataset.map(_stored_chat, fn_kwargs=dict(to_chat=to_chat, **fn_kwargs), remove_columns=columns)
         return chats.cast(CONVERSATION_FEATURES)
-    return captioned.map(
-        to_chat, fn_kwargs=fn_kwargs, remove_columns=captioned.column_names, features=CONVERSATION_FEATURES
+    return dataset.map(
+        to_chat, fn_kwargs=fn_kwargs, remove_columns=dataset.column_names, features=CONVERSATION_FEATURES
     )
 
 
@@ -1172,18 +1198,268 @@ def _refcoco_rows(ref, where, images: ImageFolder, image_index: dict, annotation
     return [{"images": [path], "expression": text, "messages": None, "mask": mask} for text in texts]
 
 
+# --- Image editing ---
+
+
+def load_editing_jsonl(jsonl_path, image_folder=None, *, on_error: str = "fail", verify_images: bool = False):
+    """A JSONL file of editing triplets -> editing records (`EDITING_FEATURES`).
+
+    Each line is like {"source": "a.png", "instruction": "remove the bag", "target": "b.png", "mask": "m.png"};
+    "mask" (the edited region) may be left out, or be a binary PNG's path, COCO polygons or a COCO RLE dict (`masks`).
+    Paths are relative to `image_folder` (default: the JSONL file's folder). Both images are checked as by
+    `load_llava_json` and must be of one size; a bad line is a bad record (`on_error`), named by its number.
+    """
+    return _load_record_file(
+        jsonl_path,
+        "jsonl_path",
+        image_folder,
+        read_jsonl,
+        _editing_line,
+        EDITING_FEATURES,
+        on_error=on_error,
+        verify_images=verify_images,
+    )
+
+
+def load_instructpix2pix(
+    name_or_path,
+    *,
+    split: str = "train",
+    source_column: str = "input_image",
+    instruction_column: str = "edit_prompt",
+    target_column: str = "edited_image",
+    data_files=None,
+    on_error: str = "fail",
+    verify_images: bool = False,
+):
+    """InstructPix2Pix's layout -> editing records: `source_column` (the image before the edit), `instruction_column`
+    (the edit) and `target_column` (the image after it), one triplet a row, no mask.
+
+    The defaults are the names of diffusers' InstructPix2Pix examples (`fusing/instructpix2pix-1000-samples`); the
+    paper's own set, `timbrooks/instructpix2pix-clip-filtered`, names its source `original_image`, which is used
+    when `source_column="input_image"` is absent. `name_or_path`, `split` and `data_files` are read as by
+    `load_hub_dataset`; the image columns hold images (an `Image` feature) or paths. Each row is checked as
+    `load_editing_jsonl` checks a line, and named by its index.
+    """
+    return _load_editing_dataset(
+        name_or_path,
+        split,
+        data_files,
+        {"source": source_column, "instruction": instruction_column, "target": target_column, "mask": None},
+        fallback_source="original_image" if source_column == "input_image" else None,
+        on_error=on_error,
+        verify_images=verify_images,
+    )
+
+
+def load_magicbrush(
+    name_or_path,
+    *,
+    split: str = "train",
+    source_column: str = "source_img",
+    instruction_column: str = "instruction",
+    target_column: str = "target_img",
+    mask_column: str | None = "mask_img",
+    data_files=None,
+    on_error: str = "fail",
+    verify_images: bool = False,
+):
+    """MagicBrush's layout (`osunlp/MagicBrush`, splits `train` and `dev`) -> editing records, one per turn.
+
+    Columns as in `load_instructpix2pix`, and `mask_column`, the edited region: an image per row (or None: that row
+    has no mask), read as a binary mask (`masks`); a colour mask image with fully transparent pixels is read in
+    DALL-E 2's convention, in whose editor MagicBrush's masks were drawn: the transparent pixels are the region.
+    `mask_column=None` reads no masks. A multi-turn session's turns are separate records, each its own source.
+    """
+    return _load_editing_dataset(
+        name_or_path,
+        split,
+        data_files,
+        {"source": source_column, "instruction": instruction_column, "target": target_column, "mask": mask_column},
+        on_error=on_error,
+        verify_images=verify_images,
+    )
+
+
+def editing_messages(instruction: str) -> list[dict]:
+    """The chat of an edit: "user: <source image> {instruction}" -> "assistant: <target image>" (two image parts:
+    the source an input, the target an image to draw)."""
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
+    return [user, {"role": "assistant", "content": [{"type": "image"}]}]
+
+
+def edits_to_messages(dataset):
+    """Editing records (in memory or streamed) -> conversations for stage 3 (`editing_messages`), which
+    `SetokimChatCollator` trains as it trains text-to-image answers. `edit_mask` is not carried."""
+    names = dataset.column_names  # None for a stream whose columns are not known before it is read
+    missing = [column for column in ("images", "instruction") if names is not None and column not in names]
+    if missing:
+        raise ValueError(
+            f"`edits_to_messages` needs editing records (`EDITING_FEATURES`); the dataset has no {missing} column, "
+            f"only {names}."
+        )
+    return _to_chats(dataset, _edit_to_conversation, EDITING_FEATURES)
+
+
+def _edit_to_conversation(record: dict) -> dict:
+    return {"images": record["images"], "messages": editing_messages(record["instruction"])}
+
+
+def _load_editing_dataset(
+    name_or_path, split, data_files, columns: dict, *, fallback_source=None, on_error: str, verify_images: bool
+):
+    """What the layout loaders share: open the split, find `columns` (role -> column name; a mask of None: none),
+    check every row (`_editing_row`) and keep the good ones as editing records."""
+    check_on_error(on_error)
+    dataset, source = open_dataset(name_or_path, split, data_files)
+    if isinstance(dataset, datasets.IterableDataset):
+        raise TypeError(
+            "`name_or_path`: the editing loaders read a `datasets.Dataset` (every row is checked before training); "
+            "got a `datasets.IterableDataset`."
+        )
+    if fallback_source and columns["source"] not in dataset.column_names and fallback_source in dataset.column_names:
+        columns = {**columns, "source": fallback_source}
+    for role, column in columns.items():
+        if column is not None and column not in dataset.column_names:
+            hint = " (`mask_column=None` reads no masks)" if role == "mask" else ""
+            raise ValueError(
+                f"{source} has no {column!r} column (`{role}_column`{hint}); its columns are {dataset.column_names}."
+            )
+    used = list(dict.fromkeys(column for column in columns.values() if column is not None))
+    dataset = dataset.select_columns(used)
+    for role in ("source", "target", "mask"):  # bytes and paths: a check needs sizes and values, not PIL images
+        column = columns[role]
+        if column is not None and undecoded_images(dataset.features[column]) != dataset.features[column]:
+            dataset = dataset.cast_column(column, undecoded_images(dataset.features[column]))
+
+    def check(indexed_row, where):
+        index, row = indexed_row
+        return index, _editing_row(row, where, columns, verify_images)
+
+    records = ((RecordPlace(source, f"record {index}"), (index, row)) for index, row in enumerate(dataset))
+    kept = _collect(records, check, on_error, source)
+    if len(kept) < len(dataset):
+        dataset = dataset.select([index for index, _ in kept])
+    return dataset.map(
+        _edit_with_checked_fields,  # images are not opened again: every row passed the check above
+        with_indices=True,
+        fn_kwargs=dict(fields=[fields for _, fields in kept], image_columns=[columns[role] for role in EDIT_ROLES]),
+        remove_columns=dataset.column_names,
+        features=EDITING_FEATURES,
+    )
+
+
+def _edit_with_checked_fields(row: dict, index: int, fields: list, image_columns: list) -> dict:
+    return {"images": [row[column] for column in image_columns], **fields[index]}
+
+
+def _editing_row(row: dict, where, columns: dict, verify: bool) -> dict:
+    """A data set row's instruction and mask, checked with its two images (which stay in the table)."""
+    sizes = []
+    for number, role in enumerate(EDIT_ROLES):
+        image = row[columns[role]]
+        if image is None:
+            raise DataValidationError(where, f"missing {role} image", f"image {number}, the {role}, is None")
+        sizes.append(check_hub_image(image, where, number, verify))
+    mask = row[columns["mask"]] if columns["mask"] is not None else None
+    return _editing_fields(row[columns["instruction"]], mask, _same_size(*sizes, where), where, folder=None)
+
+
+def _editing_line(record, where, images: ImageFolder) -> dict:
+    require_object(record, where)
+    paths, sizes = [], []
+    for role in EDIT_ROLES:
+        name = record.get(role)
+        if name is None or name == "":
+            raise DataValidationError(where, f"missing {role} image", f"a record needs a path in {role!r}")
+        if not isinstance(name, str):
+            raise DataValidationError(
+                where, "malformed image field", f"expected a path in {role!r}, got {_short(name)}"
+            )
+        path, size = images.resolve_sized(name, where)
+        paths.append(path)
+        sizes.append(size)
+    size = _same_size(*sizes, where)
+    return {
+        "images": paths,
+        **_editing_fields(record.get("instruction"), record.get("mask"), size, where, images.path),
+    }
+
+
+def _same_size(source_size, target_size, where) -> tuple[int, int]:
+    if source_size != target_size:
+        raise DataValidationError(
+            where,
+            "image size mismatch",
+            f"the source is {source_size[0]} x {source_size[1]} (height x width), the target {target_size[0]} x "
+            f"{target_size[1]}: an edit keeps the image's size",
+        )
+    return source_size
+
+
+def _editing_fields(instruction, mask, image_size, where, folder) -> dict:
+    """The checked instruction and mask (RLE, or None) of an edit whose images are `image_size` (h, w)."""
+    if instruction is None or (isinstance(instruction, str) and not instruction.strip()):
+        raise DataValidationError(
+            where, "empty instruction", f"an edit needs an instruction, got {_short(instruction)}"
+        )
+    if not isinstance(instruction, str):
+        raise DataValidationError(where, "malformed instruction", f"expected a string, got {_short(instruction)}")
+    if IMAGE_PLACEHOLDER in instruction:
+        raise DataValidationError(where, "placeholder in text part", f"the instruction holds {IMAGE_PLACEHOLDER}")
+    return {
+        "instruction": instruction,
+        "edit_mask": None if mask is None else _edit_mask(mask, image_size, where, folder),
+    }
+
+
+def _edit_mask(mask, image_size, where, folder) -> dict:
+    """An edit's mask, checked as a segmentation mask is (`_checked_mask`); a colour image that a binary mask cannot
+    be, with fully transparent pixels, is read in DALL-E 2's convention: those pixels are the region to edit."""
+    try:
+        return _checked_mask(mask, image_size, where, folder)
+    except DataValidationError as error:
+        if error.reason != "bad mask values":
+            raise
+        region = _transparent_region(mask, where, folder)
+        if region is None:
+            raise
+        return _checked_mask(region, image_size, where, folder=None)
+
+
+def _transparent_region(mask, where, folder):
+    """The fully transparent pixels of mask image `mask` (a path, a stored image or a PIL image), bool `(H, W)`; None
+    when it is no image with an alpha channel or has no such pixel."""
+    if isinstance(mask, dict) and "counts" not in mask:
+        mask = _stored_image_mask(mask, where)
+    if isinstance(mask, str):
+        with PIL.Image.open(mask if folder is None else os.path.join(folder, mask)) as image:
+            image.load()
+            mask = image.copy()
+    if not isinstance(mask, PIL.Image.Image) or "A" not in mask.getbands():
+        return None
+    transparent = np.asarray(mask.getchannel("A")) == 0
+    return transparent if transparent.any() else None
+
+
 __all__ = [
     "CONVERSATION_FEATURES",
+    "EDITING_FEATURES",
     "IMAGE_TEXT_FEATURES",
     "SEGMENTATION_FEATURES",
     "HUB_ID",
     "DataValidationError",
     "captions_to_generation_messages",
     "captions_to_messages",
+    "editing_messages",
+    "edits_to_messages",
     "is_local_path",
+    "load_editing_jsonl",
     "load_hub_dataset",
     "load_image_text_jsonl",
+    "load_instructpix2pix",
     "load_llava_json",
+    "load_magicbrush",
     "load_refcoco",
     "load_segmentation_dataset",
     "load_segmentation_jsonl",
