@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -98,6 +99,48 @@ def setokim_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
+def setokim_mask_dir(tmp_path) -> Path:
+    """A saved tiny Setokim that has a mask decoder (conftest's TINY_MASK_DECODER: width 32, depth 2, 4 heads)."""
+    torch.manual_seed(0)
+    processor = tiny_processor()
+    tiny_setokim(processor, use_mask_decoder=True).save_pretrained(tmp_path / "setokim-mask")
+    processor.save_pretrained(tmp_path / "setokim-mask")
+    return tmp_path / "setokim-mask"
+
+
+@pytest.fixture
+def segmentation_jsonl(tmp_path, photos) -> Path:
+    """Four referring-segmentation records on real images, one per mask form: skimage's horse silhouette on a canvas
+    (a PNG mask), the coffee cup (COCO polygons), the astronaut (COCO RLE), and the cat asked with `messages` (a PNG
+    mask): `segmentation/objects.jsonl`, paths relative to its folder."""
+    from skimage import data
+
+    from transformers_setok.training.masks import encode_rle
+
+    folder = tmp_path / "segmentation"
+    folder.mkdir()
+    horse = ~data.horse()
+    canvas = np.full((*horse.shape, 3), 40, dtype=np.uint8)
+    canvas[horse] = (200, 160, 90)
+    Image.fromarray(canvas).resize((80, 66)).save(folder / "horse.png")
+    Image.fromarray(horse).resize((80, 66), Image.NEAREST).save(folder / "horse_mask.png")
+    box = np.zeros((48, 48), dtype=bool)
+    box[8:40, 12:36] = True
+    for name in ("coffee", "astronaut", "chelsea"):
+        Image.fromarray(photos[name]).resize((48, 48)).save(folder / f"{name}.png")
+    Image.fromarray(box).save(folder / "chelsea_mask.png")
+    request = [{"role": "user", "content": "<image>\nwhere is the cat ?"}]
+    records = [
+        {"image": "horse.png", "expression": "the horse", "mask": "horse_mask.png"},
+        {"image": "coffee.png", "expression": "the cup", "mask": [[12, 8, 36, 8, 36, 40, 12, 40]]},
+        {"image": "astronaut.png", "expression": "the man", "mask": encode_rle(box)},
+        {"image": "chelsea.png", "messages": request, "mask": "chelsea_mask.png"},
+    ]
+    (folder / "objects.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder / "objects.jsonl"
+
+
+@pytest.fixture
 def setok_dir(tmp_path) -> Path:
     """A saved tiny SetokForImageReconstruction (stage 1's output) with its image processor."""
     SetokForImageReconstruction(tiny_config()).save_pretrained(tmp_path / "setok")
@@ -177,7 +220,7 @@ def no_training(monkeypatch):
         raise AssertionError("a model was built or training started before the bad input was reported")
 
     monkeypatch.setattr(Trainer, "train", refuse)
-    for name in ("build_tokenizer_model", "build_pretrain_model"):
+    for name in ("build_tokenizer_model", "build_pretrain_model", "build_sft_model"):
         monkeypatch.setattr(runners, name, refuse)
 
 
@@ -291,6 +334,45 @@ def _head(**keys):
 def _text_to_image(**keys):
     """Sets `keys` in `data`, with text-to-image chats and the generation head trained."""
     return _edits(_update("model", train_generation_head=True), _update("data", **{"text_to_image": True, **keys}))
+
+
+def _segmentation(model=None, **keys):
+    """Sets `data.segmentation` to the segmentation JSONL with `keys`; `model` (a mapping) updates `model`."""
+
+    def edit(config, inputs):
+        segmentation = {"path": str(inputs.segmentation_jsonl), **keys}
+        config["data"]["segmentation"] = {key: _value(value, inputs) for key, value in segmentation.items()}
+        config["model"].update({key: _value(value, inputs) for key, value in (model or {}).items()})
+
+    return edit
+
+
+def _drop_segmentation(key):
+    def edit(config, inputs):
+        del config["data"]["segmentation"][key]
+
+    return edit
+
+
+def _segmentation_file(text):
+    """Points `data.segmentation.path` at a new file of the segmentation folder holding `text`."""
+
+    def edit(config, inputs):
+        path = inputs.segmentation_jsonl.parent / "odd.jsonl"
+        path.write_text(text)
+        config["data"]["segmentation"]["path"] = str(path)
+
+    return edit
+
+
+def _mask_training(**keys):
+    """`data.segmentation` (with `keys`) and a mask decoder trained with full fine-tuning."""
+    return _segmentation({"train_mask_decoder": True, "lora": False}, **keys)
+
+
+def _refcoco(**keys):
+    """`data.segmentation` in the `refcoco` format (its files need not exist for these rows), with `keys`."""
+    return _mask_training(format="refcoco", path="refs(unc).p", **keys)
 
 
 def _data_file(name, text):
@@ -849,6 +931,175 @@ BAD_INPUTS = {
         r"`data.path`: no such file, folder or pattern: .*shards-\*\.jsonl",
         error=FileNotFoundError,
     ),
+    # Referring segmentation in stage 3: `data.segmentation` (a nested section) and the mask decoder
+    "no data at all": Bad(
+        "sft", _drop("data", "path"), r"`data` needs `path` \(conversations\) and/or `segmentation`"
+    ),
+    "segmentation as a file name": Bad(
+        "sft",
+        _set("data", "segmentation", "objects.jsonl"),
+        r"`data.segmentation` must be a mapping with the keys path, format, instances, .* or null, got 'objects.jsonl'",
+    ),
+    "unknown segmentation key": Bad(
+        "sft", _mask_training(masks="m/"), r"Unknown key `data.segmentation.masks`; the keys of `data.segmentation` ar"
+    ),
+    "segmentation without a path": Bad(
+        "sft", _edits(_mask_training(), _drop_segmentation("path")), r"Missing required key `data.segmentation.path`"
+    ),
+    "unknown segmentation format": Bad(
+        "sft", _mask_training(format="coco"), r"`data.segmentation.format` must be one of 'jsonl', 'refcoco', 'hub'"
+    ),
+    "string for train_mask_decoder": Bad(
+        "sft", _set("model", "train_mask_decoder", "yes"), r"`model.train_mask_decoder` must be true or false"
+    ),
+    "train_mask_decoder without segmentation data": Bad(
+        "sft",
+        _update("model", train_mask_decoder=True, lora=False),
+        r"`model.train_mask_decoder` trains the mask decoder on referring-segmentation records: set `data.segmentati",
+    ),
+    "segmentation data for a model without a decoder": Bad(
+        "sft",
+        _segmentation({"lora": False}),
+        r"`data.segmentation` needs a mask decoder, and `model.init_from` .*setokim has none: set "
+        r"`model.train_mask_decoder: true`",
+    ),
+    "a new decoder under LoRA without merged adapters": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True}),
+        r"`model.train_mask_decoder` adds a mask decoder to `model.init_from` .*: set `model.merge_adapters: true`",
+    ),
+    "LoRA modules_to_save without the decoder": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True, "lora": {"modules_to_save": ["multi_modal_projector"]}}),
+        r"`model.lora` sets `modules_to_save` to .*without `mask_decoder`",
+    ),
+    "mask decoder width 0": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True, "lora": False, "mask_decoder_width": 0}),
+        r"`model.mask_decoder_width` must be a positive integer, got 0",
+    ),
+    "mask decoder heads 0": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True, "lora": False, "mask_decoder_heads": 0}),
+        r"`model.mask_decoder_heads` must be a positive integer, got 0",
+    ),
+    "float for the decoder depth": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True, "lora": False, "mask_decoder_depth": 1.5}),
+        r"`model.mask_decoder_depth` must be an integer or null, got 1.5",
+    ),
+    "decoder width that its heads do not divide": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True, "lora": False, "mask_decoder_width": 100}),
+        r"`model.mask_decoder_width` \(100\) and `model.mask_decoder_heads` \(8\): `mask_decoder_width` must be a mult",
+    ),
+    "decoder sizes without train_mask_decoder": Bad(
+        "sft",
+        _update("model", mask_decoder_width=64),
+        r"`model.mask_decoder_width` sizes the mask decoder that `model.train_mask_decoder: true` adds, and that is f",
+    ),
+    "decoder sizes other than the model's decoder": Bad(
+        "sft",
+        _edits(
+            _mask_training(),
+            _update("model", init_from=lambda inputs: inputs.setokim_mask_dir, mask_decoder_width=64),
+        ),
+        r"`model.mask_decoder_width` is 64, but `model.init_from` .*setokim-mask already has a mask decoder, of width 3",
+    ),
+    "negative mask loss weight": Bad(
+        "sft",
+        _segmentation({"train_mask_decoder": True, "lora": False, "mask_loss_weight": -1}),
+        r"`model.mask_loss_weight` must be >= 0, got -1",
+    ),
+    "mask loss weight without segmentation data": Bad(
+        "sft",
+        _update("model", mask_loss_weight=2.0),
+        r"`model.mask_loss_weight` weighs the mask loss of `data.segmentation` records, and this config has none",
+    ),
+    "refcoco without instances": Bad(
+        "sft",
+        _refcoco(image_folder="train2014"),
+        r"`data.segmentation.format` `refcoco` needs `data.segmentation.instances`: the COCO instances.json",
+    ),
+    "refcoco without an image folder": Bad(
+        "sft",
+        _refcoco(instances="instances.json"),
+        r"`data.segmentation.format` `refcoco` needs `data.segmentation.image_folder`",
+    ),
+    "instances of a segmentation JSONL": Bad(
+        "sft",
+        _mask_training(instances="instances.json"),
+        r"`data.segmentation.instances` applies to the `refcoco` format only; `data.segmentation.format` is `jsonl`",
+    ),
+    "split of a segmentation JSONL": Bad(
+        "sft",
+        _mask_training(split="val"),
+        r"`data.segmentation.split` applies to the `refcoco` and `hub` formats only; .*is `jsonl`, which ignores it",
+    ),
+    "data_files of RefCOCO": Bad(
+        "sft",
+        _refcoco(instances="instances.json", image_folder="train2014", data_files="*.parquet"),
+        r"`data.segmentation.data_files` applies to the `hub` format only; `data.segmentation.format` is `refcoco`",
+    ),
+    "image_folder of a hub segmentation set": Bad(
+        "sft",
+        _mask_training(format="hub", path="owner/refcoco", image_folder="images"),
+        r"`data.segmentation.image_folder` applies to the `jsonl` and `refcoco` formats only",
+    ),
+    "segmentation prompt without the expression": Bad(
+        "sft",
+        _mask_training(prompt="Segment it."),
+        r"`data.segmentation.prompt` 'Segment it.' does not hold `\{expression\}`, where each referring expression",
+    ),
+    "segmentation prompt with another field": Bad(
+        "sft",
+        _mask_training(prompt="Segment {}."),
+        r"`data.segmentation.prompt` 'Segment \{\}.' does not hold `\{expression\}`",
+    ),
+    "streaming with segmentation data": Bad(
+        "sft",
+        _edits(_mask_training(), _update("data", streaming=True)),
+        r"`data.streaming` with `data.segmentation`: referring-segmentation records are not streamed yet",
+    ),
+    "conversation keys without data.path": Bad(
+        "sft",
+        _edits(_mask_training(), _drop("data", "path"), _update("data", image_folder="images")),
+        r"`data.image_folder` applies to the records of `data.path`, which is not set",
+    ),
+    "missing segmentation file": Bad(
+        "sft",
+        _mask_training(path=lambda inputs: inputs.tmp_path / "nothing.jsonl"),
+        r"`data.segmentation.path`: no such file: .*nothing.jsonl",
+        FileNotFoundError,
+    ),
+    "missing segmentation image folder": Bad(
+        "sft",
+        _mask_training(image_folder=lambda inputs: inputs.tmp_path / "nowhere"),
+        r"`data.segmentation.image_folder`: no such folder: .*nowhere",
+        FileNotFoundError,
+    ),
+    "missing RefCOCO instances": Bad(
+        "sft",
+        _edits(
+            _refcoco(instances=lambda inputs: inputs.tmp_path / "instances.json", image_folder="train2014"),
+            _update("data", "segmentation", path=lambda inputs: inputs.segmentation_jsonl),
+        ),
+        r"`data.segmentation.instances`: no such file: .*instances.json",
+        FileNotFoundError,
+    ),
+    "missing hub segmentation folder": Bad(
+        "sft",
+        _mask_training(format="hub", path=lambda inputs: inputs.tmp_path / "not-saved"),
+        r"`data.segmentation.path`: no such dataset folder: .*not-saved",
+        FileNotFoundError,
+    ),
+    # ... and what only reading the records finds
+    "a segmentation record without a mask": Bad(
+        "sft",
+        _edits(_mask_training(), _segmentation_file('{"image": "horse.png", "expression": "the horse"}\n')),
+        r"`data.segmentation.path` \(.*odd.jsonl\): .*odd.jsonl, line 1: missing mask",
+        at_load=False,
+    ),
 }
 
 
@@ -1261,11 +1512,14 @@ def test_sft_stage_with_lora_and_merged_adapters(tmp_path, llava, setokim_dir):
 # The example configs
 
 
-@pytest.mark.parametrize("name", ["tokenizer", "pretrain", "sft"])
-def test_example_configs_are_valid(name):
+@pytest.mark.parametrize(
+    "name, stage",
+    [("tokenizer", "tokenizer"), ("pretrain", "pretrain"), ("sft", "sft"), ("sft_segmentation", "sft")],
+)
+def test_example_configs_are_valid(name, stage):
     # The data and checkpoints they name are placeholders; everything else is checked. bf16 needs `use_cpu` here.
     config = load_config(
-        REPO / "configs" / f"{name}.yaml", name, check_paths=False, overrides={"training": {"use_cpu": True}}
+        REPO / "configs" / f"{name}.yaml", stage, check_paths=False, overrides={"training": {"use_cpu": True}}
     )
     assert config.training["learning_rate"] == 1e-3 and config.training["lr_scheduler_type"] == "cosine"
     assert config.training["warmup_steps"] == 0.03

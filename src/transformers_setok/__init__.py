@@ -6,7 +6,7 @@ Importing the package registers the classes with the Auto API (`AutoConfig`, `Au
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .assembly import add_generation_head, build_setokim
+from .assembly import add_generation_head, add_mask_decoder, build_setokim
 from .modeling import (
     SetokConfig,
     SetokForImageReconstruction,
@@ -52,6 +52,7 @@ __all__ = [
     "SetokimPreTrainedModel",
     "SetokimProcessor",
     "add_generation_head",
+    "add_mask_decoder",
     "build_setokim",
     "dpc_knn_cluster",
     "iterative_cluster",

@@ -1,14 +1,16 @@
-"""Assembling a Setokim from a SeTok checkpoint and a causal-LM checkpoint, and giving one a generation head."""
+"""Assembling a Setokim from a SeTok checkpoint and a causal-LM checkpoint, and giving one a generation head or a
+mask decoder."""
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ._checks import check_positive_int
 from .modeling import SetokForImageReconstruction, SetokimConfig, SetokimDiffusionHead, SetokimForConditionalGeneration
+from .modeling.mask_decoder_setokim import SetokimMaskDecoder
 from .modeling.modeling_setok import SetokDetokenizer
 from .processing import SetokImageProcessor, SetokimProcessor
 
-__all__ = ["add_generation_head", "build_setokim"]
+__all__ = ["add_generation_head", "add_mask_decoder", "build_setokim"]
 
 
 def build_setokim(
@@ -97,6 +99,46 @@ def add_generation_head(
     model.image_decoder.load_state_dict(setok.detokenizer.state_dict())
     model.generation_head.to(reference.device, reference.dtype)
     model.image_decoder.to(reference.device, reference.dtype)
+    return model
+
+
+def add_mask_decoder(
+    model: SetokimForConditionalGeneration,
+    *,
+    width: int = 256,
+    depth: int = 2,
+    heads: int = 8,
+    intermediate_size: int | None = None,
+) -> SetokimForConditionalGeneration:
+    """Gives `model` (in place) a freshly initialised referring-segmentation mask decoder (`SetokimMaskDecoder`) of
+    `width` x `depth` two-way blocks with `heads` attention heads and MLPs of `intermediate_size` (default 8 x
+    `width`, SAM's 2048 at 256), and sets `config.use_mask_decoder` and the `mask_decoder_*` sizes, so that the model
+    saves and loads with it. Stage 3 with `train_mask_decoder` then trains it on referring-segmentation records."""
+    if model.mask_decoder is not None:
+        raise ValueError("The model already has a mask decoder.")
+    intermediate_size = 8 * width if intermediate_size is None else intermediate_size
+    for name, value in (
+        ("width", width),
+        ("depth", depth),
+        ("heads", heads),
+        ("intermediate_size", intermediate_size),
+    ):
+        check_positive_int(value, name)
+    sizes = dict(
+        mask_decoder_width=width,
+        mask_decoder_depth=depth,
+        mask_decoder_heads=heads,
+        mask_decoder_intermediate_size=intermediate_size,
+    )
+    SetokimConfig(use_mask_decoder=True, **sizes)  # the config's own rules for the sizes, before any change
+    config = model.config
+    for name, value in sizes.items():
+        setattr(config, name, value)
+    config.use_mask_decoder = True  # also makes SeTok return its encoder grid, which the decoder reads
+    reference = model.lm_head.weight
+    model.mask_decoder = SetokimMaskDecoder(config)  # as `SetokimForConditionalGeneration.__init__` builds it
+    model.initialize_weights()  # only the new module: loaded parameters are marked initialised
+    model.mask_decoder.to(reference.device, reference.dtype)
     return model
 
 

@@ -26,9 +26,11 @@ from .config import (
     StageConfig,
     build_training_arguments,
     has_concept_contrast,
+    mask_decoder_sizes,
 )
 
 __all__ = [
+    "build_sft_model",
     "end_process_group",
     "finished_model",
     "last_complete_checkpoint",
@@ -415,27 +417,18 @@ def _ensure_pad_token(processor):
 
 
 def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None, overwrite: bool = False) -> dict:
-    from accelerate import PartialState
-    from transformers import AutoProcessor, set_seed
+    from transformers import set_seed
 
-    from ..modeling import SetokimForConditionalGeneration
     from .collators import SetokimChatCollator
-    from .sft_trainer import SetokimSFTTrainer, merge_adapters_from, setokim_4bit_config, setokim_lora_config
+    from .sft_trainer import SetokimSFTTrainer, setokim_lora_config
 
-    model_config = config.model
-    dataset = _load_data(config.data, conversations=True)
+    model_config, segmentation = config.model, config.data.segmentation
+    dataset = _load_sft_data(config.data)
     args = build_training_arguments(config)
     set_seed(args.seed)
-
-    kwargs = {} if model_config.dtype is None else {"dtype": _torch_dtype(model_config.dtype)}
-    if model_config.qlora:
-        compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        kwargs["quantization_config"] = setokim_4bit_config(bnb_4bit_compute_dtype=compute)
-        # A quantized model is placed at load time, one whole copy per process (DDP).
-        kwargs["device_map"] = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
-    model = SetokimForConditionalGeneration.from_pretrained(model_config.init_from, **kwargs)
-    processor = AutoProcessor.from_pretrained(model_config.init_from)
-    _ensure_pad_token(processor)
+    model, processor, added_decoder = build_sft_model(model_config, args)
+    if segmentation is not None and segmentation.prompt is not None:
+        processor.segmentation_prompt = segmentation.prompt  # saved with the processor, read by the pipeline
 
     lora = model_config.lora
     peft_config = None if lora is False else setokim_lora_config(**(lora if isinstance(lora, dict) else {}))
@@ -446,8 +439,11 @@ def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None
         train_dataset=dataset,
         processing_class=processor,
         peft_config=peft_config,
+        mask_loss_weight=model_config.mask_loss_weight,
         callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
+    if not model_config.train_mask_decoder:
+        _freeze_mask_decoder(trainer.model)
     metrics = _train_and_save(trainer, config, resume_from_checkpoint, overwrite)
 
     if model_config.merge_adapters:
@@ -456,7 +452,99 @@ def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
             merged_dir = os.path.join(config.output_dir, "merged")
-            dtype = _torch_dtype(model_config.dtype) if model_config.dtype not in (None, "auto") else torch.float32
-            merge_adapters_from(model_config.init_from, config.final_dir, merged_dir, processor, dtype=dtype)
+            _merge_saved_adapters(model_config, config.final_dir, merged_dir, processor, added_decoder)
             metrics["merged_dir"] = merged_dir
     return metrics
+
+
+def build_sft_model(model_config, args) -> tuple:
+    """(SetokimForConditionalGeneration, SetokimProcessor, whether a mask decoder was added): the `init_from`
+    checkpoint (its LLM in 4 bits for `qlora`), with a fresh mask decoder when `train_mask_decoder` asks for one and
+    the model has none. `args` are the run's SFTConfig (its precision sets QLoRA's compute dtype)."""
+    from accelerate import PartialState
+    from transformers import AutoProcessor
+
+    from ..assembly import add_mask_decoder
+    from ..modeling import SetokimForConditionalGeneration
+    from .sft_trainer import setokim_4bit_config
+
+    kwargs = {} if model_config.dtype is None else {"dtype": _torch_dtype(model_config.dtype)}
+    if model_config.qlora:
+        compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        kwargs["quantization_config"] = setokim_4bit_config(bnb_4bit_compute_dtype=compute)
+        # A quantized model is placed at load time, one whole copy per process (DDP).
+        kwargs["device_map"] = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
+    model = SetokimForConditionalGeneration.from_pretrained(model_config.init_from, **kwargs)
+    processor = AutoProcessor.from_pretrained(model_config.init_from)
+    _ensure_pad_token(processor)
+    added_decoder = model_config.train_mask_decoder and model.mask_decoder is None
+    if added_decoder:
+        add_mask_decoder(model, **mask_decoder_sizes(model_config))
+        logger.info("Added a fresh mask decoder (%s) to %s.", mask_decoder_sizes(model_config), model_config.init_from)
+    return model, processor, added_decoder
+
+
+def _freeze_mask_decoder(model):
+    """`train_mask_decoder: false`: a decoder the model has (LoRA's `modules_to_save` copy included) stays as it is;
+    segmentation records then train the LLM and projector to prompt it. Before the optimizer is built (in `train`)."""
+    for name, param in model.named_parameters():
+        if ".mask_decoder." in f".{name}":
+            param.requires_grad_(False)
+
+
+def _merge_saved_adapters(model_config, final_dir: str, merged_dir: str, processor, added_decoder: bool):
+    """output_dir/merged: the saved adapter folded into the full-precision `init_from` model. A decoder added by this
+    run is not in `init_from`: the base gets one of the same sizes first, which the adapter's trained copy
+    (`modules_to_save`) then replaces whole."""
+    from ..assembly import add_mask_decoder
+    from .sft_trainer import merge_adapters_from
+
+    dtype = _torch_dtype(model_config.dtype) if model_config.dtype not in (None, "auto") else torch.float32
+    sizes = mask_decoder_sizes(model_config)
+    prepare = (lambda base: add_mask_decoder(base, **sizes)) if added_decoder else None
+    merge_adapters_from(model_config.init_from, final_dir, merged_dir, processor, dtype=dtype, prepare_base=prepare)
+
+
+def _load_sft_data(data):
+    """Stage 3's records: the conversations of `data.path`, the referring-segmentation records of
+    `data.segmentation`, or both in one data set of `SEGMENTATION_FEATURES` (a conversation's `expression` and `mask`
+    None), which the collator tells apart by the mask."""
+    conversations = None if data.path is None else _load_data(data, conversations=True)
+    if data.segmentation is None:
+        return conversations
+    objects = _load_segmentation_data(data.segmentation)
+    if conversations is None:
+        return objects
+    from datasets import concatenate_datasets
+
+    from .data import SEGMENTATION_FEATURES
+
+    empty = [None] * len(conversations)
+    # The images stay as stored (paths or bytes): the cast changes the schema, nothing is decoded.
+    as_records = conversations.add_column("expression", empty).add_column("mask", empty).cast(SEGMENTATION_FEATURES)
+    logger.info("Stage 3 trains on %d conversations and %d segmentation records.", len(conversations), len(objects))
+    return concatenate_datasets([as_records, objects])
+
+
+def _load_segmentation_data(segmentation):
+    """The records of `data.segmentation`, through the loader of its format; a bad or empty source is a ConfigError
+    naming `data.segmentation.path` (skipped records are logged by the loader)."""
+    from .data import load_refcoco, load_segmentation_dataset, load_segmentation_jsonl
+
+    checks = dict(on_error=segmentation.on_error, verify_images=segmentation.verify_images)
+    try:
+        if segmentation.format == "refcoco":
+            return load_refcoco(
+                segmentation.path,
+                segmentation.instances,
+                segmentation.image_folder,
+                split=segmentation.split,
+                **checks,
+            )
+        if segmentation.format == "hub":
+            return load_segmentation_dataset(
+                segmentation.path, split=segmentation.split, data_files=segmentation.data_files, **checks
+            )
+        return load_segmentation_jsonl(segmentation.path, segmentation.image_folder, **checks)
+    except ValueError as error:  # DataValidationError included
+        raise ConfigError(f"`data.segmentation.path` ({segmentation.path}): {error}") from error

@@ -180,6 +180,8 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
     - `peft_config`: e.g. `setokim_lora_config()`; for QLoRA, load the model with
       `quantization_config=setokim_4bit_config()` first.
     - `args`: see `settle_sft_config` for the settings filled in or refused; `setokim_sft_config` builds one.
+    - `mask_loss_weight`: the weight of the mask decoder's loss on referring-segmentation records (a non-negative
+      number; see `SetokimInputsMixin`).
 
     SeTok (the whole vision tower) is frozen before TRL and PEFT see the model.
     """
@@ -192,9 +194,16 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class: SetokimProcessor | None = None,
+        *,
+        mask_loss_weight: float = SetokimInputsMixin.mask_loss_weight,
         **kwargs,
     ):
         setokim = _setokim_of(model)
+        weight = mask_loss_weight
+        # The chained comparison is False for NaN too.
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ValueError(f"`mask_loss_weight` must be a finite number >= 0, got {weight!r}.")
+        self.mask_loss_weight = float(weight)
         if not isinstance(processing_class, SetokimProcessor):
             raise TypeError(
                 "`processing_class` must be the model's SetokimProcessor (its chat template and image processor build "
@@ -352,11 +361,15 @@ def merge_adapters_from(
     out_dir,
     processor: SetokimProcessor | None = None,
     dtype: torch.dtype = torch.float32,
+    prepare_base=None,
 ):
     """The QLoRA merge: loads the base Setokim from `base_path` unquantized (in `dtype`), applies the adapter saved
     at `adapter_path` (`PeftModel.from_pretrained`), merges and saves as `merge_adapters` does. Returns the merged
     model. The adapter was trained against the 4-bit weights, so the merged model matches the QLoRA one up to the
-    quantization error, and the full-precision base plus adapter exactly."""
+    quantization error, and the full-precision base plus adapter exactly. `prepare_base(model)`, if given, changes
+    the loaded base before the adapter is applied (e.g. adds the mask decoder the run added)."""
     base = SetokimForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
+    if prepare_base is not None:
+        prepare_base(base)
     peft_model = PeftModel.from_pretrained(base, str(Path(adapter_path)))
     return merge_adapters(peft_model, out_dir, processor)

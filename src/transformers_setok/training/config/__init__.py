@@ -3,7 +3,8 @@
     stage: tokenizer          # tokenizer (1) | pretrain (2) | sft (3); must match `setok train STAGE`
     output_dir: runs/setok    # checkpoints go to output_dir/checkpoint-N, the final model to output_dir/final
     model: {...}              # TokenizerModelConfig | PretrainModelConfig | SFTModelConfig
-    data: {...}               # TokenizerDataConfig | PretrainDataConfig | SFTDataConfig
+    data: {...}               # TokenizerDataConfig | PretrainDataConfig | SFTDataConfig (stage 3's
+                              # `segmentation` a nested SegmentationDataConfig)
     training: {...}           # TrainingArguments (stages 1-2) or trl's SFTConfig (stage 3) fields, over the
                               # stage's defaults (TRAINING_DEFAULTS)
 
@@ -28,7 +29,7 @@ The modules, one job each:
 """
 
 from .loading import load_config
-from .model_checks import has_concept_contrast
+from .model_checks import has_concept_contrast, mask_decoder_sizes
 from .saved_model import SavedModelConfig, check_checkpoint_type, read_model_type
 from .schema import (
     DTYPE,
@@ -38,6 +39,7 @@ from .schema import (
     STAGES,
     PretrainDataConfig,
     PretrainModelConfig,
+    SegmentationDataConfig,
     SFTDataConfig,
     SFTModelConfig,
     StageConfig,
@@ -60,6 +62,7 @@ __all__ = [
     "SFTDataConfig",
     "SFTModelConfig",
     "SavedModelConfig",
+    "SegmentationDataConfig",
     "StageConfig",
     "TokenizerDataConfig",
     "TokenizerModelConfig",
@@ -70,6 +73,7 @@ __all__ = [
     "check_type",
     "has_concept_contrast",
     "load_config",
+    "mask_decoder_sizes",
     "merge",
     "read_model_type",
     "read_yaml",

@@ -6,10 +6,16 @@ import glob
 import os
 
 from .bounds import check_count
-from .schema import PretrainDataConfig, SFTDataConfig, TokenizerDataConfig
+from .schema import PretrainDataConfig, SegmentationDataConfig, SFTDataConfig, TokenizerDataConfig
 from .typed_yaml import ConfigError
 
-__all__ = ["check_pretrain_data", "check_sft_data", "check_template", "check_tokenizer_data"]
+__all__ = [
+    "check_pretrain_data",
+    "check_segmentation_data",
+    "check_sft_data",
+    "check_template",
+    "check_tokenizer_data",
+]
 
 # Data keys that only one format reads: under another format a changed value would be ignored without a word.
 _ONE_FORMAT_ONLY = {
@@ -26,6 +32,31 @@ _PRETRAIN_FORMAT_ONLY = {
     "text_to_image_template": "image_text",
     **_ONE_FORMAT_ONLY,
 }
+# `data.segmentation` keys that only some of its formats read.
+_SEGMENTATION_FORMATS_ONLY = {
+    "instances": ("refcoco",),
+    "image_folder": ("jsonl", "refcoco"),
+    "split": ("refcoco", "hub"),
+    "data_files": ("hub",),
+}
+# What `data.segmentation.format: refcoco` cannot do without.
+_REFCOCO_NEEDS = {
+    "instances": "the COCO instances.json beside the refs pickle",
+    "image_folder": "the folder of the COCO images (train2014/)",
+}
+# `data` keys that only the records of `data.path` use: `max_length` bounds every sample, `streaming` has its own
+# check with segmentation data.
+_PATH_KEYS = (
+    "format",
+    "image_folder",
+    "split",
+    "image_column",
+    "messages_column",
+    "data_files",
+    "on_error",
+    "verify_images",
+    "webdataset_columns",
+)
 
 
 def check_tokenizer_data(data: TokenizerDataConfig, check_paths: bool):
@@ -45,8 +76,68 @@ def check_pretrain_data(data: PretrainDataConfig, check_paths: bool):
 
 
 def check_sft_data(data: SFTDataConfig, check_paths: bool):
-    _check_conversations(data, _ONE_FORMAT_ONLY)
-    _check_files(data, check_paths)
+    segmentation = data.segmentation
+    if segmentation is not None and data.streaming:
+        raise ConfigError(
+            "`data.streaming` with `data.segmentation`: referring-segmentation records are not streamed yet; set "
+            "`data.streaming: false` (both sources are then read in memory) or train on `data.path` alone."
+        )
+    if data.path is not None:
+        _check_conversations(data, _ONE_FORMAT_ONLY)
+        _check_files(data, check_paths)
+    elif segmentation is None:
+        raise ConfigError(
+            "`data` needs `path` (conversations) and/or `segmentation` (referring-segmentation records): set one."
+        )
+    else:
+        if data.max_length is not None:
+            check_count(data.max_length, "data.max_length")
+        defaults = {f.name: f.default for f in dataclasses.fields(data)}
+        for key in _PATH_KEYS:
+            if getattr(data, key) != defaults[key]:
+                raise ConfigError(
+                    f"`data.{key}` applies to the records of `data.path`, which is not set (stage 3 trains on "
+                    "`data.segmentation` alone): drop it (`data.segmentation` has its own `image_folder`, `split`, "
+                    "`data_files`, `on_error` and `verify_images`)."
+                )
+    if segmentation is not None:
+        check_segmentation_data(segmentation, check_paths)
+
+
+def check_segmentation_data(data: SegmentationDataConfig, check_paths: bool):
+    """The referring-segmentation source of stage 3: the keys its format reads, its prompt, and its files."""
+    where = "data.segmentation"
+    defaults = {f.name: f.default for f in dataclasses.fields(data)}
+    for key, formats in _SEGMENTATION_FORMATS_ONLY.items():
+        if data.format not in formats and getattr(data, key) != defaults[key]:
+            names = " and ".join(f"`{name}`" for name in formats)
+            raise ConfigError(
+                f"`{where}.{key}` applies to the {names} format{'s' if len(formats) > 1 else ''} only; "
+                f"`{where}.format` is `{data.format}`, which ignores it: drop it."
+            )
+    if data.format == "refcoco":
+        for key, what in _REFCOCO_NEEDS.items():
+            if getattr(data, key) is None:
+                raise ConfigError(f"`{where}.format` `refcoco` needs `{where}.{key}`: {what}.")
+    if data.prompt is not None and "{expression}" not in data.prompt:
+        raise ConfigError(
+            f"`{where}.prompt` {data.prompt!r} does not hold `{{expression}}`, where each referring expression goes, "
+            "so every request would read the same: as in 'Please segment: {expression}'."
+        )
+    if not check_paths:
+        return
+    if data.format == "hub":
+        from ..data import is_local_path
+
+        if is_local_path(data.path) and not os.path.exists(data.path):
+            raise FileNotFoundError(f"`{where}.path`: no such dataset folder: {data.path}")
+        return
+    files = {"path": data.path, "instances": data.instances}
+    for key, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"`{where}.{key}`: no such file: {path}")
+    if data.image_folder is not None and not os.path.isdir(data.image_folder):
+        raise FileNotFoundError(f"`{where}.image_folder`: no such folder: {data.image_folder}")
 
 
 def check_template(template: str, key: str, what: str, example: str):

@@ -9,9 +9,18 @@ from .schema import EXPECTED_MODEL_TYPE, PretrainModelConfig, SFTModelConfig, To
 from .setok_config import check_setok_config
 from .typed_yaml import ConfigError
 
-__all__ = ["check_pretrain_model", "check_sft_model", "check_source", "check_tokenizer_model", "has_concept_contrast"]
+__all__ = [
+    "MASK_DECODER_SIZES",
+    "check_pretrain_model",
+    "check_sft_model",
+    "check_source",
+    "check_tokenizer_model",
+    "has_concept_contrast",
+    "mask_decoder_sizes",
+]
 
 RECONSTRUCTION_HEAD = "SetokForImageReconstruction"  # the stage-1 model: SeTok with its detokenizer and losses
+MASK_DECODER_SIZES = ("width", "depth", "heads")  # `model.mask_decoder_<size>`, SetokimConfig's `mask_decoder_<size>`
 
 
 def check_source(value: str | None, key: str, check_paths: bool):
@@ -119,7 +128,21 @@ def check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
         )
 
 
-def check_sft_model(model: SFTModelConfig, check_paths: bool):
+def mask_decoder_sizes(model: SFTModelConfig) -> dict[str, int]:
+    """The sizes of the mask decoder `model.train_mask_decoder` adds: the section's, else SetokimConfig's defaults
+    (keyword arguments of `add_mask_decoder`)."""
+    sizes = {name: getattr(model, f"mask_decoder_{name}") for name in MASK_DECODER_SIZES}
+    return {name: _default_size(name) if value is None else value for name, value in sizes.items()}
+
+
+def _default_size(name: str) -> int:
+    from ...modeling import SetokimConfig
+
+    return getattr(SetokimConfig, f"mask_decoder_{name}")
+
+
+def check_sft_model(model: SFTModelConfig, check_paths: bool) -> SavedModelConfig | None:
+    """The stage-3 `model` section; with `check_paths`, returns the `init_from` checkpoint's config (read once)."""
     if model.lora is False and (model.qlora or model.merge_adapters):
         flag = "qlora" if model.qlora else "merge_adapters"
         raise ConfigError(f"`model.{flag}` needs LoRA adapters: set `model.lora` to true or to LoraConfig overrides.")
@@ -127,8 +150,51 @@ def check_sft_model(model: SFTModelConfig, check_paths: bool):
         from ..sft_trainer import setokim_lora_config
 
         try:
-            setokim_lora_config(**model.lora)
+            lora = setokim_lora_config(**model.lora)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"`model.lora` (LoraConfig overrides): {error}") from error
-    if check_paths:
-        SavedModelConfig.read(model.init_from, "model.init_from").require(EXPECTED_MODEL_TYPE["sft"])
+        if model.train_mask_decoder and "mask_decoder" not in (lora.modules_to_save or []):
+            raise ConfigError(
+                f"`model.lora` sets `modules_to_save` to {lora.modules_to_save!r}, without `mask_decoder`: under LoRA "
+                "the decoder that `model.train_mask_decoder` trains would stay frozen. Add 'mask_decoder' to it."
+            )
+    written = _check_mask_decoder(model)
+    if not check_paths:
+        return None
+    saved = SavedModelConfig.read(model.init_from, "model.init_from").require(EXPECTED_MODEL_TYPE["sft"])
+    if saved.has_mask_decoder:
+        for name, value in written.items():
+            has = saved.mask_decoder_sizes.get(name) or _default_size(name)
+            if value != has:
+                raise ConfigError(
+                    f"`model.mask_decoder_{name}` is {value}, but `model.init_from` {model.init_from} already has a "
+                    f"mask decoder, of {name} {has}, which is trained as it is: drop the key (or write {has})."
+                )
+    return saved
+
+
+def _check_mask_decoder(model: SFTModelConfig) -> dict[str, int]:
+    """The mask decoder's keys; returns the sizes the section writes."""
+    written = {
+        name: getattr(model, f"mask_decoder_{name}")
+        for name in MASK_DECODER_SIZES
+        if getattr(model, f"mask_decoder_{name}") is not None
+    }
+    for name, value in written.items():
+        check_count(value, f"model.mask_decoder_{name}")
+    check_not_negative(model.mask_loss_weight, "model.mask_loss_weight")
+    if written and not model.train_mask_decoder:
+        raise ConfigError(
+            f"`model.mask_decoder_{next(iter(written))}` sizes the mask decoder that `model.train_mask_decoder: true` "
+            "adds, and that is false here: drop the key (or set `model.train_mask_decoder: true`)."
+        )
+    if model.train_mask_decoder:
+        from ...modeling import SetokimConfig
+
+        sizes = mask_decoder_sizes(model)
+        try:  # the model config's own rules for the sizes, which the decoder's layers need
+            SetokimConfig(use_mask_decoder=True, **{f"mask_decoder_{name}": v for name, v in sizes.items()})
+        except ValueError as error:
+            keys = " and ".join(f"`model.mask_decoder_{name}` ({sizes[name]})" for name in ("width", "heads"))
+            raise ConfigError(f"{keys}: {error}") from error
+    return written

@@ -3,7 +3,7 @@ configs and runners (its model type, its head, whether it has a concept contrast
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .typed_yaml import ConfigError
 
@@ -25,6 +25,9 @@ class SavedModelConfig:
     architectures: tuple[str, ...]
     has_text_config: bool  # SeTok: a text encoder, so a concept contrast
     has_generation_head: bool  # Setokim
+    has_mask_decoder: bool = False  # Setokim
+    # Setokim: the saved `mask_decoder_width` / `_depth` / `_heads` (None where config.json leaves one out)
+    mask_decoder_sizes: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: str, key: str) -> "SavedModelConfig":
@@ -53,6 +56,8 @@ class SavedModelConfig:
             architectures=tuple(str(name) for name in architectures),
             has_text_config=saved.get("text_config") is not None,
             has_generation_head=bool(saved.get("use_generation_head")),
+            has_mask_decoder=bool(saved.get("use_mask_decoder")),
+            mask_decoder_sizes={name: saved.get(f"mask_decoder_{name}") for name in ("width", "depth", "heads")},
         )
 
     @staticmethod

@@ -19,6 +19,7 @@ __all__ = [
     "PretrainModelConfig",
     "SFTDataConfig",
     "SFTModelConfig",
+    "SegmentationDataConfig",
     "StageConfig",
     "TokenizerDataConfig",
     "TokenizerModelConfig",
@@ -82,6 +83,14 @@ class SFTModelConfig:
     qlora: bool = False
     merge_adapters: bool = False
     dtype: DTYPE | None = None
+    # Referring segmentation (`data.segmentation`): true trains the mask decoder, adding a fresh one of these sizes
+    # (default 256 wide, 2 deep, 8 heads) when the model has none; false leaves a decoder the model has frozen. A size
+    # written for a model that has a decoder must be that decoder's.
+    train_mask_decoder: bool = False
+    mask_decoder_width: int | None = None
+    mask_decoder_depth: int | None = None
+    mask_decoder_heads: int | None = None
+    mask_loss_weight: float = 1.0  # the mask decoder's loss (focal + dice + IoU) next to the LM loss
 
 
 @dataclass
@@ -132,10 +141,29 @@ class PretrainDataConfig:
 
 
 @dataclass
-class SFTDataConfig:
-    """Stage 3: LLaVA JSON (`llava`) or a dataset with `images` and `messages` columns (`hub`)."""
+class SegmentationDataConfig:
+    """Stage 3's referring-segmentation records (`data.segmentation`), mixed with the conversations of `data.path`:
+    a JSONL file (`jsonl`, `load_segmentation_jsonl`), RefCOCO's refs pickle with its COCO `instances` JSON
+    (`refcoco`, `load_refcoco`), or a dataset with image, expression (or messages) and mask columns (`hub`: a Hub id
+    or a dataset folder, `load_segmentation_dataset`)."""
 
-    path: str | list[str]
+    path: str
+    format: Literal["jsonl", "refcoco", "hub"] = "jsonl"
+    instances: str | None = None  # refcoco only: the COCO instances.json beside the refs pickle
+    image_folder: str | None = None  # jsonl and refcoco: image (and mask) paths are relative to it
+    split: str = "train"  # refcoco and hub
+    data_files: str | list[str] | None = None  # hub only: the files of a builder `path` (parquet, json, ...)
+    on_error: ON_ERROR = "fail"
+    verify_images: bool = False
+    prompt: str | None = None  # the request around `{expression}`; sets the processor's `segmentation_prompt`
+
+
+@dataclass
+class SFTDataConfig:
+    """Stage 3: LLaVA JSON (`llava`) or a dataset with `images` and `messages` columns (`hub`), and/or
+    referring-segmentation records (`segmentation`): `path` may be left out when `segmentation` is given."""
+
+    path: str | list[str] | None = None
     format: Literal["llava", "hub", "webdataset"] = "llava"
     image_folder: str | None = None
     split: str = "train"
@@ -151,6 +179,7 @@ class SFTDataConfig:
         None  # webdataset only: record field -> tar member, e.g. {"image": "png"}
     )
     max_length: int | None = None
+    segmentation: SegmentationDataConfig | None = None
 
 
 @dataclass

@@ -3,7 +3,7 @@ two. Which checks run is decided by the stage alone."""
 
 from .data_checks import check_pretrain_data, check_sft_data, check_tokenizer_data
 from .model_checks import check_pretrain_model, check_sft_model, check_tokenizer_model
-from .schema import StageConfig
+from .schema import SFTModelConfig, StageConfig
 from .typed_yaml import ConfigError
 
 __all__ = ["check_stage"]
@@ -46,8 +46,39 @@ def _check_pretrain_stage(config: StageConfig, check_paths: bool):
 
 
 def _check_sft_stage(config: StageConfig, check_paths: bool):
-    check_sft_model(config.model, check_paths)
-    check_sft_data(config.data, check_paths)
+    model, data = config.model, config.data
+    saved = check_sft_model(model, check_paths)
+    check_sft_data(data, check_paths)
+    if data.segmentation is None:
+        if model.train_mask_decoder:
+            raise ConfigError(
+                "`model.train_mask_decoder` trains the mask decoder on referring-segmentation records: set "
+                "`data.segmentation` (or drop `model.train_mask_decoder`)."
+            )
+        if model.mask_loss_weight != SFTModelConfig.mask_loss_weight:
+            raise ConfigError(
+                "`model.mask_loss_weight` weighs the mask loss of `data.segmentation` records, and this config has "
+                "none: drop it (or set `data.segmentation`)."
+            )
+    if saved is None:  # without `check_paths`: what the checkpoint holds is not known
+        return
+    if data.segmentation is not None and not model.train_mask_decoder and not saved.has_mask_decoder:
+        raise ConfigError(
+            f"`data.segmentation` needs a mask decoder, and `model.init_from` {model.init_from} has none: set "
+            "`model.train_mask_decoder: true` to add one and train it."
+        )
+    if (
+        model.train_mask_decoder
+        and not saved.has_mask_decoder
+        and model.lora is not False
+        and not model.merge_adapters
+    ):
+        raise ConfigError(
+            f"`model.train_mask_decoder` adds a mask decoder to `model.init_from` {model.init_from}, which has none, "
+            "so the LoRA adapter saved in output_dir/final would not load onto init_from: set "
+            "`model.merge_adapters: true` (output_dir/merged is then a whole Setokim with the decoder), or "
+            "`model.lora: false`."
+        )
 
 
 _STAGE_CHECKS = {"tokenizer": _check_tokenizer_stage, "pretrain": _check_pretrain_stage, "sft": _check_sft_stage}

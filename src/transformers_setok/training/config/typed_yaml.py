@@ -25,6 +25,7 @@ __all__ = [
     "field_types",
     "matches",
     "merge",
+    "nested_section",
     "read_yaml",
 ]
 
@@ -125,11 +126,27 @@ def did_you_mean(key, names, most: int = 8) -> str:
 
 
 def build_section(cls, raw, where: str):
+    """The dataclass `cls` from the YAML mapping `raw` of the section `where`, keys and types checked. A field
+    annotated with a dataclass (or a dataclass or None) is a nested section: its mapping is built the same way,
+    its keys named `where.field.key` in errors."""
     check_keys(raw, cls, where)
     hints = typing.get_type_hints(cls)
+    values = {}
     for key, value in raw.items():
-        check_type(value, hints[key], dotted(where, key))
-    return cls(**raw)
+        section = nested_section(hints[key])
+        if section is not None and isinstance(value, dict):
+            values[key] = build_section(section, value, dotted(where, key))
+        else:
+            check_type(value, hints[key], dotted(where, key))
+            values[key] = value
+    return cls(**values)
+
+
+def nested_section(annotation):
+    """The dataclass a field of that annotation holds as a nested section (`Section` or `Section | None`), or None."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else ()
+    sections = [arg for arg in options or (annotation,) if isinstance(arg, type) and dataclasses.is_dataclass(arg)]
+    return sections[0] if len(sections) == 1 else None
 
 
 def field_types(cls) -> dict:
@@ -219,4 +236,6 @@ def describe(annotation) -> str:
         return "a list" + (f" of {len(args)} items" if args and args[-1] is not Ellipsis else "")
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return "one of " + ", ".join(repr(member.value) for member in annotation)
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return "a mapping with the keys " + ", ".join(f.name for f in dataclasses.fields(annotation) if f.init)
     return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
