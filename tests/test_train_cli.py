@@ -640,6 +640,21 @@ BAD_INPUTS = {
     "negative diffusion weight": Bad(
         "pretrain", _head(diffusion_loss_weight=-1), r"`model.diffusion_loss_weight` must be >= 0, got -1"
     ),
+    "condition dropout above 1": Bad(
+        "pretrain",
+        _head(condition_text_dropout=1.5),
+        r"`model.condition_text_dropout` must lie in \[0, 1\], got 1.5",
+    ),
+    "condition dropouts summing past 1": Bad(
+        "pretrain",
+        _head(condition_text_dropout=0.6, condition_both_dropout=0.6),
+        r"are exclusive cases of one draw: their sum must be at most 1, got 1.2",
+    ),
+    "condition dropout without the head": Bad(
+        "pretrain",
+        _set("model", "condition_image_dropout", 0.1),
+        r"`model.condition_\*_dropout` trains classifier-free guidance of the generation head",
+    ),
     # Checked even when the head is not trained: a value nothing reads is still a mistake worth naming.
     "head width 0 without the head": Bad(
         "pretrain", _set("model", "generation_head_width", 0), r"`model.generation_head_width` must be a positive"
@@ -1421,7 +1436,9 @@ def test_pretrain_stage_trains_a_new_generation_head(tmp_path, image_text, setok
     assert trainer_state(tmp_path / "again")["global_step"] == 1
 
 
-def test_pretrain_stage_adds_a_head_to_a_saved_setokim(tmp_path, image_text, setokim_dir, setok_dir):
+def test_pretrain_stage_adds_a_head_to_a_saved_setokim(tmp_path, image_text, setokim_dir, setok_dir, monkeypatch):
+    from transformers_setok.training import setokim_trainer
+
     config = {
         "stage": "pretrain",
         "output_dir": str(tmp_path / "run-pretrain"),
@@ -1431,11 +1448,21 @@ def test_pretrain_stage_adds_a_head_to_a_saved_setokim(tmp_path, image_text, set
             "train_generation_head": True,
             "generation_head_width": 32,
             "generation_head_depth": 1,
+            "condition_text_dropout": 0.25,
+            "condition_both_dropout": 0.5,
         },
         "data": {"path": str(image_text), "captioning": False, "text_to_image": True},
         "training": dict(CPU_TRAINING, max_steps=1),
     }
+    dropouts = []
+    condition_dropout = setokim_trainer.SetokimInputsMixin._condition_dropout
+    monkeypatch.setattr(
+        setokim_trainer.SetokimInputsMixin,
+        "_condition_dropout",
+        lambda self: dropouts.append(condition_dropout(self)) or dropouts[-1],
+    )
     train("pretrain", write_config(tmp_path / "pretrain.yaml", config))
+    assert {(d.text, d.image, d.both) for d in dropouts} == {(0.25, 0.0, 0.5)}  # the YAML keys reach the trainer
     state = trainer_state(config["output_dir"])
     assert state["global_step"] == 1 and "diffusion_loss" in state["log_history"][0]
     model = SetokimForConditionalGeneration.from_pretrained(Path(config["output_dir"]) / "final")

@@ -16,38 +16,52 @@ from dataclasses import dataclass
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from ..generation.conditions import tokens_in_spans, user_text_spans
 from ..modeling.placeholders_setokim import IGNORE_INDEX, expand_image_placeholders
 
 # --------------------------------------------------------------------------------------------------------------------
 # Step 1: the collator (CPU, data workers)
 
 
-def tokenize_conversation(processor, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """One chat -> (input_ids, labels), each image still one `<image>` placeholder.
+def tokenize_conversation(
+    processor, messages: list[dict], *, condition_text: bool = False
+) -> tuple[list[int], list[int]] | tuple[list[int], list[int], list[bool]]:
+    """One chat -> (input_ids, labels), each image still one `<image>` placeholder; with `condition_text=True` also
+    one flag per token, True on the user turns' text (`generation.user_text_spans`: what condition dropout removes).
 
     Labels copy the ids inside the template's `{% generation %}` spans (the assistant turns, their eos included) and
-    are IGNORE_INDEX elsewhere: an image in a user turn is an input, an image in an assistant turn a target. The text is tokenized exactly as `processor(text=rendered_chat)` would (a BOS is added
-    unless the template wrote one), so training sees the ids inference sees.
+    are IGNORE_INDEX elsewhere: an image in a user turn is an input, an image in an assistant turn a target. The text
+    is tokenized exactly as `processor(text=rendered_chat)` would (a BOS is added unless the template wrote one), so
+    training sees the ids inference sees.
     """
     tokenizer = processor.tokenizer
-    texts, spans = render_jinja_template(
-        conversations=[messages],
-        chat_template=processor.chat_template,
-        return_assistant_tokens_mask=True,
-        **tokenizer.special_tokens_map,
-    )
-    text, spans = texts[0], spans[0]
+
+    def render(chat):
+        texts, spans = render_jinja_template(
+            conversations=[chat],
+            chat_template=processor.chat_template,
+            return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
+        )
+        return texts[0], spans[0]
+
+    text, spans = render(messages)
     starts_with_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     encoded = tokenizer(text, add_special_tokens=not starts_with_bos, return_offsets_mapping=True)
-    labels = []
-    for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-        # A token is a target when its characters overlap an assistant span (a BPE token " a" that starts one
-        # character early still counts); zero-width tokens (an added BOS) overlap nothing.
-        in_assistant_turn = any(start < span_end and end > span_start for span_start, span_end in spans)
-        # A placeholder inside an assistant turn keeps its id as label: it marks an image the model must draw, whose
-        # whole `[Img] ... [/Img]` block `expand_image_placeholders` turns into targets.
-        labels.append(token_id if in_assistant_turn else IGNORE_INDEX)
-    return encoded["input_ids"], labels
+    # A token is a target when its characters overlap an assistant span (a BPE token " a" that starts one character
+    # early still counts); zero-width tokens (an added BOS) overlap nothing.
+    in_assistant_turn = tokens_in_spans(encoded["offset_mapping"], spans)
+    # A placeholder inside an assistant turn keeps its id as label: it marks an image the model must draw, whose whole
+    # `[Img] ... [/Img]` block `expand_image_placeholders` turns into targets.
+    labels = [
+        token_id if target else IGNORE_INDEX for token_id, target in zip(encoded["input_ids"], in_assistant_turn)
+    ]
+    if not condition_text:
+        return encoded["input_ids"], labels
+    _, text_spans = user_text_spans(lambda chat: render(chat)[0], messages, rendered=text)
+    flags = tokens_in_spans(encoded["offset_mapping"], text_spans)
+    flags = [flag and token_id != processor.image_token_id for flag, token_id in zip(flags, encoded["input_ids"])]
+    return encoded["input_ids"], labels, flags
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], value: int, padding_side: str) -> torch.Tensor:
@@ -73,6 +87,16 @@ def _images_of(example: Mapping) -> list:
     if example.get("image") is not None:
         return [example["image"]]
     return []
+
+
+def _draws_an_image(messages: list[dict]) -> bool:
+    """Whether a chat asks for an image: an image part in an assistant turn."""
+    return any(
+        message.get("role") == "assistant"
+        and not isinstance(message.get("content"), str)
+        and any(isinstance(part, dict) and part.get("type") == "image" for part in message.get("content") or [])
+        for message in messages
+    )
 
 
 def segmentation_messages(processor, example: Mapping) -> list[dict]:
@@ -117,6 +141,11 @@ class SetokimChatCollator:
     bool (those answer placeholders), `target_masks` `(S, H, W)` bool (each object's mask at `pixel_values`'
     resolution, transformed with its image) and `mask_image_index` `(S,)` (its image among `pixel_values`).
 
+    When a sample draws an image (an image part in an assistant turn; text-to-image, an edit), the batch also holds
+    its condition, which `prepare_step` may drop (classifier-free guidance's training): `condition_text` `(B, T)`
+    bool, the tokens of the user turns' text (`generation.user_text_spans`), and `condition_images` `(B, T)` bool,
+    the placeholders of the images in its user turns (an edit's source image). Both are False in other samples.
+
     `max_length` never truncates (that would cut image placeholders or answers): a longer sample is an error. It
     bounds the unexpanded length; `expand_image_placeholders(max_length=...)` and the model check the final one.
     """
@@ -133,6 +162,8 @@ class SetokimChatCollator:
 
     def __call__(self, examples: list[Mapping]) -> dict[str, torch.Tensor]:
         input_ids, labels, answers, images = [], [], [], []
+        condition_text, condition_images = [], []  # per token; all False outside samples that draw
+        drawing = False
         objects = []  # (image index in the batch, image, mask) of each segmentation record
         for index, example in enumerate(examples):
             segmentation = example.get("mask") is not None
@@ -143,8 +174,18 @@ class SetokimChatCollator:
                     "images: an expression is segmented in exactly one image."
                 )
             messages = segmentation_messages(self.processor, example) if segmentation else example["messages"]
-            ids, sample_labels = tokenize_conversation(self.processor, messages)
+            draws = not segmentation and _draws_an_image(messages)
+            drawing |= draws
+            ids, sample_labels, *text_flags = tokenize_conversation(self.processor, messages, condition_text=draws)
             self._check_sample(index, ids, sample_labels, len(sample_images) + segmentation)
+            # A drawing sample's condition: its user text, and the images of its user turns (an edit's source).
+            condition_text.append(text_flags[0] if draws else [False] * len(ids))
+            condition_images.append(
+                [
+                    draws and token == self.processor.image_token_id and label == IGNORE_INDEX
+                    for token, label in zip(ids, sample_labels)
+                ]
+            )
             # The answer's placeholder is the sample's last: the assistant turn that closes the chat holds it.
             answer = [False] * len(ids)
             if segmentation:
@@ -162,6 +203,9 @@ class SetokimChatCollator:
         }
         if images:
             batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        if drawing:
+            batch["condition_text"] = pad_sequences(condition_text, 0, self.padding_side).bool()
+            batch["condition_images"] = pad_sequences(condition_images, 0, self.padding_side).bool()
         if objects:
             batch["segmentation_answers"] = pad_sequences(answers, 0, self.padding_side).bool()
             image_index, object_images, masks = zip(*objects)

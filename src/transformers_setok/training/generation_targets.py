@@ -12,15 +12,77 @@ image (`step_inputs.prepare_step` puts these pieces together once SeTok has run 
                                                velocity get_velocity(x0, eps, t) (or eps)
 
 The model conditions its head on the LLM's hidden state at each hidden position and returns its prediction; the
-trainer's loss is the MSE against the target. The schedule is a diffusers scheduler built from the model's config, the same
+trainer's loss is the MSE against the target. For classifier-free guidance a drawing sample's condition is sometimes
+dropped before all this (`ConditionDropout`: its user text, an edit's source image, or both, removed from the chat),
+so the head also learns the null condition the sampler's unconditional pass reads. The schedule is a diffusers scheduler built from the model's config, the same
 one `transformers_setok.pipelines.SetokimTextToImagePipeline` samples with (`transformers_setok.generation`).
 """
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["draw_noise", "estimate_token_scale", "image_target_flags", "prediction_target", "sample_hidden_tokens"]
+__all__ = [
+    "ConditionDropout",
+    "draw_condition_drops",
+    "draw_noise",
+    "estimate_token_scale",
+    "image_target_flags",
+    "prediction_target",
+    "sample_hidden_tokens",
+]
+
+
+@dataclass(frozen=True)
+class ConditionDropout:
+    """InstructPix2Pix's condition dropout for a sample that draws an image: with probability `text` its condition
+    text alone is dropped, with `image` its source images alone (an edit's), with `both` the two. A text-to-image
+    sample, which has no source image, so loses its text with probability `text + both`. Each lies in [0, 1] and
+    they sum to at most 1; all 0 (the default) drops nothing and draws nothing from the generator.
+
+    The trainer's settings of the same meaning are `condition_text_dropout`, `condition_image_dropout` and
+    `condition_both_dropout` (`SetokimInputsMixin`)."""
+
+    text: float = 0.0
+    image: float = 0.0
+    both: float = 0.0
+
+    def __post_init__(self):
+        for field in ("text", "image", "both"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(
+                    f"`condition_{field}_dropout` (ConditionDropout.{field}) must be a probability in [0, 1], got "
+                    f"{value!r}."
+                )
+        total = self.text + self.image + self.both
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                "`condition_text_dropout`, `condition_image_dropout` and `condition_both_dropout` are the "
+                f"probabilities of three exclusive cases and must sum to at most 1, got {total:g}."
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.text + self.image + self.both > 0
+
+
+def draw_condition_drops(
+    num_samples: int, dropout: ConditionDropout, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `num_samples` samples: `(drop_text, drop_image)`, each `(num_samples,)` bool, one uniform draw per sample
+    deciding among text alone, image alone, both and neither (see `ConditionDropout`). Draws nothing when
+    `dropout` is inactive, so a run without dropout keeps every later draw of its generator."""
+    if not dropout.active:
+        none = torch.zeros(num_samples, dtype=torch.bool)
+        return none, none.clone()
+    u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
+    text_only = u < dropout.text
+    image_only = (u >= dropout.text) & (u < dropout.text + dropout.image)
+    both = (u >= dropout.text + dropout.image) & (u < math.fsum((dropout.text, dropout.image, dropout.both)))
+    return text_only | both, image_only | both
 
 
 @torch.no_grad()

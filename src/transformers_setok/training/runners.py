@@ -371,6 +371,9 @@ def run_pretrain_stage(
         generation_mask_ratio_min=config.model.generation_mask_ratio_min,
         diffusion_noise_repeats=config.model.diffusion_noise_repeats,
         diffusion_loss_weight=config.model.diffusion_loss_weight,
+        condition_text_dropout=config.model.condition_text_dropout,
+        condition_image_dropout=config.model.condition_image_dropout,
+        condition_both_dropout=config.model.condition_both_dropout,
         callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
     return _train_and_save(trainer, config, resume_from_checkpoint, overwrite)

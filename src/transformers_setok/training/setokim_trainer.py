@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .._checks import check_positive_int
 from ..generation import noise_scheduler_for
 from ..modeling import SetokimForConditionalGeneration
-from .generation_targets import estimate_token_scale
+from .generation_targets import ConditionDropout, estimate_token_scale
 from .loss_terms import LossTermsMixin
 from .step_inputs import DiffusionSettings, SetokimStepInputs, prepare_step
 
@@ -50,9 +50,17 @@ class SetokimInputsMixin(LossTermsMixin):
     `diffusion_loss_weight` x the head's MSE, logged as `diffusion_loss`. Referring-segmentation records add
     `mask_loss_weight` x the mask decoder's loss (its own 20 x focal + dice + IoU terms, `config.mask_*_weight`), a
     mean over the objects of the whole accumulated step on all processes, logged as `mask_loss` and its three terms.
+    With `condition_*_dropout` above 0, training steps drop the condition of some drawing samples (the text of the
+    chat, an edit's source image), drawn with the step's generator: the null condition of classifier-free guidance.
     """
 
     generation_mask_ratio_min: float = 0.7  # MAR: 70-100 % of a target image's tokens hidden
+    # Classifier-free guidance's training (InstructPix2Pix's three cases, see `ConditionDropout`): per drawing sample
+    # of a training step, the probability that its user text alone, its source image alone (an edit), or both are
+    # dropped from its chat. Evaluation drops nothing.
+    condition_text_dropout: float = 0.0
+    condition_image_dropout: float = 0.0
+    condition_both_dropout: float = 0.0
     diffusion_noise_repeats: int = 4  # noise draws per hidden token (MAR's diffusion batch multiplier)
     diffusion_loss_weight: float = 1.0
     mask_loss_weight: float = 1.0
@@ -146,7 +154,7 @@ class SetokimInputsMixin(LossTermsMixin):
             self.processing_class,
             padding_side=getattr(collator, "padding_side", "right"),
             max_length=getattr(collator, "max_length", None),
-            diffusion=self._diffusion_settings(unwrapped),
+            diffusion=self._diffusion_settings(unwrapped, training=micro_batch is not None),
             generator=self._diffusion_generator(micro_batch),
             others_read_images=others_read_images,
         )
@@ -230,7 +238,9 @@ class SetokimInputsMixin(LossTermsMixin):
         low, high = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).tolist()
         return torch.Generator().manual_seed(high << 32 | low)
 
-    def _diffusion_settings(self, model) -> DiffusionSettings | None:
+    def _diffusion_settings(self, model, training: bool = False) -> DiffusionSettings | None:
+        """The generation settings of one batch; `training`: a batch of a training step, whose conditions may be
+        dropped (an evaluation's never are, so its loss is the conditional one)."""
         if getattr(model, "generation_head", None) is None:
             return None
         if getattr(self, "_diffusion_scheduler", None) is None:
@@ -240,13 +250,20 @@ class SetokimInputsMixin(LossTermsMixin):
             token_scale=model.config.generation_token_scale or 1.0,
             mask_ratio_min=self.generation_mask_ratio_min,
             noise_repeats=self.diffusion_noise_repeats,
+            condition_dropout=self._condition_dropout() if training else None,
+        )
+
+    def _condition_dropout(self) -> ConditionDropout:
+        return ConditionDropout(
+            text=self.condition_text_dropout, image=self.condition_image_dropout, both=self.condition_both_dropout
         )
 
 
 class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
     """`Trainer` for stage 2. `processing_class` must be the `SetokimProcessor`; `new_token_ids` default to the
     config's image, `[Img]` and `[/Img]` ids. `generation_mask_ratio_min`, `diffusion_noise_repeats` and
-    `diffusion_loss_weight` set the generation loss (see `SetokimInputsMixin`)."""
+    `diffusion_loss_weight` set the generation loss, `condition_text_dropout`, `condition_image_dropout` and
+    `condition_both_dropout` the condition dropout of classifier-free guidance (see `SetokimInputsMixin`)."""
 
     def __init__(
         self,
@@ -259,6 +276,9 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         generation_mask_ratio_min: float = 0.7,
         diffusion_noise_repeats: int = 4,
         diffusion_loss_weight: float = 1.0,
+        condition_text_dropout: float = 0.0,
+        condition_image_dropout: float = 0.0,
+        condition_both_dropout: float = 0.0,
         **kwargs,
     ):
         if not isinstance(model, SetokimForConditionalGeneration):
@@ -279,6 +299,10 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         self.generation_mask_ratio_min = generation_mask_ratio_min
         self.diffusion_noise_repeats = diffusion_noise_repeats
         self.diffusion_loss_weight = diffusion_loss_weight
+        self.condition_text_dropout = condition_text_dropout
+        self.condition_image_dropout = condition_image_dropout
+        self.condition_both_dropout = condition_both_dropout
+        self._condition_dropout()  # checks the three probabilities now rather than at the first step
         self.new_token_ids = sorted(
             set(new_token_ids or (config.image_token_id, config.boi_token_id, config.eoi_token_id))
         )

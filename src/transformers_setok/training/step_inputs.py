@@ -4,6 +4,9 @@ The collator cannot know the image token counts (only SeTok does), so a collated
 `pixel_values` and labels. `prepare_step` turns it into what the model takes, and what the generation head must
 predict, in this order:
 
+    0. dropout     with `DiffusionSettings.condition_dropout`, a drawing sample's condition (`condition_text`,
+                   `condition_images` from the collator) may be removed: its tokens cut from the row (re-padded), a
+                   dropped source image's pixels too, so SeTok never sees it (classifier-free guidance's training)
     1. flags       which images are targets (a placeholder inside an assistant turn: an image to draw); a
                    referred object's answer placeholder (`segmentation_answers`) stands for no image
     2. SeTok       `model.get_image_features(pixel_values)` once for every image of the step: tokens and counts;
@@ -29,10 +32,19 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..modeling.diffusion_head_setokim import repeat_noise_draws
-from .generation_targets import draw_noise, image_target_flags, prediction_target, sample_hidden_tokens
+from ..modeling.placeholders_setokim import IGNORE_INDEX
+from .generation_targets import (
+    ConditionDropout,
+    draw_condition_drops,
+    draw_noise,
+    image_target_flags,
+    prediction_target,
+    sample_hidden_tokens,
+)
 from .segmentation_targets import object_token_counts
 
 __all__ = [
+    "ConditionDropout",
     "DiffusionSettings",
     "DiffusionTargets",
     "SetokimStepInputs",
@@ -47,12 +59,14 @@ __all__ = [
 class DiffusionSettings:
     """How a step's target images become the generation head's inputs: the model's noise `scheduler`
     (`transformers_setok.generation.noise_scheduler_for`), the `token_scale` applied to SeTok tokens, MAR's
-    `mask_ratio_min` and the `noise_repeats` R per hidden token."""
+    `mask_ratio_min`, the `noise_repeats` R per hidden token and the `condition_dropout` of drawing samples (None:
+    none, as in evaluation)."""
 
     scheduler: object
     token_scale: float = 1.0
     mask_ratio_min: float = 0.7
     noise_repeats: int = 4
+    condition_dropout: ConditionDropout | None = None
 
 
 @dataclass
@@ -165,7 +179,8 @@ def prepare_step(
     in `torch.no_grad()`: the projector runs inside `get_image_features` and must be trained; with every tower
     parameter frozen, autograd records nothing for the tower. `padding_side` should be the collator's (either side
     gives the same loss); `max_length` bounds the expanded rows (nothing is truncated). `diffusion` is required when
-    the batch holds images to draw; `generator` (a CPU `torch.Generator`) draws the masks, noise and timesteps.
+    the batch holds images to draw; `generator` (a CPU `torch.Generator`) draws the condition dropout, masks, noise
+    and timesteps, in that order (no dropout draws nothing, so its settings of 0 leave the other draws as they were).
 
     `others_read_images`: another process has images in its batch of this micro-step (the trainer asks them all).
     A batch without images then still runs SeTok and the projector, on one blank image whose features fill no
@@ -176,7 +191,14 @@ def prepare_step(
     batch = dict(batch)
     pixel_values = batch.pop("pixel_values", None)
     objects = {key: batch.pop(key) for key in ("target_masks", "mask_image_index") if key in batch}
+    conditions = {key: batch.pop(key) for key in ("condition_text", "condition_images") if key in batch}
     ids = special_token_ids(processor_or_ids)
+    # 0. condition dropout, before SeTok: a dropped source image is not encoded
+    dropout = diffusion.condition_dropout if diffusion is not None else None
+    if dropout is not None and dropout.active and conditions:
+        batch, pixel_values, objects = _drop_conditions(
+            batch, pixel_values, objects, conditions, dropout, generator, ids, padding_side
+        )
     expand = dict(padding_side=padding_side, pad_token_id=ids["pad_token_id"], max_length=max_length)
     if pixel_values is None and (objects or "segmentation_answers" in batch):
         raise ValueError("The batch has segmentation answers (`target_masks`) but no `pixel_values`: their images.")
@@ -246,6 +268,72 @@ def prepare_step(
         num_target_tokens=int(target_counts.sum()),
     )
     return SetokimStepInputs(expanded, targets)
+
+
+def _drop_conditions(batch, pixel_values, objects, conditions, dropout, generator, ids, padding_side: str):
+    """The collated batch with the dropped conditions cut out (`draw_condition_drops`, one draw per row): a dropped
+    text's tokens and a dropped source image's placeholder leave their row, which is re-padded; the image's pixels
+    leave `pixel_values` (and `mask_image_index` follows). Returns `(batch, pixel_values, objects)`."""
+    input_ids = batch["input_ids"]
+    flags = []
+    for key in ("condition_text", "condition_images"):
+        value = conditions.get(key)
+        if value is None:
+            value = torch.zeros_like(input_ids, dtype=torch.bool)
+        if value.shape != input_ids.shape or value.dtype != torch.bool:
+            raise ValueError(
+                f"`{key}` must be a bool tensor of `input_ids`' shape {tuple(input_ids.shape)}, got {value.dtype} "
+                f"{tuple(value.shape)}."
+            )
+        flags.append(value)
+    drop_text, drop_image = draw_condition_drops(len(input_ids), dropout, generator)
+    device = input_ids.device
+    removed = (flags[0] & drop_text.to(device)[:, None]) | (flags[1] & drop_image.to(device)[:, None])
+    real = batch.get("attention_mask", torch.ones_like(input_ids)).bool()
+    removed &= real
+    if not bool(removed.any()):
+        return batch, pixel_values, objects
+    images = (input_ids == ids["image_token_id"]) & real  # the placeholders of `pixel_values`, in order
+    if "segmentation_answers" in batch:
+        images &= ~batch["segmentation_answers"]
+    gone = removed[images].cpu()  # (N_images,)
+    if bool(gone.any()):
+        pixel_values = pixel_values[~gone.to(pixel_values.device)]
+        if "mask_image_index" in objects:  # a referred object's image is never a condition: it stays, renumbered
+            renumbered = (~gone).long().cumsum(0) - 1
+            index = objects["mask_image_index"]
+            objects = {**objects, "mask_image_index": renumbered.to(index.device)[index]}
+    return _without_tokens(batch, removed, real, padding_side, ids["pad_token_id"]), pixel_values, objects
+
+
+# What a collated `(B, T)` field is padded with once tokens are cut out of its rows.
+_PADDING = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "segmentation_answers": False}
+
+
+def _without_tokens(batch, removed, real, padding_side: str, pad_token_id: int) -> dict:
+    """`batch` with the `removed` `(B, T)` tokens cut out of every per-token field, rows re-padded on
+    `padding_side` to the longest that remains."""
+    shape = batch["input_ids"].shape
+    keep = real & ~removed
+    lengths = keep.sum(1).tolist()
+    width = max(lengths, default=0)
+    result = dict(batch)
+    result.setdefault("attention_mask", real.long())
+    for key, value in result.items():
+        if not torch.is_tensor(value) or value.shape != shape:
+            continue
+        if key not in _PADDING:
+            raise ValueError(
+                f"The batch field `{key}` has `input_ids`' shape, but condition dropout does not know how to pad it "
+                f"once tokens leave its rows (it pads {sorted(_PADDING)})."
+            )
+        pad = pad_token_id if _PADDING[key] is None else _PADDING[key]
+        padded = torch.full((shape[0], width), pad, dtype=value.dtype, device=value.device)
+        for row, length in enumerate(lengths):
+            start = 0 if padding_side == "right" else width - length
+            padded[row, start : start + length] = value[row][keep[row]]
+        result[key] = padded
+    return result
 
 
 def _answer_flags(batch: Mapping[str, torch.Tensor], image_token_id: int) -> torch.Tensor:

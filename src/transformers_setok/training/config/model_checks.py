@@ -102,6 +102,19 @@ def check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
         check_count(getattr(model, key), f"model.{key}")
     check_between(model.generation_mask_ratio_min, 0, 1, "model.generation_mask_ratio_min")
     check_not_negative(model.diffusion_loss_weight, "model.diffusion_loss_weight")
+    dropout = {kind: getattr(model, f"condition_{kind}_dropout") for kind in ("text", "image", "both")}
+    for kind, value in dropout.items():
+        check_between(value, 0, 1, f"model.condition_{kind}_dropout")
+    if sum(dropout.values()) > 1:
+        raise ConfigError(
+            "`model.condition_text_dropout`, `condition_image_dropout` and `condition_both_dropout` are exclusive "
+            f"cases of one draw: their sum must be at most 1, got {sum(dropout.values()):g}."
+        )
+    if any(dropout.values()) and not model.train_generation_head:
+        raise ConfigError(
+            "`model.condition_*_dropout` trains classifier-free guidance of the generation head: set "
+            "`model.train_generation_head: true`."
+        )
     if not check_paths:
         return
     if model.init_from is None:

@@ -70,6 +70,11 @@ class PretrainModelConfig:
     generation_mask_ratio_min: float = 0.7  # each target image hides 70-100 % of its tokens (MAR)
     diffusion_noise_repeats: int = 4  # noise draws per hidden token
     diffusion_loss_weight: float = 1.0
+    # Classifier-free guidance: the probability that a drawing sample's prompt text, an edit's source image, or both
+    # are dropped from its chat in a training step (InstructPix2Pix's three exclusive cases; their sum at most 1).
+    condition_text_dropout: float = 0.0
+    condition_image_dropout: float = 0.0
+    condition_both_dropout: float = 0.0
 
 
 @dataclass
