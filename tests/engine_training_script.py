@@ -4,7 +4,9 @@
 Usage: accelerate launch ... tests/engine_training_script.py OUT_DIR MODE[,MODE...]
 (DDP with ACCELERATE_USE_CPU=true; DeepSpeed without it; FSDP with SETOK_FSDP_CPU_SHIM=1, see tests/fsdp_cpu_shim.py)
 
-Modes: `sft_lora` (stage 3, LoRA), `sft_full` (stage 3, the whole LLM), `sft_full_tied` (the same with the LM head
+Modes: `tokenizer` (stage 1: SeTok's reconstruction and concept contrast, no discriminator), `tokenizer_discriminator`
+(stage 1 with the PatchGAN discriminator: only builds the trainer, and reports the error that refuses it, or None),
+`sft_lora` (stage 3, LoRA), `sft_full` (stage 3, the whole LLM), `sft_full_tied` (the same with the LM head
 tied to the input embeddings), `generation` (stage 2 with the generation head), `generation_llm` (the same training
 the whole LLM, as FSDP requires), `merge` (after `sft_lora`: `merge_adapters` on every process), `MODE_resume` (MODE
 twice: two steps saving a checkpoint after each, then step 2 again from checkpoint-1; `{mode}.pt` holds the
@@ -12,7 +14,10 @@ uninterrupted run's parameters). The records are read in order (no shuffle), one
 processes
     step 1: rank 0 has a text-only chat, rank 1 an image to read (sft) or to draw (generation)
     step 2: rank 0 reads an image, rank 1 draws one (generation) / reads one (sft)
-Each mode writes `{mode}.pt` (rank 0: the trained parameters in full, gathered under ZeRO-3 / FSDP) and
+and in stage 1 (`TOKENIZER_RECORDS`) each process has a photo of its own with one or two concepts, one of them shared
+across the processes in step 1, so the contrast gathers batches of other sizes and merges a text.
+Each mode writes `{mode}.pt` (rank 0: the trained parameters in full, gathered under ZeRO-3 / FSDP; `tokenizer` also
+its `save_model` checkpoint, `tokenizer_final/`) and
 `{mode}.rank{R}.json` (the losses, the batches' image flags, a digest of that rank's full parameters and the modules
 FSDP made units of).
 One process with `per_device_train_batch_size=2` trains on the same two records per step.
@@ -27,15 +32,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import assistant, tiny_processor, tiny_setokim, tiny_training_arguments, user
+from conftest import (
+    CONCEPT_WORDS,
+    TINY_TEXT_CONFIG,
+    assistant,
+    text_tokenizer,
+    tiny_config,
+    tiny_processor,
+    tiny_setokim,
+    tiny_training_arguments,
+    user,
+)
 from datasets import Dataset
 from PIL import Image
 from skimage import data
 from torch.utils.data import SequentialSampler
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from transformers_setok import SetokForImageReconstruction, SetokImageProcessor
 from transformers_setok.training.collators import SetokimChatCollator
 from transformers_setok.training.runners import end_process_group
+from transformers_setok.training.setok_trainer import SetokImageTextCollator, SetokTrainer, SetokTrainingArguments
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
 from transformers_setok.training.sft_trainer import (
     SetokimSFTTrainer,
@@ -80,6 +97,14 @@ def generation_records() -> list[dict]:
     return [text_only, drawn(PHOTOS[0], "a cat"), read, drawn(PHOTOS[2], "the cat")]
 
 
+# Stage 1, in the order the processes read them: step 1 rank 0 / rank 1 ("rocket" on both), step 2 rank 0 / rank 1.
+TOKENIZER_RECORDS = {"astronaut": ["man", "rocket"], "rocket": ["rocket"], "chelsea": ["cat"], "coffee": ["cup"]}
+
+
+def tokenizer_records() -> list[dict]:
+    return [{"images": [_image(photo)], "concepts": concepts} for photo, concepts in TOKENIZER_RECORDS.items()]
+
+
 class RecordingCollator(SetokimChatCollator):
     """Notes whether each batch reads an image and whether it draws one."""
 
@@ -87,6 +112,16 @@ class RecordingCollator(SetokimChatCollator):
         batch = super().__call__(examples)
         draws = bool((batch["labels"] == self.processor.image_token_id).any())
         self.seen = getattr(self, "seen", []) + [{"reads": "pixel_values" in batch, "draws": draws}]
+        return batch
+
+
+class RecordingImageTextCollator(SetokImageTextCollator):
+    """Notes the concepts of each stage-1 batch and how many distinct texts it holds."""
+
+    def __call__(self, records):
+        batch = super().__call__(records)
+        seen = {"concepts": [record["concepts"] for record in records], "texts": len(batch["concept_input_ids"])}
+        self.seen = getattr(self, "seen", []) + [seen]
         return batch
 
 
@@ -105,12 +140,39 @@ class OrderedPretrainTrainer(InOrder, SetokimPretrainTrainer):
     pass
 
 
+class OrderedSetokTrainer(InOrder, SetokTrainer):
+    pass
+
+
+def tokenizer_model(use_discriminator: bool = False) -> SetokForImageReconstruction:
+    """The tiny SeTok with the concept contrast's frozen text encoder (and the discriminator if asked)."""
+    text_config = dict(TINY_TEXT_CONFIG, vocab_size=len(CONCEPT_WORDS))
+    return SetokForImageReconstruction(tiny_config(text_config=text_config, use_discriminator=use_discriminator))
+
+
+def build_tokenizer_trainer(mode: str, out_dir: Path, common: dict) -> SetokTrainer:
+    # SeTok's merger has many gradient entries near 1e-6 (with eps=1e-6: one process against two moved them by up to
+    # 8e-6, next to the 1e-5 of the comparison); eps=1e-4 keeps it to the real updates, as `build_trainer` explains.
+    common = {**common, "adam_epsilon": 1e-4}
+    # The model before the arguments, as in every mode here: `TrainingArguments` register DeepSpeed's ZeRO-3 config
+    # even with `zero3_init_flag: false`, and a SeTok built after that gets its SigLIP from transformers' zero.Init
+    # (partitioned), which SeTok's own initialisation then fails on ("Fan in and fan out can not be computed").
+    return OrderedSetokTrainer(
+        model=tokenizer_model(use_discriminator=mode == "tokenizer_discriminator"),
+        args=tiny_training_arguments(out_dir / mode, factory=SetokTrainingArguments, disc_start=0, **common),
+        train_dataset=Dataset.from_list(tokenizer_records()),
+        data_collator=RecordingImageTextCollator(SetokImageProcessor(size=32), text_tokenizer()),
+    )
+
+
 def build_trainer(mode: str, out_dir: Path, processor, batch_size: int, **arguments):
     # Adam moves an entry by about lr x g / (|g| + eps): with eps=1e-8 a gradient entry that is rounding noise (one
     # batch of two against two of one) moves by up to lr, so a larger eps keeps the comparisons to the real updates.
     common = dict(
         per_device_train_batch_size=batch_size, learning_rate=1e-2, adam_epsilon=1e-6, seed=0, data_seed=0, **arguments
     )
+    if mode.startswith("tokenizer"):
+        return build_tokenizer_trainer(mode, out_dir, common)
     if mode.startswith("generation"):
         return OrderedPretrainTrainer(
             model=tiny_setokim(processor, use_generation_head=True),
@@ -182,6 +244,12 @@ def train(mode: str, out_dir: Path, batch_size: int = 1, resume_from_checkpoint=
         "distributed_type": str(state.distributed_type),
         "batches": trainer.data_collator.seen,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "loss_terms": {  # stage 1's reconstruction and concept terms, as logged (averaged over the processes)
+            key: [entry[key] for entry in trainer.state.log_history if key in entry]
+            for key in sorted(
+                {k for entry in trainer.state.log_history for k in entry if k.endswith("_loss")} - {"train_loss"}
+            )
+        },
         "digest": digest(params),
         "fsdp_units": fsdp_units(trainer.model),
     }
@@ -195,6 +263,16 @@ def main(out_dir: Path, modes: list[str]):
             merged = merge_adapters(lora["trainer"].model, out_dir / "merged")  # on every process
             rank = lora["report"]["rank"]
             (out_dir / f"merge.rank{rank}.json").write_text(json.dumps({"returned": merged is not None}))
+            continue
+        if mode == "tokenizer_discriminator":  # refused under DeepSpeed and FSDP when the trainer is built
+            unset_hf_deepspeed_config()
+            try:
+                build_trainer(mode, out_dir, None, 1)
+                refused = None
+            except ValueError as error:
+                refused = str(error)
+            rank = int(os.environ.get("RANK", "0"))
+            (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps({"refused": refused}))
             continue
         if mode.endswith("_resume"):  # two steps saving after each, then step 2 again from the step-1 checkpoint
             trained, saving = mode.removesuffix("_resume"), dict(save_strategy="steps", save_steps=1)
@@ -221,6 +299,8 @@ def main(out_dir: Path, modes: list[str]):
             torch.save(run["params"], out_dir / f"{mode}.pt")
         if mode == "sft_lora":
             lora = run
+        if mode == "tokenizer":  # on every process (ZeRO-3 gathers the shards); loaded by the test
+            run["trainer"].save_model(str(out_dir / "tokenizer_final"))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 under DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP 2, on two CPU processes (gloo).
 
 tests/engine_training_script.py trains two steps on mixed batches (step 1: one process reads no image while the other
-reads or draws one). DDP is compared with one process training both records of each step; DeepSpeed and FSDP with
-DDP. The configs are the shipped `configs/accelerate/deepspeed_zero*.yaml` and `fsdp.yaml` with two CPU processes.
+reads or draws one; stage 1: each process its own photo and concepts). DDP is compared with one process training both
+records of each step; DeepSpeed and FSDP with DDP. The configs are the shipped `configs/accelerate/deepspeed_zero*.yaml`
+and `fsdp.yaml` with two CPU processes.
 """
 
 import json
@@ -50,15 +51,30 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[name] - b[name]).abs().max()) for name in a)
 
 
+def assert_same_losses(report: dict, reference: dict):
+    """The logged loss and each logged term (logged to 6 decimals) of every step, within 1e-5."""
+    assert report["losses"] == pytest.approx(reference["losses"], abs=1e-5)
+    assert report["loss_terms"].keys() == reference["loss_terms"].keys()
+    for term, values in report["loss_terms"].items():
+        assert values == pytest.approx(reference["loss_terms"][term], abs=1e-5), term
+
+
 def trained(before: dict, after: dict, part: str) -> bool:
     return any(part in name and not torch.equal(before[name], after[name]) for name in after)
+
+
+# Stage 1 (SetokTrainer): trained without the discriminator; with it the trainer is only built (refused by DeepSpeed).
+STAGE1_MODES = ["tokenizer", "tokenizer_discriminator"]
+DISCRIMINATOR_REFUSED = (
+    "The PatchGAN discriminator (`use_discriminator=True`) is supported with single-process and DDP"
+)
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     return launch(
         tmp_path_factory.mktemp("engines"),
-        ["sft_lora", "merge", "sft_full", "sft_full_tied", "generation", "generation_llm"],
+        ["sft_lora", "merge", "sft_full", "sft_full_tied", "generation", "generation_llm", *STAGE1_MODES],
     )
 
 
@@ -98,6 +114,24 @@ def test_ddp_generation_on_mixed_batches_keeps_the_processes_equal(ddp, tmp_path
     assert trained(before, torch.load(ddp / "generation.pt"), "generation_head")
 
 
+def test_ddp_stage1_matches_one_process_and_accepts_the_discriminator(ddp, tmp_path):
+    """Stage 1 under DDP: each process its own photo (one or two concepts, "rocket" on both in step 1), the concept
+    contrast gathered across the processes; one process trains on both records of each step at once."""
+    from engine_training_script import train
+
+    ranks = reports(ddp, "tokenizer")
+    assert [b["concepts"] for b in ranks[0]["batches"]] == [[["man", "rocket"]], [["cat"]]]
+    assert [b["concepts"] for b in ranks[1]["batches"]] == [[["rocket"]], [["cup"]]]
+    one = train("tokenizer", tmp_path, batch_size=2)
+    diff = max_diff(one["params"], torch.load(ddp / "tokenizer.pt"))
+    print(f"stage 1: max abs diff DDP vs one process: {diff:.3g}")
+    assert diff < 1e-5
+    assert_same_losses(ranks[0], one["report"])
+    assert [json.loads((ddp / f"tokenizer_discriminator.rank{r}.json").read_text()) for r in (0, 1)] == [
+        {"refused": None}
+    ] * 2
+
+
 def _needs_deepspeed():
     # DeepSpeed comes with the dev extra (`.[deepspeed]`): a missing one fails here instead of skipping the engine tests.
     import deepspeed  # noqa: F401
@@ -116,22 +150,59 @@ def _compare_with_ddp(out: Path, ddp: Path, modes, engine: str = "DEEPSPEED") ->
     return diffs
 
 
+def _stage1_matches_ddp(out: Path, ddp: Path, tmp_path: Path):
+    """Stage 1's losses (each term) as DDP's, the trained parts trained and the frozen encoders not, and the
+    `save_model` checkpoint: loadable by a model built without DeepSpeed (the logit scale a 0-dim tensor again,
+    though it trains as a (1,) vector under DeepSpeed) and equal to DDP's weights."""
+    from transformers_setok import SetokForImageReconstruction
+
+    run, reference = reports(out, "tokenizer")[0], reports(ddp, "tokenizer")[0]
+    assert run["loss_terms"].keys() == {"concept_loss", "reconstruction_loss"}
+    assert_same_losses(run, reference)
+
+    before, after = initial_parameters("tokenizer", tmp_path), torch.load(out / "tokenizer.pt")
+    for part in (
+        "model.merger.",
+        "detokenizer.",
+        "concept_contrast.token_projection.",
+        "concept_contrast.logit_scale",
+    ):
+        assert trained(before, after, part), part
+    frozen = ("model.vision_model.", "concept_contrast.text_encoder.")
+    assert not any(name.startswith(frozen) and not torch.equal(before[name], after[name]) for name in after)
+
+    saved = dict(SetokForImageReconstruction.from_pretrained(out / "tokenizer_final").named_parameters())
+    replicated = torch.load(ddp / "tokenizer.pt")
+    assert {name: p.shape for name, p in saved.items()} == {name: p.shape for name, p in replicated.items()}
+    assert max_diff({name: p.detach().float() for name, p in saved.items()}, replicated) < 1e-5
+
+
 def test_deepspeed_zero2_matches_ddp_on_mixed_batches(ddp, tmp_path):
-    """Stage 2 with the generation head (per-row embedding mask included) and stage 3 LoRA under ZeRO-2."""
+    """Stage 2 with the generation head (per-row embedding mask included), stage 3 LoRA and stage 1 (SetokTrainer:
+    reconstruction and the concept contrast across processes) under ZeRO-2; stage 1 with the PatchGAN discriminator
+    is refused when its trainer is built (the script reports the error instead of failing the launch)."""
     _needs_deepspeed()
-    _compare_with_ddp(
-        launch(tmp_path, ["generation", "sft_lora"], config="deepspeed_zero2.yaml"), ddp, ["generation", "sft_lora"]
-    )
+    modes = ["generation", "sft_lora", "tokenizer"]
+    out = launch(tmp_path, [*modes, "tokenizer_discriminator"], config="deepspeed_zero2.yaml")
+    _compare_with_ddp(out, ddp, modes)
+    _stage1_matches_ddp(out, ddp, tmp_path)
+    for rank in (0, 1):
+        refused = json.loads((out / f"tokenizer_discriminator.rank{rank}.json").read_text())["refused"]
+        assert refused is not None and refused.startswith(DISCRIMINATOR_REFUSED), refused
+        assert "DeepSpeed and FSDP shard its parameters" in refused
 
 
 def test_deepspeed_zero3_lora_full_and_merge_match_ddp(ddp, tmp_path):
     """Stage 3 LoRA and full fine-tuning under ZeRO-3, `merge_adapters` on every process (the main one writes a
-    checkpoint gathered from the shards, equal to the DDP one), and resuming LoRA from a ZeRO-3 checkpoint."""
+    checkpoint gathered from the shards, equal to the DDP one), resuming LoRA from a ZeRO-3 checkpoint, and stage 1
+    (SetokTrainer, its frozen encoders sharded too; the checkpoint gathered by `save_model`)."""
     _needs_deepspeed()
     from safetensors.torch import load_file
 
-    out = launch(tmp_path, ["sft_lora", "merge", "sft_full", "sft_lora_resume"], config="deepspeed_zero3.yaml")
-    _compare_with_ddp(out, ddp, ["sft_lora", "sft_full"])
+    modes = ["sft_lora", "merge", "sft_full", "sft_lora_resume", "tokenizer"]
+    out = launch(tmp_path, modes, config="deepspeed_zero3.yaml")
+    _compare_with_ddp(out, ddp, ["sft_lora", "sft_full", "tokenizer"])
+    _stage1_matches_ddp(out, ddp, tmp_path)
     returned = [json.loads((out / f"merge.rank{rank}.json").read_text())["returned"] for rank in (0, 1)]
     assert returned == [True, False]
     sharded, replicated = (
@@ -238,3 +309,17 @@ def test_fsdp_yaml_names_the_units_because_the_no_split_fallback_cannot_work():
     policy = fsdp2_prepare_auto_wrap_policy(shipped, model)
     wrapped = [name for name, module in model.named_modules() if policy(module)]
     assert wrapped == ["model.vision_tower", "model.language_model.layers.0", "model.language_model.layers.1"]
+
+
+def test_stage_1_refuses_an_engine_that_accelerate_turned_off(monkeypatch, tmp_path):
+    """The tokenizer trainer makes the Setokim trainers' check (tested above) on itself, once built."""
+    from conftest import tiny_config
+
+    from transformers_setok import SetokForImageReconstruction
+    from transformers_setok.training import setok_trainer
+
+    checked = []
+    monkeypatch.setattr(setok_trainer, "refuse_engines_turned_off", checked.append)
+    args = setok_trainer.SetokTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = setok_trainer.SetokTrainer(SetokForImageReconstruction(tiny_config()), args)
+    assert checked == [trainer]

@@ -1,4 +1,4 @@
-"""The `setok` command line: `setok demo`, `setok tokenize` and `setok train`.
+"""The `setok` command line: `setok demo`, `setok tokenize`, `setok segment`, `setok edit` and `setok train`.
 
 Multi-GPU runs go through accelerate, which starts this same command once per process:
 `accelerate launch --config_file configs/accelerate/ddp.yaml -m transformers_setok.cli train pretrain --config ...`
@@ -146,6 +146,90 @@ def segment(
     index = {
         "model": model_path,
         "expression": expression,
+        "images": written,
+        "skipped": [{"image": p, "error": e} for p, e in skipped],
+    }
+    (Path(out) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if skipped:
+        print(f"Skipped {len(skipped)} unreadable image(s), listed in {Path(out) / INDEX_FILE}.", file=sys.stderr)
+    return written
+
+
+def edit(
+    images: list[str],
+    instruction: str,
+    model_path: str,
+    out: str,
+    guidance_scale: float = 1.0,
+    image_guidance_scale: float = 1.0,
+    steps: int | None = None,
+    seed: int = 0,
+    recursive: bool = False,
+    skip_bad: bool = False,
+):
+    """Edit each image as `instruction` says with a Setokim that has a generation head; write `<stem>_edited.png`
+    (at the model's resolution) into `out`, listed in `out/index.json` with each edit's token count. Each image is
+    drawn with its own generator seeded with `seed`, so an edit does not depend on the other images of the run. Bad
+    input raises ValueError or OSError."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .generation import check_guidance_scale, noise_scheduler_for
+    from .pipelines import SetokimImageEditingPipeline
+
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("--instruction must be a non-empty text: what to change in the images.")
+    check_guidance_scale(guidance_scale, "--guidance-scale")
+    check_guidance_scale(image_guidance_scale, "--image-guidance-scale")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}.")
+    paths = find_images(images, recursive, leave_out=out)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out {out}: is a file, not a folder for the edited images.")
+    model = load_pretrained(AutoModelForImageTextToText, model_path, required=("config.json",)).eval()
+    if not getattr(model.config, "use_generation_head", False):
+        raise ValueError(
+            f"--model {model_path}: this Setokim has no generation head (config `use_generation_head`), so it cannot "
+            "draw an edited image; add one with `transformers_setok.add_generation_head` and train it on edits."
+        )
+    editor = SetokimImageEditingPipeline(
+        model=model, processor=load_pretrained(AutoProcessor, model_path), scheduler=noise_scheduler_for(model.config)
+    )
+    editor.set_progress_bar_config(disable=True)
+    stems = [name.removesuffix("_edited.png") for name in overlay_names(paths, suffix="_edited.png")]
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"--out {out}: cannot create the folder: {error}") from error
+
+    written, skipped = [], []
+    for path, stem in tqdm(list(zip(paths, stems)), desc="editing", unit="image", disable=len(paths) <= 1):
+        try:
+            image = _open_image(path).convert("RGB")
+        except ValueError as error:
+            if not skip_bad:
+                raise ValueError(f"Cannot read {path} as an image: {error}; --skip-bad skips such files.") from error
+            skipped.append((path, str(error)))
+            continue
+        result = editor(
+            image=image,
+            prompt=instruction,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        result.images[0].save(Path(out) / f"{stem}_edited.png")
+        written.append({"image": path, "edited": f"{stem}_edited.png", "num_tokens": len(result.image_tokens[0])})
+        tqdm.write(f"{path}\t{len(result.image_tokens[0])} tokens\t{Path(out) / f'{stem}_edited.png'}")
+    index = {
+        "model": model_path,
+        "instruction": instruction,
+        "guidance_scale": guidance_scale,
+        "image_guidance_scale": image_guidance_scale,
+        "steps": steps,
+        "seed": seed,
         "images": written,
         "skipped": [{"image": p, "error": e} for p, e in skipped],
     }
@@ -333,6 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--recursive", action="store_true", help="take the images in the folders' subfolders too")
     seg.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
 
+    ed = commands.add_parser(
+        "edit",
+        parents=[common],
+        help="edit images as an instruction says (a Setokim with a generation head)",
+        description=f"Write each image's edit (<stem>_edited.png, at the model's resolution) into --out; "
+        f"--out/{INDEX_FILE} lists them with their token counts.",
+    )
+    ed.add_argument("images", nargs="+", help="image files, or folders of images")
+    ed.add_argument("--instruction", required=True, help='what to change, e.g. "replace the bag with a sneaker"')
+    ed.add_argument("--model", required=True, help="saved Setokim folder (with a generation head) or Hub id")
+    ed.add_argument("--out", required=True, help=f"folder for the edited images and {INDEX_FILE}")
+    ed.add_argument("--guidance-scale", type=float, default=1.0, help="text guidance scale (default 1: none)")
+    ed.add_argument("--image-guidance-scale", type=float, default=1.0, help="image guidance scale (default 1: none)")
+    ed.add_argument("--steps", type=int, default=None, help="denoising steps per token (default: the model's)")
+    ed.add_argument("--seed", type=int, default=0, help="seed of each image's generator (default 0)")
+    ed.add_argument("--recursive", action="store_true", help="take the images in the folders' subfolders too")
+    ed.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+
     trainer = commands.add_parser(
         "train",
         parents=[common],
@@ -388,6 +490,19 @@ def _run(args):
             print(f"  {name}: {row['num_tokens']} tokens, held-out L1 {row['l1_before']:.3f} -> {row['l1_after']:.3f}")
     elif args.command == "segment":
         segment(args.images, args.expression, args.model, args.out, args.recursive, args.skip_bad)
+    elif args.command == "edit":
+        edit(
+            args.images,
+            args.instruction,
+            args.model,
+            args.out,
+            args.guidance_scale,
+            args.image_guidance_scale,
+            args.steps,
+            args.seed,
+            args.recursive,
+            args.skip_bad,
+        )
     else:
         tokenize(args.images, args.model, args.out, args.batch_size, args.recursive, args.skip_bad)
 

@@ -2,13 +2,15 @@
 
 Understanding needs no pipeline of its own: transformers' `pipeline("image-text-to-text")` runs Setokim.
 Referring segmentation is a transformers `Pipeline` (it ships as remote code with exported checkpoints);
-text-to-image a diffusers `DiffusionPipeline`, imported on first use, since diffusers is an optional dependency.
+text-to-image and image editing are diffusers `DiffusionPipeline`s (sharing their sampler, `_sampling`), imported on
+first use, since diffusers is an optional dependency.
 """
 
 from .referring_segmentation import SEGMENTATION_TASK, SetokimReferringSegmentationPipeline
 
 __all__ = [
     "SEGMENTATION_TASK",
+    "SetokimImageEditingPipeline",
     "SetokimImageGenerationOutput",
     "SetokimReferringSegmentationPipeline",
     "SetokimTextToImagePipeline",
@@ -20,4 +22,8 @@ def __getattr__(name):
         from . import text_to_image
 
         return getattr(text_to_image, name)
+    if name == "SetokimImageEditingPipeline":
+        from . import image_editing
+
+        return image_editing.SetokimImageEditingPipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -259,6 +259,16 @@ def _train_and_save(
 # Stage 1: SeTok
 
 
+def _training_seed(config: StageConfig) -> int:
+    """`training.seed`, or the Trainer's default, before the training arguments are built."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    default = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}["seed"]
+    return int(config.training.get("seed", default))
+
+
 def run_tokenizer_stage(
     config: StageConfig, resume_from_checkpoint: str | None = None, overwrite: bool = False
 ) -> dict:
@@ -275,9 +285,12 @@ def run_tokenizer_stage(
         dataset = _load_data(config.data, conversations=False)
         if contrast:
             _check_texts(dataset, config.data.text_source)
-    args = build_training_arguments(config)
-    set_seed(args.seed)  # the fresh parts start alike in every process and every run
+    # The model before the training arguments: with a DeepSpeed ZeRO-3 config, building the arguments turns on ZeRO-3's
+    # partitioned construction for every model built after them, and a fresh SeTok's initialisation cannot run on
+    # parameters that are already sharded (stage 1's models are small; stages 2-3 load theirs partitioned on purpose).
+    set_seed(_training_seed(config))  # the fresh parts start alike in every process and every run
     model, image_processor, text_tokenizer = build_tokenizer_model(config.model)
+    args = build_training_arguments(config)
     collator = SetokImageTextCollator(
         image_processor, text_tokenizer, text_source=config.data.text_source, template=config.data.concept_template
     )

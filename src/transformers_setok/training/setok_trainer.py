@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from ..modeling import SetokForImageReconstruction
 from ..modeling.losses_setok import hinge_discriminator_loss
+from .engines import refuse_engines_turned_off
 from .loss_terms import LossTermsMixin
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "SetokTrainingArguments",
     "adaptive_adversarial_weight",
     "discriminator_loss",
+    "scalar_parameters_as_vectors",
 ]
 
 logger = logging.get_logger(__name__)
@@ -106,6 +108,23 @@ def discriminator_loss(
         return torch.func.functional_call(discriminator, parameters, (images,))
 
     return hinge_discriminator_loss(logits(model.reconstruction_target(pixel_values)), logits(reconstruction.detach()))
+
+
+def scalar_parameters_as_vectors(model: nn.Module) -> list[str]:
+    """Gives each 0-dim parameter of `model` (SeTok's learned logit scale) the shape `(1,)`, in place (the same
+    `nn.Parameter`, so optimisers that hold it still do); returns their names.
+
+    Why: DeepSpeed 0.19 moves parameters as `param.data.view(torch.uint8)` (its initial broadcast under ZeRO-1/2,
+    and ZeRO-3's conversion of every parameter), which torch refuses for a 0-dim tensor ("self.dim() cannot be 0 to
+    view Float as Byte"). A one-element vector broadcasts against the same tensors in the forward. `SetokTrainer`
+    calls this under DeepSpeed only, and saves these parameters back as 0-dim tensors, so its checkpoints load into a
+    model built without DeepSpeed.
+    """
+    names = [name for name, param in model.named_parameters() if param.dim() == 0]
+    parameters = dict(model.named_parameters())
+    for name in names:
+        parameters[name].data = parameters[name].data.reshape(1)
+    return names
 
 
 class SetokImageTextCollator:
@@ -188,6 +207,7 @@ class SetokTrainer(LossTermsMixin, Trainer):
         if args is None:
             args = SetokTrainingArguments(output_dir="tmp_trainer")
         super().__init__(model=model, args=args, **kwargs)
+        refuse_engines_turned_off(self)
         self.discriminator = model.discriminator
         self.disc_start, self.disc_weight = self._gan_schedule(model)
         discriminator_learning_rate = self._discriminator_learning_rate(discriminator_learning_rate)
@@ -205,6 +225,9 @@ class SetokTrainer(LossTermsMixin, Trainer):
                 betas=(0.5, 0.9),
                 weight_decay=0.0,
             )
+        # Under DeepSpeed the 0-dim parameters train as (1,) vectors and are saved in their own shape
+        # (see `scalar_parameters_as_vectors`).
+        self.scalar_parameters = scalar_parameters_as_vectors(model) if self.is_deepspeed_enabled else []
 
     def _gan_schedule(self, model) -> tuple[int, float]:
         """(disc_start, disc_weight): the arguments', else what a config written before they moved still holds."""
@@ -292,6 +315,15 @@ class SetokTrainer(LossTermsMixin, Trainer):
                 nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.args.max_grad_norm)
             self.discriminator_optimizer.step()
             self.discriminator_optimizer.zero_grad(set_to_none=True)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.scalar_parameters:
+            # DeepSpeed hands the full state dict (ZeRO-3: gathered on the main process, empty elsewhere).
+            state_dict = dict(self.model.state_dict() if state_dict is None else state_dict)
+            for name in self.scalar_parameters:
+                if name in state_dict:
+                    state_dict[name] = state_dict[name].reshape(())
+        super()._save(output_dir, state_dict=state_dict)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)

@@ -29,6 +29,7 @@ from transformers.utils import logging
 from .._checks import check_positive_int
 from ..generation import noise_scheduler_for
 from ..modeling import SetokimForConditionalGeneration
+from .engines import refuse_engines_turned_off
 from .generation_targets import ConditionDropout, estimate_token_scale
 from .loss_terms import LossTermsMixin
 from .step_inputs import DiffusionSettings, SetokimStepInputs, prepare_step
@@ -66,29 +67,8 @@ class SetokimInputsMixin(LossTermsMixin):
     mask_loss_weight: float = 1.0
 
     def _check_requested_engine(self):
-        """Refuses a run whose accelerate config asks for FSDP or DeepSpeed that accelerate has quietly turned off
-        (it would train as plain DDP, or as separate copies, without saying so). Called at the end of `__init__`."""
-        requested = {
-            "FSDP": (
-                "ACCELERATE_USE_FSDP",
-                self.is_fsdp_enabled,
-                "accelerate builds FSDP from GPU states only, so on the CPU it falls back to DDP or to separate "
-                "single-process copies. Train with FSDP on GPUs; on the CPU use configs/accelerate/ddp.yaml or a "
-                "DeepSpeed config",
-            ),
-            "DeepSpeed": (
-                "ACCELERATE_USE_DEEPSPEED",
-                self.is_deepspeed_enabled,
-                "with `use_cpu: true` (ACCELERATE_USE_CPU) accelerate runs plain DDP instead. On a machine without "
-                "GPUs keep `use_cpu: false`: DeepSpeed then runs on its CPU accelerator (gloo) by itself",
-            ),
-        }
-        for engine, (variable, enabled, why) in requested.items():
-            if os.environ.get(variable, "false").lower() == "true" and not enabled:
-                raise RuntimeError(
-                    f"The accelerate config asks for {engine} ({variable}=true), but it is not enabled in this run: "
-                    f"{why}."
-                )
+        """Called at the end of `__init__`: see `engines.refuse_engines_turned_off`."""
+        refuse_engines_turned_off(self)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples = []
