@@ -104,7 +104,6 @@ def segment(
     `<stem>_mask.png` (255 on the object) and `<stem>_overlay.png` into `out`, listed in `out/index.json` with each
     mask's predicted IoU and the text the model wrote. Bad input raises ValueError or OSError."""
     import numpy as np
-    from tqdm.auto import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import visualize_masks
@@ -122,37 +121,14 @@ def segment(
             "referring-segmentation data."
         )
     segmenter = SetokimReferringSegmentationPipeline(model=model, processor=load_pretrained(AutoProcessor, model_path))
-    stems = [name.removesuffix("_mask.png") for name in overlay_names(paths, suffix="_mask.png")]
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"--out {out}: cannot create the folder: {error}") from error
-
-    written, skipped = [], []
-    for path, stem in tqdm(list(zip(paths, stems)), desc="segmenting", unit="image", disable=len(paths) <= 1):
-        try:
-            image = _open_image(path).convert("RGB")
-        except ValueError as error:
-            if not skip_bad:
-                raise ValueError(f"Cannot read {path} as an image: {error}; --skip-bad skips such files.") from error
-            skipped.append((path, str(error)))
-            continue
+    run = ImageRun(paths, out, skip_bad, suffix="_mask.png")
+    for path, stem, image in run.images("segmenting"):
         result = segmenter(image, expression=expression)
         result["mask"].save(Path(out) / f"{stem}_mask.png")
         visualize_masks(image, np.asarray(result["mask"]) > 0).save(Path(out) / f"{stem}_overlay.png")
         entry = {"image": path, "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"}
-        written.append({**entry, "score": result["score"], "text": result["text"]})
-        tqdm.write(f"{path}\tIoU {result['score']:.3f}\t{Path(out) / entry['mask']}")
-    index = {
-        "model": model_path,
-        "expression": expression,
-        "images": written,
-        "skipped": [{"image": p, "error": e} for p, e in skipped],
-    }
-    (Path(out) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    if skipped:
-        print(f"Skipped {len(skipped)} unreadable image(s), listed in {Path(out) / INDEX_FILE}.", file=sys.stderr)
-    return written
+        run.wrote({**entry, "score": result["score"], "text": result["text"]}, f"IoU {result['score']:.3f}")
+    return run.finish({"model": model_path, "expression": expression})
 
 
 def edit(
@@ -172,7 +148,6 @@ def edit(
     drawn with its own generator seeded with `seed`, so an edit does not depend on the other images of the run. Bad
     input raises ValueError or OSError."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .generation import check_guidance_scale, noise_scheduler_for
@@ -197,21 +172,8 @@ def edit(
         model=model, processor=load_pretrained(AutoProcessor, model_path), scheduler=noise_scheduler_for(model.config)
     )
     editor.set_progress_bar_config(disable=True)
-    stems = [name.removesuffix("_edited.png") for name in overlay_names(paths, suffix="_edited.png")]
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"--out {out}: cannot create the folder: {error}") from error
-
-    written, skipped = [], []
-    for path, stem in tqdm(list(zip(paths, stems)), desc="editing", unit="image", disable=len(paths) <= 1):
-        try:
-            image = _open_image(path).convert("RGB")
-        except ValueError as error:
-            if not skip_bad:
-                raise ValueError(f"Cannot read {path} as an image: {error}; --skip-bad skips such files.") from error
-            skipped.append((path, str(error)))
-            continue
+    run = ImageRun(paths, out, skip_bad, suffix="_edited.png")
+    for path, stem, image in run.images("editing"):
         result = editor(
             image=image,
             prompt=instruction,
@@ -221,22 +183,59 @@ def edit(
             generator=torch.Generator().manual_seed(seed),
         )
         result.images[0].save(Path(out) / f"{stem}_edited.png")
-        written.append({"image": path, "edited": f"{stem}_edited.png", "num_tokens": len(result.image_tokens[0])})
-        tqdm.write(f"{path}\t{len(result.image_tokens[0])} tokens\t{Path(out) / f'{stem}_edited.png'}")
-    index = {
-        "model": model_path,
-        "instruction": instruction,
-        "guidance_scale": guidance_scale,
-        "image_guidance_scale": image_guidance_scale,
-        "steps": steps,
-        "seed": seed,
-        "images": written,
-        "skipped": [{"image": p, "error": e} for p, e in skipped],
-    }
-    (Path(out) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    if skipped:
-        print(f"Skipped {len(skipped)} unreadable image(s), listed in {Path(out) / INDEX_FILE}.", file=sys.stderr)
-    return written
+        tokens = len(result.image_tokens[0])
+        run.wrote({"image": path, "edited": f"{stem}_edited.png", "num_tokens": tokens}, f"{tokens} tokens")
+    settings = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, steps=steps, seed=seed)
+    return run.finish({"model": model_path, "instruction": instruction, **settings})
+
+
+class ImageRun:
+    """One image command's pass over `paths` into the folder `out` (`segment`, `edit`): the folder made, each image
+    opened (an unreadable one named, or with `skip_bad` left out and counted), a progress bar, and `out/index.json`
+    listing what was written and skipped. Output names are `<stem><suffix>` (see `overlay_names`)."""
+
+    def __init__(self, paths: list[str], out: str, skip_bad: bool, suffix: str):
+        self.paths, self.out, self.skip_bad = paths, Path(out), skip_bad
+        self.stems = [name.removesuffix(suffix) for name in overlay_names(paths, suffix=suffix)]
+        self.written, self.skipped = [], []
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"--out {out}: cannot create the folder: {error}") from error
+
+    def images(self, verb: str):
+        """(path, output stem, RGB image) of each readable image, under a progress bar."""
+        from tqdm.auto import tqdm
+
+        for path, stem in tqdm(
+            list(zip(self.paths, self.stems)), desc=verb, unit="image", disable=len(self.paths) <= 1
+        ):
+            try:
+                image = _open_image(path).convert("RGB")
+            except ValueError as error:
+                if not self.skip_bad:
+                    raise ValueError(
+                        f"Cannot read {path} as an image: {error}; --skip-bad skips such files."
+                    ) from error
+                self.skipped.append((path, str(error)))
+                continue
+            yield path, stem, image
+
+    def wrote(self, entry: dict, summary: str):
+        """Records `entry` (its `image` and what was written for it) and prints one line for it."""
+        from tqdm.auto import tqdm
+
+        self.written.append(entry)
+        tqdm.write(f"{entry['image']}\t{summary}")
+
+    def finish(self, settings: dict) -> list[dict]:
+        """Writes `out/index.json` (`settings`, then the images written and skipped); returns the written entries."""
+        skipped = [{"image": path, "error": error} for path, error in self.skipped]
+        index = {**settings, "images": self.written, "skipped": skipped}
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        if skipped:
+            print(f"Skipped {len(skipped)} unreadable image(s), listed in {self.out / INDEX_FILE}.", file=sys.stderr)
+        return self.written
 
 
 def find_images(arguments: list[str], recursive: bool = False, leave_out: str | None = None) -> list[str]:
