@@ -178,11 +178,12 @@ def _stage1_matches_ddp(out: Path, ddp: Path, tmp_path: Path):
 
 
 def test_deepspeed_zero2_matches_ddp_on_mixed_batches(ddp, tmp_path):
-    """Stage 2 with the generation head (per-row embedding mask included), stage 3 LoRA and stage 1 (SetokTrainer:
-    reconstruction and the concept contrast across processes) under ZeRO-2; stage 1 with the PatchGAN discriminator
-    is refused when its trainer is built (the script reports the error instead of failing the launch)."""
+    """Stage 2 with the generation head (per-row embedding mask included), stage 3 LoRA and full fine-tuning, and
+    stage 1 (SetokTrainer: reconstruction and the concept contrast across processes) under ZeRO-2; stage 1 with the
+    PatchGAN discriminator is refused when its trainer is built (the script reports the error instead of failing the
+    launch). Resuming under ZeRO-2 is tests/test_resume_generation.py's."""
     _needs_deepspeed()
-    modes = ["generation", "sft_lora", "tokenizer"]
+    modes = ["generation", "sft_lora", "sft_full", "tokenizer"]
     out = launch(tmp_path, [*modes, "tokenizer_discriminator"], config="deepspeed_zero2.yaml")
     _compare_with_ddp(out, ddp, modes)
     _stage1_matches_ddp(out, ddp, tmp_path)
