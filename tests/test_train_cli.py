@@ -1619,3 +1619,24 @@ def test_accelerate_launch_with_the_ddp_config(tmp_path, image_text, concept_tok
     # A bad input stops every process with one message.
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and result.stderr.count("already holds checkpoints") == 1
+
+
+@pytest.mark.slow
+def test_a_fresh_tokenizer_trains_under_the_deepspeed_zero3_config(tmp_path, image_text, concept_tokenizer):
+    """`setok train tokenizer` with the shipped ZeRO-3 config on two CPU processes: a fresh SeTok is built before the
+    training arguments, whose ZeRO-3 config would otherwise build it already sharded (its initialisation then fails:
+    "Fan in and fan out can not be computed"), and its checkpoint is gathered into one loadable model."""
+    from conftest import accelerate_launch
+
+    config = tokenizer_config(tmp_path, image_text, concept_tokenizer, save_steps=2)
+    path = write_config(tmp_path / "tokenizer.yaml", config)
+    result = accelerate_launch(
+        "-m",
+        ["transformers_setok.cli", "train", "tokenizer", "--config", str(path)],
+        tmp_path,
+        config="deepspeed_zero3.yaml",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("Trained to step 2") == 1
+    assert trainer_state(config["output_dir"])["epoch"] == 2.0
+    SetokForImageReconstruction.from_pretrained(Path(config["output_dir"]) / "final")
