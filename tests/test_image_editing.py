@@ -276,3 +276,43 @@ def test_the_edit_command_refuses_a_model_without_a_head(processor, sources, tmp
             ]
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_an_overfit_model_reproduces_its_one_training_edit(tmp_path):
+    """One edit learnt by heart through the stage-2 trainer (the source read, the target drawn): the pipeline then
+    writes as many tokens as SeTok gives the target and draws tokens close to the target's, not the source's."""
+    from conftest import trainer_for
+    from skimage import data
+
+    processor = tiny_processor()
+    torch.manual_seed(0)
+    model = tiny_setokim(processor, use_generation_head=True)
+    source, target = PIL.Image.fromarray(data.chelsea()), PIL.Image.fromarray(data.coffee())
+    record = {"images": [source, target], "messages": editing_messages("make it a cup")}
+    trainer = trainer_for(
+        model,
+        processor,
+        [record],
+        tmp_path,
+        max_steps=100,
+        learning_rate=1e-2,
+        train_language_model=True,
+        train_generation_head=True,
+        diffusion_noise_repeats=64,
+        lr_scheduler_type="constant",
+    )
+    trainer.train()
+    model.eval()
+    pixel_values = processor.image_processor([source, target], return_tensors="pt")["pixel_values"]
+    setok = model.model.vision_tower(pixel_values)
+    wanted = setok.last_hidden_state[1, : int(setok.num_tokens[1])]
+
+    pipe = SetokimImageEditingPipeline(model=model, processor=processor, scheduler=noise_scheduler_for(model.config))
+    pipe.set_progress_bar_config(disable=True)
+    drawn = pipe(
+        image=source, prompt="make it a cup", num_inference_steps=50, generator=torch.Generator().manual_seed(0)
+    )
+    drawn = drawn.image_tokens[0]
+    assert drawn.shape == wanted.shape
+    error = (drawn - wanted).pow(2).mean()
+    assert error < 0.5 * wanted.pow(2).mean(), (float(error), float(wanted.pow(2).mean()))
