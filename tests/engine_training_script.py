@@ -195,13 +195,18 @@ def build_trainer(mode: str, out_dir: Path, processor, batch_size: int, **argume
 
 
 def gathered(model):
-    """All parameters in full (a ZeRO-3 parameter is gathered from its shards), as CPU float tensors."""
+    """All parameters in full (a ZeRO-3 or FSDP 2 parameter is gathered from its shards), as CPU float tensors."""
+    names = [name for name, _ in model.named_parameters()]
+    if any(hasattr(param, "full_tensor") for param in model.parameters()):
+        # FSDP 2: torch's own full-state-dict route (every rank gets every tensor), not one gather per parameter.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {name: state[name].detach().float().cpu().clone() for name in names}
     params = {}
     for name, param in model.named_parameters():
         context = nullcontext()
-        if hasattr(param, "full_tensor"):  # FSDP 2: a DTensor shard
-            param = param.full_tensor()
-        elif hasattr(param, "ds_id"):
+        if hasattr(param, "ds_id"):
             import deepspeed
 
             context = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
