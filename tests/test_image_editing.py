@@ -56,9 +56,9 @@ def passes_read(model, monkeypatch) -> list[tuple]:
     seen = []
     conditions = model.image_token_conditions
 
-    def spy(input_ids, attention_mask, hidden, visible):
+    def spy(input_ids, attention_mask, hidden, visible, **kwargs):
         seen.append((input_ids.clone(), attention_mask.clone(), [t.clone() for t in visible]))
-        return conditions(input_ids, attention_mask, hidden, visible)
+        return conditions(input_ids, attention_mask, hidden, visible, **kwargs)
 
     monkeypatch.setattr(model, "image_token_conditions", spy)
     return seen

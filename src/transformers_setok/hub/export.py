@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 from .model_card import render_setokim_card
+from .remote_pipelines import write_drawing_pipelines
 
 __all__ = ["export_setokim", "push_folder_to_hub"]
 
@@ -15,7 +16,24 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
     `pipeline("image-text-to-text")` runs it), the processor, tokenizer and chat template, the generation config and a model card filled
     from `model_cards/setokim.md` with the real config. A model with a mask decoder also carries the referring
     segmentation pipeline (`custom_pipelines`: `pipeline("referring-segmentation", model=folder,
-    trust_remote_code=True)`). The classes and config are left as they were.
+    trust_remote_code=True)`). A model with a generation head also carries the image-editing and text-to-image
+    pipelines as diffusers remote code (`remote_pipelines`: their code, `scheduler/` and a `model_index.json` naming
+    the editing pipeline), which run without this package:
+
+    ```python
+    >>> from diffusers import DiffusionPipeline
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    >>> edit = DiffusionPipeline.from_pretrained(folder, model=model, processor=processor, trust_remote_code=True)
+    >>> draw = DiffusionPipeline.from_pretrained(
+    ...     folder, custom_pipeline="pipeline_setokim_text_to_image", model=model, processor=processor,
+    ...     trust_remote_code=True,
+    ... )
+    ```
+
+    (`folder` may be the Hub repo it was pushed to; the scheduler comes from the folder.) The classes and config are
+    left as they were.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -29,6 +47,7 @@ def export_setokim(model, processor, folder, *, name: str, repo: str, provenance
         with _segmentation_pipeline_declared(model, folder):
             model.save_pretrained(folder)
         processor.save_pretrained(folder)
+        write_drawing_pipelines(model, folder)
     finally:
         for cls, auto_class in previous_auto.items():
             if auto_class is not None:

@@ -24,6 +24,7 @@ embedding like the generation targets; the LLM's hidden states there are the obj
 forward's SeTok run (`get_image_features(...).patch_features`), into mask logits and a predicted IoU.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
@@ -123,6 +125,32 @@ class SetokimCausalLMOutputWithPast(CausalLMOutputWithPast):
     mask_focal_loss: torch.FloatTensor | None = None
     mask_dice_loss: torch.FloatTensor | None = None
     mask_iou_loss: torch.FloatTensor | None = None
+
+
+class SetokimPrefixCache(DynamicCache):
+    r"""
+    The LLM's KV cache of the first P columns of a batch of left-padded rows, built once by
+    [`SetokimForConditionalGeneration.image_token_prefix_cache`] and read by every
+    `image_token_conditions(..., prefix_cache=...)` call on rows that begin with those columns. Those calls run on a
+    copy: the cache keeps holding the P prefix columns only.
+
+    A `DynamicCache` (per LLM layer, keys and values `(B, num_key_value_heads, P, head_dim)`; a sliding-window layer
+    keeps its last `sliding_window - 1` columns) that also records the columns it was built from, so that it cannot be
+    used with rows it does not belong to.
+
+    prefix_input_ids (`torch.LongTensor` of shape `(B, P)`): the cached columns of `input_ids`.
+    prefix_attention_mask (`torch.Tensor` of shape `(B, P)`): the cached columns of `attention_mask`.
+    """
+
+    def __init__(self, config=None, prefix_input_ids=None, prefix_attention_mask=None):
+        super().__init__(config=config)
+        self.prefix_input_ids = prefix_input_ids
+        self.prefix_attention_mask = prefix_attention_mask
+
+    @property
+    def prefix_length(self) -> int:
+        """P, the number of cached columns."""
+        return 0 if self.prefix_input_ids is None else self.prefix_input_ids.shape[1]
 
 
 class SetokimProjector(nn.Module):
@@ -565,6 +593,7 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor,
         masked_image_tokens: torch.BoolTensor,
         visible_image_tokens: list[torch.Tensor],
+        prefix_cache: SetokimPrefixCache | None = None,
     ) -> torch.Tensor:
         """The LLM's hidden states at the hidden `<image>` positions of images being drawn: what conditions the
         generation head, `(N, hidden_size)`, N = `masked_image_tokens.sum()`, in row-major order.
@@ -572,19 +601,173 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         `input_ids`, `attention_mask` `(B, T)` (left padding is fine: positions follow the mask);
         `masked_image_tokens` `(B, T)` marks the hidden slots; `visible_image_tokens` holds, per image in placeholder
         order, the SeTok tokens `(k_i, token_dim)` (before the projector) of its other, already drawn slots.
+        `prefix_cache`: what `image_token_prefix_cache` returned for the first P columns of these rows; the LLM then
+        reads only the T - P columns after them (projecting only the visible tokens there), and the cache is left
+        holding the P columns. Without it, the whole rows are read.
         """
         self.require_generation_head()
+        if prefix_cache is not None:
+            return self._image_token_conditions_after(
+                prefix_cache, input_ids, attention_mask, masked_image_tokens, visible_image_tokens
+            )
         dtype = self.model.multi_modal_projector.linear_1.weight.dtype
         projected = [self.model.multi_modal_projector(tokens.to(dtype)) for tokens in visible_image_tokens]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=_left_padded_positions(attention_mask),
             masked_image_tokens=masked_image_tokens,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=projected)},
         )
         return outputs.last_hidden_state[masked_image_tokens]
+
+    @torch.no_grad()
+    def image_token_prefix_cache(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        masked_image_tokens: torch.BoolTensor,
+        visible_image_tokens: list[torch.Tensor],
+        prefix_length: int | None = None,
+    ) -> SetokimPrefixCache:
+        """The LLM's KV cache of the first `prefix_length` columns of the rows, for `image_token_conditions(...,
+        prefix_cache=...)` in every unmasking round. The columns before the first hidden slot (the chat, an edit's
+        source image block, `[Img]`) are the same in every round and the LLM is causal: their keys and values are
+        computed here once, and the image blocks there are projected once.
+
+        Takes the arguments of `image_token_conditions` (those of its first call, say): `input_ids`, `attention_mask`
+        `(B, T)`, left padded; `masked_image_tokens` `(B, T)` bool; `visible_image_tokens`, per image in placeholder
+        order, `(k_i, token_dim)` (only those of the placeholders in the prefix are read here). `prefix_length` P: how
+        many columns to cache; by default the first column that holds a hidden slot in any row. No hidden slot may lie
+        in the prefix, and 1 <= P < T. The rows of every later call must begin with these P columns.
+
+        Returns a `SetokimPrefixCache` (a `DynamicCache`; per layer, keys and values `(B, num_key_value_heads, P,
+        head_dim)`). No gradient is kept: it is for sampling.
+        """
+        self.require_generation_head()
+        masked_image_tokens = self._check_hidden_slots(input_ids, attention_mask, masked_image_tokens)
+        hidden_columns = masked_image_tokens.any(0).nonzero()
+        if not len(hidden_columns):
+            raise ValueError("`masked_image_tokens` marks no hidden slot: there is nothing to draw after a prefix.")
+        first_hidden = int(hidden_columns[0])
+        if prefix_length is None:
+            prefix_length = first_hidden
+        if not isinstance(prefix_length, int) or isinstance(prefix_length, bool) or not 1 <= prefix_length:
+            raise ValueError(f"`prefix_length` must be a positive int, got {prefix_length!r}.")
+        if prefix_length > first_hidden:
+            raise ValueError(
+                f"`prefix_length` ({prefix_length}) reaches past column {first_hidden}, which holds a hidden slot: the "
+                "prefix must end before the first hidden slot of every row."
+            )
+        prefix_tokens, _ = self._split_visible_image_tokens(
+            input_ids, masked_image_tokens, visible_image_tokens, prefix_length
+        )
+        columns = slice(None, prefix_length)
+        cache = SetokimPrefixCache(
+            config=self.config.text_config,
+            prefix_input_ids=input_ids[:, columns].clone(),
+            prefix_attention_mask=attention_mask[:, columns].clone(),
+        )
+        outputs = self.model(
+            input_ids=input_ids[:, columns],
+            attention_mask=attention_mask[:, columns],
+            position_ids=_left_padded_positions(attention_mask)[:, columns],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[self._project(prefix_tokens)])},
+            cache=cache,
+            use_cache=True,
+        )
+        if cache_of(outputs) is not cache or cache.get_seq_length() != prefix_length:
+            raise ValueError(
+                f"The language model ({type(self.model.language_model).__name__}) keeps no KV cache of the prompt: "
+                "call `image_token_conditions` without `prefix_cache`."
+            )
+        return cache
+
+    def _image_token_conditions_after(
+        self, prefix_cache, input_ids, attention_mask, masked_image_tokens, visible_image_tokens
+    ) -> torch.Tensor:
+        """`image_token_conditions` on the columns after `prefix_cache`'s, the cache copied (not extended)."""
+        masked_image_tokens = self._check_hidden_slots(input_ids, attention_mask, masked_image_tokens)
+        if not isinstance(prefix_cache, SetokimPrefixCache):
+            raise ValueError(
+                "`prefix_cache` must be what `image_token_prefix_cache` returned for these rows, got "
+                f"{type(prefix_cache).__name__}."
+            )
+        length = prefix_cache.prefix_length
+        columns = slice(None, length)
+        if (
+            prefix_cache.prefix_input_ids.shape[0] != input_ids.shape[0]
+            or length >= input_ids.shape[1]
+            or not torch.equal(prefix_cache.prefix_input_ids, input_ids[:, columns])
+            or not torch.equal(prefix_cache.prefix_attention_mask, attention_mask[:, columns])
+        ):
+            raise ValueError(
+                f"`prefix_cache` holds {tuple(prefix_cache.prefix_input_ids.shape)} (rows, columns) that are not the "
+                f"first columns of these `input_ids` / `attention_mask` {tuple(input_ids.shape)} followed by at least "
+                "one more: build it with `image_token_prefix_cache` on the same rows."
+            )
+        if bool(masked_image_tokens[:, columns].any()):
+            raise ValueError(
+                f"`masked_image_tokens` marks hidden slots in the {length} columns of `prefix_cache`: they would keep "
+                "the states cached there. Build the cache on a prefix that ends before every hidden slot."
+            )
+        _, suffix_tokens = self._split_visible_image_tokens(
+            input_ids, masked_image_tokens, visible_image_tokens, length
+        )
+        after = slice(length, None)
+        outputs = self.model(
+            input_ids=input_ids[:, after],
+            attention_mask=attention_mask,
+            position_ids=_left_padded_positions(attention_mask)[:, after],
+            masked_image_tokens=masked_image_tokens[:, after],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[self._project(suffix_tokens)])},
+            # A copy: the forward appends the new columns to the cache it is given (and a sliding-window layer drops
+            # old ones), and every round must start from the prefix alone.
+            cache=copy.deepcopy(prefix_cache),
+            use_cache=True,
+        )
+        return outputs.last_hidden_state[masked_image_tokens[:, after]]
+
+    def _check_hidden_slots(self, input_ids, attention_mask, masked_image_tokens) -> torch.BoolTensor:
+        """`masked_image_tokens`, checked with `attention_mask` against `input_ids` (the cached routes slice them)."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {got}."
+            )
+        if masked_image_tokens is None:
+            raise ValueError("`masked_image_tokens` is required: the hidden `<image>` slots, a (B, T) bool tensor.")
+        return self.model._check_masked_image_tokens(masked_image_tokens, input_ids, None)
+
+    def _split_visible_image_tokens(
+        self, input_ids, masked_image_tokens, visible_image_tokens, prefix_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visible SeTok tokens, concatenated in placeholder order, split at column `prefix_length`: those whose
+        `<image>` placeholder lies before it `(C_p, token_dim)` and the others `(C_s, token_dim)`. An image block cut by
+        the split gives its first tokens to the prefix."""
+        token_dim = self.config.vision_config.token_dim
+        for index, image in enumerate(visible_image_tokens):
+            if not isinstance(image, torch.Tensor) or image.ndim != 2 or image.shape[-1] != token_dim:
+                got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"`visible_image_tokens[{index}]` must be (k, token_dim={token_dim}), got {got}.")
+        tokens = (
+            torch.cat(list(visible_image_tokens))
+            if len(visible_image_tokens)
+            else input_ids.new_zeros(0, token_dim, dtype=torch.float)
+        )
+        placeholders = (input_ids == self.config.image_token_id) & ~masked_image_tokens
+        if int(placeholders.sum()) != tokens.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: tokens: {int(placeholders.sum())}, features: "
+                f"{tokens.shape[0]} (the visible `<image>` positions and the rows of `visible_image_tokens`)."
+            )
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        in_prefix = (columns[placeholders] < prefix_length).to(tokens.device)
+        return tokens[in_prefix], tokens[~in_prefix]
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        projector = self.model.multi_modal_projector
+        return projector(tokens.to(projector.linear_1.weight.dtype))
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
@@ -910,6 +1093,11 @@ class SetokimForConditionalGeneration(SetokimPreTrainedModel, GenerationMixin):
         return self.generation_head(noisy_tokens, timesteps, repeat_noise_draws(condition, repeats))
 
 
+def _left_padded_positions(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """`(B, T)` position ids of left-padded rows: 0 at each row's first real token (padding clamped to 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def segmentation_prompt_lengths(segmentation_prompts: torch.Tensor) -> torch.Tensor:
     """`(B, T)` bool -> `(S,)` long: the length of each maximal run of True in a row (one referred object each), in
     row-major order (a run never continues into the next row)."""
@@ -1063,5 +1251,6 @@ __all__ = [
     "SetokimMaskPrediction",
     "SetokimModel",
     "SetokimPreTrainedModel",
+    "SetokimPrefixCache",
     "segmentation_prompt_lengths",
 ]

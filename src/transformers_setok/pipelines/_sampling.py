@@ -11,7 +11,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._checks import check_positive_int
-from ..generation import revealed_counts, tokens_in_spans, user_text_spans
+from ..generation.conditions import tokens_in_spans, user_text_spans
+from ..generation.schedule import revealed_counts
 
 __all__ = ["SetokimImageGenerationOutput", "SetokimSamplingPipeline"]
 
@@ -29,9 +30,15 @@ class SetokimImageGenerationOutput(BaseOutput):
 
 
 class SetokimSamplingPipeline(DiffusionPipeline):
-    """The steps of drawing images with a Setokim that has a generation head; subclasses write `__call__`."""
+    """The steps of drawing images with a Setokim that has a generation head; subclasses write `__call__`.
+
+    `reuse_prefix_cache` (default True): the unmasking rounds read the columns before the images' slots (the chats, an
+    edit's source block, `[Img]`) once, into a KV cache (`model.image_token_prefix_cache`), and each round runs the LLM
+    on the slots only. False re-reads the whole prompts in every round: the same tokens up to float rounding, slower.
+    """
 
     model_cpu_offload_seq = "model"
+    reuse_prefix_cache = True
 
     def __init__(self, model, processor, scheduler):
         super().__init__()
@@ -121,7 +128,8 @@ class SetokimSamplingPipeline(DiffusionPipeline):
         followed by their images' slots (the last `[Img]` block of each row), `(V * B, T)`: V variants of the B rows
         with the same slots (the conditional rows, then for guidance the null ones); `guide(*predictions)` combines
         the V predictions of the head. `input_images`: per row of `inputs`, the SeTok tokens `(n_i, token_dim)` of the
-        expanded image blocks before the slots (an edit's source), which every pass reads whole (None: none)."""
+        expanded image blocks before the slots (an edit's source), given whole to every pass (None: none). With
+        `reuse_prefix_cache`, the columns before the earliest slot are read once, into a KV cache every round reuses."""
         model, config = self.model, self.model.config
         device = model.device
         batch, longest = len(num_tokens), int(num_tokens.max())
@@ -137,11 +145,29 @@ class SetokimSamplingPipeline(DiffusionPipeline):
         token_scale = config.generation_token_scale or 1.0  # the head draws scaled tokens (see SetokimConfig)
         tokens = torch.zeros(batch, longest, token_dim, device=device)
         known = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+
+        def pass_inputs():
+            """This round's `masked_image_tokens` `(V * B, T)` and visible tokens per image, in placeholder order."""
+            hidden = torch.zeros_like(slot_positions)
+            hidden[slot_positions] = (~known)[slots].repeat(variants)
+            drawn_so_far = [tokens[b][known[b]] for b in range(batch)] * variants
+            if input_images is not None:  # per row, its input images then its drawn image, in placeholder order
+                drawn_so_far = [t for images, own in zip(input_images, drawn_so_far) for t in (*images, own)]
+            return hidden, drawn_so_far
+
         rounds = min(num_rounds, longest)
         orders = [
             torch.randperm(int(n), generator=generator, device=_device_of(generator)).to(device) for n in num_tokens
         ]
         schedules = [revealed_counts(int(n), rounds) for n in num_tokens]
+        # Nothing before the earliest slot of any row changes between rounds and the LLM is causal: its KV cache, built
+        # once (per variant's rows, input images projected once), serves every round.
+        prefix_cache = None
+        if self.reuse_prefix_cache:
+            first_slot = int(slot_positions.long().argmax(-1).min())
+            prefix_cache = model.image_token_prefix_cache(
+                input_ids, attention_mask, *pass_inputs(), prefix_length=first_slot
+            )
         for k in self.progress_bar(range(rounds)):
             due = torch.zeros_like(known)
             for b in range(batch):
@@ -149,14 +175,10 @@ class SetokimSamplingPipeline(DiffusionPipeline):
                 due[b, orders[b][start : schedules[b][k]]] = True
             if not bool(due.any()):
                 continue
-            # Every round re-reads the prompts: reusing their KV cache would need `image_token_conditions` (the
-            # model's public entry, which projects the drawn tokens) to take a cache.
-            hidden = torch.zeros_like(slot_positions)
-            hidden[slot_positions] = (~known)[slots].repeat(variants)
-            drawn_so_far = [tokens[b][known[b]] for b in range(batch)] * variants
-            if input_images is not None:  # per row, its input images then its drawn image, in placeholder order
-                drawn_so_far = [t for images, own in zip(input_images, drawn_so_far) for t in (*images, own)]
-            conditions = model.image_token_conditions(input_ids, attention_mask, hidden, drawn_so_far)
+            hidden, drawn_so_far = pass_inputs()
+            conditions = model.image_token_conditions(
+                input_ids, attention_mask, hidden, drawn_so_far, prefix_cache=prefix_cache
+            )
             # The hidden slots due this round, in the same order, for each variant: (V, N, hidden_size).
             condition = conditions.view(variants, -1, conditions.shape[-1])[:, due[slots & ~known]]
             if guide is None:

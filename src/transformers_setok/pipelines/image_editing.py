@@ -24,7 +24,7 @@ from the full chat.
 
 import torch
 
-from ..generation import check_guidance_scale, classifier_free_guidance, instruct_pix2pix_guidance
+from ..generation.guidance import check_guidance_scale, classifier_free_guidance, instruct_pix2pix_guidance
 from ._sampling import SetokimImageGenerationOutput, SetokimSamplingPipeline
 
 __all__ = ["SetokimImageEditingPipeline"]

@@ -24,7 +24,7 @@ Another diffusers sampler may replace it if built on the same schedule and predi
 
 import torch
 
-from ..generation import check_guidance_scale, classifier_free_guidance
+from ..generation.guidance import check_guidance_scale, classifier_free_guidance
 from ._sampling import SetokimImageGenerationOutput, SetokimSamplingPipeline
 
 __all__ = ["SetokimImageGenerationOutput", "SetokimTextToImagePipeline"]
