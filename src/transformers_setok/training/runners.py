@@ -380,16 +380,20 @@ def run_pretrain_stage(
         data_collator=SetokimChatCollator(processor, max_length=config.data.max_length),
         processing_class=processor,
         train_language_model=config.model.train_language_model,
-        train_generation_head=config.model.train_generation_head,
-        generation_mask_ratio_min=config.model.generation_mask_ratio_min,
-        diffusion_noise_repeats=config.model.diffusion_noise_repeats,
-        diffusion_loss_weight=config.model.diffusion_loss_weight,
-        condition_text_dropout=config.model.condition_text_dropout,
-        condition_image_dropout=config.model.condition_image_dropout,
-        condition_both_dropout=config.model.condition_both_dropout,
+        **_generation_training(config.model),
         callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
     return _train_and_save(trainer, config, resume_from_checkpoint, overwrite)
+
+
+def _generation_training(model_config) -> dict:
+    """The generation head's training keys of a stage-2 or stage-3 `model` section (`GenerationTrainingConfig`), as
+    the trainers' keyword arguments of the same names."""
+    from dataclasses import fields
+
+    from .config import GenerationTrainingConfig
+
+    return {field.name: getattr(model_config, field.name) for field in fields(GenerationTrainingConfig)}
 
 
 def build_pretrain_model(model_config):
@@ -456,6 +460,7 @@ def run_sft_stage(config: StageConfig, resume_from_checkpoint: str | None = None
         processing_class=processor,
         peft_config=peft_config,
         mask_loss_weight=model_config.mask_loss_weight,
+        **_generation_training(model_config),
         callbacks=_stream_callbacks(config, resume_from_checkpoint),
     )
     if not model_config.train_mask_decoder:
@@ -522,24 +527,59 @@ def _merge_saved_adapters(model_config, final_dir: str, merged_dir: str, process
 
 
 def _load_sft_data(data):
-    """Stage 3's records: the conversations of `data.path`, the referring-segmentation records of
-    `data.segmentation`, or both in one data set of `SEGMENTATION_FEATURES` (a conversation's `expression` and `mask`
-    None), which the collator tells apart by the mask."""
-    conversations = None if data.path is None else _load_data(data, conversations=True)
-    if data.segmentation is None:
-        return conversations
-    objects = _load_segmentation_data(data.segmentation)
-    if conversations is None:
-        return objects
+    """Stage 3's records: the conversations of `data.path` and the edits of `data.editing` (as chats), the
+    referring-segmentation records of `data.segmentation`, or all of them in one data set; with segmentation records
+    it has `SEGMENTATION_FEATURES` (a conversation's `expression` and `mask` None), which the collator tells apart
+    by the mask."""
     from datasets import concatenate_datasets
 
+    conversations = None if data.path is None else _load_data(data, conversations=True)
+    edits = None if data.editing is None else _load_editing_data(data.editing)
+    chats = [part for part in (conversations, edits) if part is not None]
+    if len(chats) > 1:
+        # The images stay as stored (paths or bytes): the cast changes the schema, nothing is decoded.
+        chats = [concatenate_datasets([conversations, edits.cast(conversations.features)])]
+    objects = None if data.segmentation is None else _load_segmentation_data(data.segmentation)
+    sources = {"conversations": conversations, "edits": edits, "segmentation records": objects}
+    present = {what: part for what, part in sources.items() if part is not None}
+    if len(present) > 1:  # all in memory: a stream is refused next to edits or segmentation records
+        logger.info("Stage 3 trains on %s.", ", ".join(f"{len(part)} {what}" for what, part in present.items()))
+    if objects is None:
+        return chats[0]
+    if not chats:
+        return objects
     from .data import SEGMENTATION_FEATURES
 
-    empty = [None] * len(conversations)
-    # The images stay as stored (paths or bytes): the cast changes the schema, nothing is decoded.
-    as_records = conversations.add_column("expression", empty).add_column("mask", empty).cast(SEGMENTATION_FEATURES)
-    logger.info("Stage 3 trains on %d conversations and %d segmentation records.", len(conversations), len(objects))
+    records = chats[0]
+    empty = [None] * len(records)
+    as_records = records.add_column("expression", empty).add_column("mask", empty).cast(SEGMENTATION_FEATURES)
     return concatenate_datasets([as_records, objects])
+
+
+def _load_editing_data(editing):
+    """The edits of `data.editing` as stage-3 chats (`edits_to_messages`), through the loader of its format; a bad
+    or empty source is a ConfigError naming `data.editing.path` (skipped records are logged by the loader)."""
+    from .data import edits_to_messages, load_editing_jsonl, load_instructpix2pix, load_magicbrush
+
+    checks = dict(on_error=editing.on_error, verify_images=editing.verify_images)
+    try:
+        if editing.format == "jsonl":
+            records = load_editing_jsonl(editing.path, editing.image_folder, **checks)
+        else:
+            columns = {
+                f"{role}_column": getattr(editing, f"{role}_column")
+                for role in ("source", "instruction", "target")
+                if getattr(editing, f"{role}_column") is not None
+            }
+            # MagicBrush's masks are not read: stage 3 trains the edit's chat, which carries no mask.
+            layout = dict(mask_column=None) if editing.format == "magicbrush" else {}
+            loader = load_magicbrush if editing.format == "magicbrush" else load_instructpix2pix
+            records = loader(
+                editing.path, split=editing.split, data_files=editing.data_files, **columns, **layout, **checks
+            )
+        return edits_to_messages(records)
+    except ValueError as error:  # DataValidationError included
+        raise ConfigError(f"`data.editing.path` ({editing.path}): {error}") from error
 
 
 def _load_segmentation_data(segmentation):

@@ -34,7 +34,7 @@ from .generation_targets import ConditionDropout, estimate_token_scale
 from .loss_terms import LossTermsMixin
 from .step_inputs import DiffusionSettings, SetokimStepInputs, prepare_step
 
-__all__ = ["SetokimInputsMixin", "SetokimPretrainTrainer"]
+__all__ = ["SetokimInputsMixin", "SetokimPretrainTrainer", "loss_weight"]
 
 logger = logging.get_logger(__name__)
 
@@ -69,6 +69,54 @@ class SetokimInputsMixin(LossTermsMixin):
     def _check_requested_engine(self):
         """Called at the end of `__init__`: see `engines.refuse_engines_turned_off`."""
         refuse_engines_turned_off(self)
+
+    def _set_generation_training(
+        self,
+        model,
+        *,
+        train_generation_head: bool,
+        generation_mask_ratio_min: float,
+        diffusion_noise_repeats: int,
+        diffusion_loss_weight: float,
+        condition_text_dropout: float,
+        condition_image_dropout: float,
+        condition_both_dropout: float,
+    ):
+        """Checks and keeps the generation head's training settings, the same in stages 2 and 3 (`model`: the
+        Setokim itself, not a wrapper). Called before the base trainer's `__init__`, so a bad value fails first."""
+        if train_generation_head and model.generation_head is None:
+            raise ValueError(
+                "`train_generation_head=True` needs a model with a generation head (`config.use_generation_head`; "
+                "`transformers_setok.add_generation_head` adds one)."
+            )
+        ratio = generation_mask_ratio_min
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"`generation_mask_ratio_min` must lie in [0, 1], got {ratio!r}.")
+        check_positive_int(diffusion_noise_repeats, "diffusion_noise_repeats")
+        self.train_generation_head = bool(train_generation_head)
+        self.generation_mask_ratio_min = float(ratio)
+        self.diffusion_noise_repeats = diffusion_noise_repeats
+        self.diffusion_loss_weight = loss_weight(diffusion_loss_weight, "diffusion_loss_weight")
+        self.condition_text_dropout = condition_text_dropout
+        self.condition_image_dropout = condition_image_dropout
+        self.condition_both_dropout = condition_both_dropout
+        self._condition_dropout()  # checks the three probabilities now rather than at the first step
+
+    def _settle_token_scale(self, model, dataset, collator):
+        """With `train_generation_head`, a model whose `config.generation_token_scale` is not set gets it from the
+        training images (`estimate_token_scale`); a set one is part of what the head learnt and stays."""
+        if not self.train_generation_head or model.config.generation_token_scale is not None:
+            return
+        if dataset is None:
+            raise ValueError(
+                "`train_generation_head=True` for a model without `config.generation_token_scale`: the scale is "
+                "estimated from `train_dataset`, which is not given (pass it, or set the model's scale)."
+            )
+        model.config.generation_token_scale = estimate_token_scale(model, dataset, collator)
+        logger.info(
+            "Generation token scale (1 / std of the training images' tokens): %.4g",
+            model.config.generation_token_scale,
+        )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples = []
@@ -265,24 +313,18 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
             raise TypeError(f"`model` must be a SetokimForConditionalGeneration, got {type(model).__name__}.")
         if kwargs.get("processing_class") is None:
             raise ValueError("`processing_class` must be the model's SetokimProcessor (it expands the placeholders).")
-        if train_generation_head and model.generation_head is None:
-            raise ValueError(
-                "`train_generation_head=True` needs a model with a generation head (`config.use_generation_head`; "
-                "`transformers_setok.add_generation_head` adds one)."
-            )
-        if not 0.0 <= generation_mask_ratio_min <= 1.0:
-            raise ValueError(f"`generation_mask_ratio_min` must lie in [0, 1], got {generation_mask_ratio_min}.")
-        check_positive_int(diffusion_noise_repeats, "diffusion_noise_repeats")
+        self._set_generation_training(
+            model,
+            train_generation_head=train_generation_head,
+            generation_mask_ratio_min=generation_mask_ratio_min,
+            diffusion_noise_repeats=diffusion_noise_repeats,
+            diffusion_loss_weight=diffusion_loss_weight,
+            condition_text_dropout=condition_text_dropout,
+            condition_image_dropout=condition_image_dropout,
+            condition_both_dropout=condition_both_dropout,
+        )
         config = model.config
         self.train_language_model = train_language_model
-        self.train_generation_head = train_generation_head
-        self.generation_mask_ratio_min = generation_mask_ratio_min
-        self.diffusion_noise_repeats = diffusion_noise_repeats
-        self.diffusion_loss_weight = diffusion_loss_weight
-        self.condition_text_dropout = condition_text_dropout
-        self.condition_image_dropout = condition_image_dropout
-        self.condition_both_dropout = condition_both_dropout
-        self._condition_dropout()  # checks the three probabilities now rather than at the first step
         self.new_token_ids = sorted(
             set(new_token_ids or (config.image_token_id, config.boi_token_id, config.eoi_token_id))
         )
@@ -292,11 +334,7 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         self._select_trainable_parameters(model)
         super().__init__(model=model, args=args, **kwargs)
         self._check_requested_engine()
-        if train_generation_head and config.generation_token_scale is None:
-            config.generation_token_scale = estimate_token_scale(model, self.train_dataset, self.data_collator)
-            logger.info(
-                "Generation token scale (1 / std of the training images' tokens): %.4g", config.generation_token_scale
-            )
+        self._settle_token_scale(model, self.train_dataset, self.data_collator)
         if not train_language_model and (self.is_fsdp_enabled or _zero_stage(self.accelerator) == 3):
             raise ValueError(
                 "Training only the new token rows masks the embedding gradient per row, which FSDP and DeepSpeed "
@@ -354,6 +392,14 @@ class SetokimPretrainTrainer(SetokimInputsMixin, Trainer):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def loss_weight(value, name: str) -> float:
+    """A loss term's weight: a finite number >= 0 (else ValueError naming `name`), as a float."""
+    # The chained comparison is False for NaN too.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+    return float(value)
 
 
 def _register_image_features_with_fsdp(model):

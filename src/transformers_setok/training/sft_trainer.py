@@ -5,7 +5,11 @@
             -> SFTTrainer.compute_loss (fused LM head, TRL's metrics)
 
 What trains: the LLM (whole, or LoRA on its attention and MLP projections) and the projector; never SeTok, which
-stage 1 trained. The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with the projector trained whole
+stage 1 trained, nor its detokenizer (`image_decoder`). With `train_generation_head=True` also the generation head, on
+the chats that draw an image (an edit's target, a text-to-image answer): whole under LoRA too, as a
+`modules_to_save` copy that the adapter saves and `merge_adapters` folds back in. A referring-segmentation record
+trains the mask decoder (see `setokim_lora_config`). Steps that draw or segment run the model's own forward, which
+runs those heads. The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with the projector trained whole
 (`setokim_lora_config`); QLoRA adds a 4-bit LLM that leaves SeTok, the projector and the LM head in full precision
 (`setokim_4bit_config`). `merge_adapters` / `merge_adapters_from` turn an adapter into a plain Setokim checkpoint.
 
@@ -27,11 +31,12 @@ from trl import SFTConfig, SFTTrainer
 from ..modeling import SetokimForConditionalGeneration
 from ..processing import SetokimProcessor
 from .collators import SetokimChatCollator
-from .setokim_trainer import SetokimInputsMixin
+from .setokim_trainer import SetokimInputsMixin, loss_weight
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GENERATION_HEAD",
     "LLM_LORA_TARGETS",
     "QUANTIZATION_SKIP_MODULES",
     "SetokimSFTTrainer",
@@ -48,7 +53,16 @@ LLM_LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|m
 
 # Quantizer skip patterns match module names from the start, and a given list replaces transformers' default one
 # (which holds `lm_head`), so every module that must stay in full precision is named here by its full path.
-QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head", "mask_decoder"]
+QUANTIZATION_SKIP_MODULES = [
+    "model.vision_tower",
+    "model.multi_modal_projector",
+    "lm_head",
+    "mask_decoder",
+    "generation_head",
+    "image_decoder",
+]
+# The generation head's module name, as `modules_to_save` names it (a LoRA run that trains the head saves it whole).
+GENERATION_HEAD = "generation_head"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -182,8 +196,14 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
     - `args`: see `settle_sft_config` for the settings filled in or refused; `setokim_sft_config` builds one.
     - `mask_loss_weight`: the weight of the mask decoder's loss on referring-segmentation records (a non-negative
       number; see `SetokimInputsMixin`).
+    - `train_generation_head`: also train the generation head (the model needs one) on the records that draw an
+      image: edits (`training.data.editing_messages`) and text-to-image chats. With a `peft_config` the head is
+      added to its `modules_to_save`; False leaves a head the model has frozen (its diffusion loss still trains
+      the LLM and projector). `generation_mask_ratio_min`, `diffusion_noise_repeats`, `diffusion_loss_weight` and
+      `condition_text_dropout` / `condition_image_dropout` / `condition_both_dropout` mean what they mean in
+      stage 2 (`SetokimPretrainTrainer`, `SetokimInputsMixin`).
 
-    SeTok (the whole vision tower) is frozen before TRL and PEFT see the model.
+    SeTok (the whole vision tower) and its detokenizer are frozen before TRL and PEFT see the model.
     """
 
     def __init__(
@@ -196,14 +216,27 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
         processing_class: SetokimProcessor | None = None,
         *,
         mask_loss_weight: float = SetokimInputsMixin.mask_loss_weight,
+        train_generation_head: bool = False,
+        generation_mask_ratio_min: float = SetokimInputsMixin.generation_mask_ratio_min,
+        diffusion_noise_repeats: int = SetokimInputsMixin.diffusion_noise_repeats,
+        diffusion_loss_weight: float = SetokimInputsMixin.diffusion_loss_weight,
+        condition_text_dropout: float = 0.0,
+        condition_image_dropout: float = 0.0,
+        condition_both_dropout: float = 0.0,
         **kwargs,
     ):
         setokim = _setokim_of(model)
-        weight = mask_loss_weight
-        # The chained comparison is False for NaN too.
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-            raise ValueError(f"`mask_loss_weight` must be a finite number >= 0, got {weight!r}.")
-        self.mask_loss_weight = float(weight)
+        self.mask_loss_weight = loss_weight(mask_loss_weight, "mask_loss_weight")
+        self._set_generation_training(
+            setokim,
+            train_generation_head=train_generation_head,
+            generation_mask_ratio_min=generation_mask_ratio_min,
+            diffusion_noise_repeats=diffusion_noise_repeats,
+            diffusion_loss_weight=diffusion_loss_weight,
+            condition_text_dropout=condition_text_dropout,
+            condition_image_dropout=condition_image_dropout,
+            condition_both_dropout=condition_both_dropout,
+        )
         if not isinstance(processing_class, SetokimProcessor):
             raise TypeError(
                 "`processing_class` must be the model's SetokimProcessor (its chat template and image processor build "
@@ -220,6 +253,22 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
             data_collator = SetokimChatCollator(processing_class)
 
         setokim.model.vision_tower.requires_grad_(False)
+        if setokim.image_decoder is not None:  # the detokenizer only turns drawn tokens into pixels
+            setokim.image_decoder.requires_grad_(False)
+        if kwargs.get("peft_config") is not None:
+            kwargs["peft_config"] = self._peft_config_for_head(kwargs["peft_config"])
+        if isinstance(model, PeftModel):
+            self._check_wrapped_head(model)
+        elif setokim.generation_head is not None:
+            setokim.generation_head.requires_grad_(self.train_generation_head)
+        adapted = isinstance(model, PeftModel) or kwargs.get("peft_config") is not None
+        if adapted and self.train_generation_head and setokim.config.generation_token_scale is None:
+            raise ValueError(
+                "`train_generation_head=True` with LoRA needs `model.config.generation_token_scale` (stage 2 sets it "
+                "when it trains the head): a scale estimated now would not be saved with the adapter. Set it, or "
+                "fine-tune without LoRA (the whole model's config then saves the estimate)."
+            )
+        self._settle_token_scale(setokim, train_dataset, data_collator)
         super().__init__(
             model,
             args=args,
@@ -232,6 +281,48 @@ class SetokimSFTTrainer(SetokimInputsMixin, SFTTrainer):
         self._check_requested_engine()
         if _is_quantized(setokim):
             self._keep_projector_in_tower_dtype(setokim)
+
+    def _peft_config_for_head(self, peft_config):
+        """`peft_config` with the generation head in its `modules_to_save` when the head trains (a copy; the
+        caller's is left as it is), so that the adapter saves the trained head and a merge folds it in. Naming the
+        head there without `train_generation_head` is a contradiction: ValueError."""
+        saved = list(getattr(peft_config, "modules_to_save", None) or [])
+        if not self.train_generation_head:
+            if GENERATION_HEAD in saved:
+                raise ValueError(
+                    f"`peft_config.modules_to_save` ({saved}) trains the generation head, but "
+                    "`train_generation_head=False`: pass `train_generation_head=True`, or drop "
+                    f"{GENERATION_HEAD!r} from it."
+                )
+            return peft_config
+        if GENERATION_HEAD in saved:
+            return peft_config
+        if not hasattr(peft_config, "modules_to_save"):
+            raise ValueError(
+                f"`train_generation_head=True` needs a `peft_config` with `modules_to_save` (the head is trained "
+                f"whole and saved with the adapter), got a {type(peft_config).__name__}."
+            )
+        peft_config = deepcopy(peft_config)
+        peft_config.modules_to_save = saved + [GENERATION_HEAD]
+        logger.info("Training the generation head whole under LoRA: %r added to `modules_to_save`.", GENERATION_HEAD)
+        return peft_config
+
+    def _check_wrapped_head(self, model: PeftModel):
+        """A model that is a PeftModel already trains its head only as a `modules_to_save` copy (a head trained
+        outside the adapter would not be saved with it)."""
+        trained = any(
+            param.requires_grad for name, param in model.named_parameters() if f".{GENERATION_HEAD}." in f".{name}"
+        )
+        if self.train_generation_head and not trained:
+            raise ValueError(
+                "`train_generation_head=True`, but the PeftModel does not train its generation head: wrap the model "
+                f"with {GENERATION_HEAD!r} in `modules_to_save` (or pass `peft_config` and the plain model)."
+            )
+        if trained and not self.train_generation_head:
+            raise ValueError(
+                "The PeftModel trains its generation head (`modules_to_save`), but `train_generation_head=False`: "
+                "pass `train_generation_head=True`, or wrap it without the head in `modules_to_save`."
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with _lm_head_unsharded(self.accelerator.unwrap_model(model)):
@@ -288,8 +379,8 @@ def merge_adapters(peft_model: PeftModel, out_dir, processor: SetokimProcessor |
     """Folds the LoRA weights into the base weights and saves a plain Setokim checkpoint (and `processor`) to
     `out_dir`, which `SetokimForConditionalGeneration.from_pretrained` loads without PEFT. Returns the merged model.
 
-    The adapters are merged in place: `peft_model` is consumed (`merge_and_unload`). The trained projector copy
-    (`modules_to_save`) replaces the original one.
+    The adapters are merged in place: `peft_model` is consumed (`merge_and_unload`). The trained copies of
+    `modules_to_save` (the projector; the mask decoder and generation head when they trained) replace the originals.
 
     A quantized base (QLoRA) is refused: adding the LoRA delta to 4-bit weights would re-quantize it away. Use
     `merge_adapters_from` with the full-precision base checkpoint and the saved adapter instead.

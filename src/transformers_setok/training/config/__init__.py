@@ -4,7 +4,7 @@
     output_dir: runs/setok    # checkpoints go to output_dir/checkpoint-N, the final model to output_dir/final
     model: {...}              # TokenizerModelConfig | PretrainModelConfig | SFTModelConfig
     data: {...}               # TokenizerDataConfig | PretrainDataConfig | SFTDataConfig (stage 3's
-                              # `segmentation` a nested SegmentationDataConfig)
+                              # `segmentation` and `editing` nested SegmentationDataConfig, EditingDataConfig)
     training: {...}           # TrainingArguments (stages 1-2) or trl's SFTConfig (stage 3) fields, over the
                               # stage's defaults (TRAINING_DEFAULTS)
 
@@ -37,6 +37,8 @@ from .schema import (
     ON_ERROR,
     SCHEMA,
     STAGES,
+    EditingDataConfig,
+    GenerationTrainingConfig,
     PretrainDataConfig,
     PretrainModelConfig,
     SegmentationDataConfig,
@@ -57,6 +59,8 @@ __all__ = [
     "STAGES",
     "TRAINING_DEFAULTS",
     "ConfigError",
+    "EditingDataConfig",
+    "GenerationTrainingConfig",
     "PretrainDataConfig",
     "PretrainModelConfig",
     "SFTDataConfig",

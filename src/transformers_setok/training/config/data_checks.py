@@ -6,10 +6,17 @@ import glob
 import os
 
 from .bounds import check_count
-from .schema import PretrainDataConfig, SegmentationDataConfig, SFTDataConfig, TokenizerDataConfig
+from .schema import (
+    EditingDataConfig,
+    PretrainDataConfig,
+    SegmentationDataConfig,
+    SFTDataConfig,
+    TokenizerDataConfig,
+)
 from .typed_yaml import ConfigError
 
 __all__ = [
+    "check_editing_data",
     "check_pretrain_data",
     "check_segmentation_data",
     "check_sft_data",
@@ -39,6 +46,17 @@ _SEGMENTATION_FORMATS_ONLY = {
     "split": ("refcoco", "hub"),
     "data_files": ("hub",),
 }
+# `data.editing` keys that only some of its formats read.
+_EDITING_FORMATS_ONLY = {
+    "image_folder": ("jsonl",),
+    "split": ("instructpix2pix", "magicbrush"),
+    "data_files": ("instructpix2pix", "magicbrush"),
+    "source_column": ("instructpix2pix", "magicbrush"),
+    "instruction_column": ("instructpix2pix", "magicbrush"),
+    "target_column": ("instructpix2pix", "magicbrush"),
+}
+# The stage-3 sources that are read in memory only, as a message names their records.
+_NOT_STREAMED = {"segmentation": "referring-segmentation records", "editing": "image edits"}
 # What `data.segmentation.format: refcoco` cannot do without.
 _REFCOCO_NEEDS = {
     "instances": "the COCO instances.json beside the refs pickle",
@@ -76,18 +94,20 @@ def check_pretrain_data(data: PretrainDataConfig, check_paths: bool):
 
 
 def check_sft_data(data: SFTDataConfig, check_paths: bool):
-    segmentation = data.segmentation
-    if segmentation is not None and data.streaming:
-        raise ConfigError(
-            "`data.streaming` with `data.segmentation`: referring-segmentation records are not streamed yet; set "
-            "`data.streaming: false` (both sources are then read in memory) or train on `data.path` alone."
-        )
+    segmentation, editing = data.segmentation, data.editing
+    for key, source in (("segmentation", segmentation), ("editing", editing)):
+        if source is not None and data.streaming:
+            raise ConfigError(
+                f"`data.streaming` with `data.{key}`: {_NOT_STREAMED[key]} are not streamed yet; set "
+                "`data.streaming: false` (every source is then read in memory) or train on `data.path` alone."
+            )
     if data.path is not None:
         _check_conversations(data, _ONE_FORMAT_ONLY)
         _check_files(data, check_paths)
-    elif segmentation is None:
+    elif segmentation is None and editing is None:
         raise ConfigError(
-            "`data` needs `path` (conversations) and/or `segmentation` (referring-segmentation records): set one."
+            "`data` needs `path` (conversations) and/or `segmentation` (referring-segmentation records) and/or "
+            "`editing` (image edits): set one."
         )
     else:
         if data.max_length is not None:
@@ -97,24 +117,19 @@ def check_sft_data(data: SFTDataConfig, check_paths: bool):
             if getattr(data, key) != defaults[key]:
                 raise ConfigError(
                     f"`data.{key}` applies to the records of `data.path`, which is not set (stage 3 trains on "
-                    "`data.segmentation` alone): drop it (`data.segmentation` has its own `image_folder`, `split`, "
-                    "`data_files`, `on_error` and `verify_images`)."
+                    "`data.editing` and/or `data.segmentation` alone): drop it (those sections have their own "
+                    "`image_folder`, `split`, `data_files`, `on_error` and `verify_images`)."
                 )
     if segmentation is not None:
         check_segmentation_data(segmentation, check_paths)
+    if editing is not None:
+        check_editing_data(editing, check_paths)
 
 
 def check_segmentation_data(data: SegmentationDataConfig, check_paths: bool):
     """The referring-segmentation source of stage 3: the keys its format reads, its prompt, and its files."""
     where = "data.segmentation"
-    defaults = {f.name: f.default for f in dataclasses.fields(data)}
-    for key, formats in _SEGMENTATION_FORMATS_ONLY.items():
-        if data.format not in formats and getattr(data, key) != defaults[key]:
-            names = " and ".join(f"`{name}`" for name in formats)
-            raise ConfigError(
-                f"`{where}.{key}` applies to the {names} format{'s' if len(formats) > 1 else ''} only; "
-                f"`{where}.format` is `{data.format}`, which ignores it: drop it."
-            )
+    _check_format_keys(data, _SEGMENTATION_FORMATS_ONLY, where)
     if data.format == "refcoco":
         for key, what in _REFCOCO_NEEDS.items():
             if getattr(data, key) is None:
@@ -124,16 +139,43 @@ def check_segmentation_data(data: SegmentationDataConfig, check_paths: bool):
             f"`{where}.prompt` {data.prompt!r} does not hold `{{expression}}`, where each referring expression goes, "
             "so every request would read the same: as in 'Please segment: {expression}'."
         )
-    if not check_paths:
-        return
-    if data.format == "hub":
+    if check_paths:
+        _check_source_files(data, where, hub=data.format == "hub", files=("path", "instances"))
+
+
+def check_editing_data(data: EditingDataConfig, check_paths: bool):
+    """The image-editing source of stage 3: the keys its format reads, and its files."""
+    where = "data.editing"
+    _check_format_keys(data, _EDITING_FORMATS_ONLY, where)
+    for key in ("source_column", "instruction_column", "target_column"):
+        if getattr(data, key) == "":
+            raise ConfigError(f"`{where}.{key}` is empty: name the column, or drop the key for the layout's own.")
+    if check_paths:
+        _check_source_files(data, where, hub=data.format != "jsonl", files=("path",))
+
+
+def _check_format_keys(data, formats_only: dict, where: str):
+    """A key that the section's format does not read, set to anything but its default, is refused."""
+    defaults = {f.name: f.default for f in dataclasses.fields(data)}
+    for key, formats in formats_only.items():
+        if data.format not in formats and getattr(data, key) != defaults[key]:
+            names = " and ".join(f"`{name}`" for name in formats)
+            raise ConfigError(
+                f"`{where}.{key}` applies to the {names} format{'s' if len(formats) > 1 else ''} only; "
+                f"`{where}.format` is `{data.format}`, which ignores it: drop it."
+            )
+
+
+def _check_source_files(data, where: str, hub: bool, files: tuple[str, ...]):
+    """A Hub-or-folder source's local folder exists; a file source's `files` and `image_folder` exist."""
+    if hub:
         from ..data import is_local_path
 
         if is_local_path(data.path) and not os.path.exists(data.path):
             raise FileNotFoundError(f"`{where}.path`: no such dataset folder: {data.path}")
         return
-    files = {"path": data.path, "instances": data.instances}
-    for key, path in files.items():
+    for key in files:
+        path = getattr(data, key)
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"`{where}.{key}`: no such file: {path}")
     if data.image_folder is not None and not os.path.isdir(data.image_folder):

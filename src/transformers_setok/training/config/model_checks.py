@@ -5,12 +5,19 @@ import os
 
 from .bounds import check_between, check_count, check_not_negative
 from .saved_model import SavedModelConfig
-from .schema import EXPECTED_MODEL_TYPE, PretrainModelConfig, SFTModelConfig, TokenizerModelConfig
+from .schema import (
+    EXPECTED_MODEL_TYPE,
+    GenerationTrainingConfig,
+    PretrainModelConfig,
+    SFTModelConfig,
+    TokenizerModelConfig,
+)
 from .setok_config import check_setok_config
 from .typed_yaml import ConfigError
 
 __all__ = [
     "MASK_DECODER_SIZES",
+    "check_generation_training",
     "check_pretrain_model",
     "check_sft_model",
     "check_source",
@@ -98,23 +105,9 @@ def check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
             "`model` needs `init_from` (a saved Setokim) or both `setok` (the stage-1 SeTok folder) and "
             "`language_model` (a causal LM's Hub id or folder)."
         )
-    for key in ("generation_head_width", "generation_head_depth", "diffusion_noise_repeats"):
+    for key in ("generation_head_width", "generation_head_depth"):
         check_count(getattr(model, key), f"model.{key}")
-    check_between(model.generation_mask_ratio_min, 0, 1, "model.generation_mask_ratio_min")
-    check_not_negative(model.diffusion_loss_weight, "model.diffusion_loss_weight")
-    dropout = {kind: getattr(model, f"condition_{kind}_dropout") for kind in ("text", "image", "both")}
-    for kind, value in dropout.items():
-        check_between(value, 0, 1, f"model.condition_{kind}_dropout")
-    if sum(dropout.values()) > 1:
-        raise ConfigError(
-            "`model.condition_text_dropout`, `condition_image_dropout` and `condition_both_dropout` are exclusive "
-            f"cases of one draw: their sum must be at most 1, got {sum(dropout.values()):g}."
-        )
-    if any(dropout.values()) and not model.train_generation_head:
-        raise ConfigError(
-            "`model.condition_*_dropout` trains classifier-free guidance of the generation head: set "
-            "`model.train_generation_head: true`."
-        )
+    check_generation_training(model)
     if not check_paths:
         return
     if model.init_from is None:
@@ -141,6 +134,27 @@ def check_pretrain_model(model: PretrainModelConfig, check_paths: bool):
         )
 
 
+def check_generation_training(model: GenerationTrainingConfig):
+    """The generation head's training keys, which stages 2 and 3 share: the loss settings' ranges, and condition
+    dropout's probabilities (three exclusive cases of one draw) and its need of the head."""
+    check_count(model.diffusion_noise_repeats, "model.diffusion_noise_repeats")
+    check_between(model.generation_mask_ratio_min, 0, 1, "model.generation_mask_ratio_min")
+    check_not_negative(model.diffusion_loss_weight, "model.diffusion_loss_weight")
+    dropout = {kind: getattr(model, f"condition_{kind}_dropout") for kind in ("text", "image", "both")}
+    for kind, value in dropout.items():
+        check_between(value, 0, 1, f"model.condition_{kind}_dropout")
+    if sum(dropout.values()) > 1:
+        raise ConfigError(
+            "`model.condition_text_dropout`, `condition_image_dropout` and `condition_both_dropout` are exclusive "
+            f"cases of one draw: their sum must be at most 1, got {sum(dropout.values()):g}."
+        )
+    if any(dropout.values()) and not model.train_generation_head:
+        raise ConfigError(
+            "`model.condition_*_dropout` trains classifier-free guidance of the generation head: set "
+            "`model.train_generation_head: true`."
+        )
+
+
 def mask_decoder_sizes(model: SFTModelConfig) -> dict[str, int]:
     """The sizes of the mask decoder `model.train_mask_decoder` adds: the section's, else SetokimConfig's defaults
     (keyword arguments of `add_mask_decoder`)."""
@@ -160,21 +174,40 @@ def check_sft_model(model: SFTModelConfig, check_paths: bool) -> SavedModelConfi
         flag = "qlora" if model.qlora else "merge_adapters"
         raise ConfigError(f"`model.{flag}` needs LoRA adapters: set `model.lora` to true or to LoraConfig overrides.")
     if isinstance(model.lora, dict):
-        from ..sft_trainer import setokim_lora_config
+        from ..sft_trainer import GENERATION_HEAD, setokim_lora_config
 
         try:
             lora = setokim_lora_config(**model.lora)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"`model.lora` (LoraConfig overrides): {error}") from error
+        if not model.train_generation_head and GENERATION_HEAD in (lora.modules_to_save or []):
+            raise ConfigError(
+                f"`model.lora` sets `modules_to_save` to {lora.modules_to_save!r}, which trains the generation head, "
+                f"but `model.train_generation_head` is false: drop {GENERATION_HEAD!r} from it (or set "
+                "`model.train_generation_head: true`)."
+            )
         if model.train_mask_decoder and "mask_decoder" not in (lora.modules_to_save or []):
             raise ConfigError(
                 f"`model.lora` sets `modules_to_save` to {lora.modules_to_save!r}, without `mask_decoder`: under LoRA "
                 "the decoder that `model.train_mask_decoder` trains would stay frozen. Add 'mask_decoder' to it."
             )
     written = _check_mask_decoder(model)
+    check_generation_training(model)
     if not check_paths:
         return None
     saved = SavedModelConfig.read(model.init_from, "model.init_from").require(EXPECTED_MODEL_TYPE["sft"])
+    if model.train_generation_head and not saved.has_generation_head:
+        raise ConfigError(
+            f"`model.train_generation_head` trains the generation head, and `model.init_from` {model.init_from} has "
+            "none (stage 3 adds no head): train one in stage 2 (`model.train_generation_head: true` there) and start "
+            "from that model."
+        )
+    if model.train_generation_head and model.lora is not False and saved.generation_token_scale is None:
+        raise ConfigError(
+            f"`model.train_generation_head` with LoRA: `model.init_from` {model.init_from} has no "
+            "`generation_token_scale` (stage 2 sets it when it trains the head), and a scale estimated now could not "
+            "be saved with the adapter: start from a model with a trained head, or set `model.lora: false`."
+        )
     if saved.has_mask_decoder:
         for name, value in written.items():
             has = saved.mask_decoder_sizes.get(name) or _default_size(name)

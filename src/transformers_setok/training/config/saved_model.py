@@ -28,6 +28,7 @@ class SavedModelConfig:
     has_mask_decoder: bool = False  # Setokim
     # Setokim: the saved `mask_decoder_width` / `_depth` / `_heads` (None where config.json leaves one out)
     mask_decoder_sizes: dict = field(default_factory=dict)
+    generation_token_scale: float | None = None  # Setokim: set once a generation head has been trained
 
     @classmethod
     def read(cls, path: str, key: str) -> "SavedModelConfig":
@@ -58,6 +59,7 @@ class SavedModelConfig:
             has_generation_head=bool(saved.get("use_generation_head")),
             has_mask_decoder=bool(saved.get("use_mask_decoder")),
             mask_decoder_sizes={name: saved.get(f"mask_decoder_{name}") for name in ("width", "depth", "heads")},
+            generation_token_scale=saved.get("generation_token_scale"),
         )
 
     @staticmethod

@@ -15,6 +15,8 @@ __all__ = [
     "ON_ERROR",
     "SCHEMA",
     "STAGES",
+    "EditingDataConfig",
+    "GenerationTrainingConfig",
     "PretrainDataConfig",
     "PretrainModelConfig",
     "SFTDataConfig",
@@ -49,24 +51,12 @@ class TokenizerModelConfig:
     text_tokenizer: str | None = None
 
 
-@dataclass
-class PretrainModelConfig:
-    """Stage 2: either `init_from` a saved Setokim, or assemble one from the stage-1 `setok` folder and a causal LM
-    (`language_model`, a Hub id or folder; `gguf_file` for a GGUF checkpoint; `tokenizer` defaults to the LM's).
-    `train_generation_head` also trains the generation head (adding one when the model has none)."""
+@dataclass(kw_only=True)
+class GenerationTrainingConfig:
+    """The generation head's training, the same keys in stages 2 and 3 (`model.*`): `train_generation_head` trains
+    it on the chats that draw an image (text-to-image, edits), and the rest sets its loss and condition dropout."""
 
-    init_from: str | None = None
-    setok: str | None = None
-    language_model: str | None = None
-    tokenizer: str | None = None
-    gguf_file: str | None = None
-    dtype: DTYPE | None = None
-    train_language_model: bool = False  # False: the projector and the new token rows only (spec 3)
-    # The generation head (spec 2), trained on text-to-image chats (`data.text_to_image`). A model without one gets a
-    # fresh head of this width x depth and the detokenizer of the stage-1 SeTok (`setok`, also with `init_from`).
     train_generation_head: bool = False
-    generation_head_width: int = 1024
-    generation_head_depth: int = 3
     generation_mask_ratio_min: float = 0.7  # each target image hides 70-100 % of its tokens (MAR)
     diffusion_noise_repeats: int = 4  # noise draws per hidden token
     diffusion_loss_weight: float = 1.0
@@ -78,10 +68,31 @@ class PretrainModelConfig:
 
 
 @dataclass
-class SFTModelConfig:
+class PretrainModelConfig(GenerationTrainingConfig):
+    """Stage 2: either `init_from` a saved Setokim, or assemble one from the stage-1 `setok` folder and a causal LM
+    (`language_model`, a Hub id or folder; `gguf_file` for a GGUF checkpoint; `tokenizer` defaults to the LM's).
+    `train_generation_head` also trains the generation head (adding one when the model has none), on text-to-image
+    chats (`data.text_to_image`). A model without one gets a fresh head of `generation_head_width` x
+    `generation_head_depth` and the detokenizer of the stage-1 SeTok (`setok`, also with `init_from`)."""
+
+    init_from: str | None = None
+    setok: str | None = None
+    language_model: str | None = None
+    tokenizer: str | None = None
+    gguf_file: str | None = None
+    dtype: DTYPE | None = None
+    train_language_model: bool = False  # False: the projector and the new token rows only (spec 3)
+    generation_head_width: int = 1024
+    generation_head_depth: int = 3
+
+
+@dataclass
+class SFTModelConfig(GenerationTrainingConfig):
     """Stage 3: the stage-2 Setokim to tune. `lora`: false (full fine-tuning of the LLM and projector), true (the
     paper's r=128, alpha=256, dropout=0.05) or a mapping of LoraConfig overrides. `qlora` loads the LLM in 4 bits
-    (needs LoRA). `merge_adapters` also writes output_dir/merged, a plain Setokim with the adapter folded in."""
+    (needs LoRA). `merge_adapters` also writes output_dir/merged, a plain Setokim with the adapter folded in.
+    `train_generation_head` trains the generation head the stage-2 model has (whole, `modules_to_save` under LoRA)
+    on the chats that draw an image: the edits of `data.editing`, and text-to-image chats among the conversations."""
 
     init_from: str
     lora: bool | dict = True
@@ -164,9 +175,31 @@ class SegmentationDataConfig:
 
 
 @dataclass
+class EditingDataConfig:
+    """Stage 3's image edits (`data.editing`), each trained as the chat "user: <source> {instruction}" ->
+    "assistant: <target>" (`editing_messages`), mixed with the conversations of `data.path`: a JSONL file of
+    {"source", "instruction", "target", "mask"?} lines (`jsonl`, `load_editing_jsonl`), or a Hub id or dataset
+    folder in InstructPix2Pix's or MagicBrush's layout (`instructpix2pix`, `magicbrush`: `load_instructpix2pix`,
+    `load_magicbrush`). An edit's mask is not trained on, so the layouts' mask columns are not read."""
+
+    path: str
+    format: Literal["jsonl", "instructpix2pix", "magicbrush"] = "jsonl"
+    image_folder: str | None = None  # jsonl only: image (and mask) paths are relative to it; default the file's folder
+    split: str = "train"  # instructpix2pix and magicbrush
+    data_files: str | list[str] | None = None  # instructpix2pix and magicbrush: the files of a builder `path`
+    # instructpix2pix and magicbrush: the layout's column names, when the dataset names them otherwise (null: the
+    # layout's own, e.g. `input_image` / `edit_prompt` / `edited_image` for InstructPix2Pix)
+    source_column: str | None = None
+    instruction_column: str | None = None
+    target_column: str | None = None
+    on_error: ON_ERROR = "fail"
+    verify_images: bool = False
+
+
+@dataclass
 class SFTDataConfig:
-    """Stage 3: LLaVA JSON (`llava`) or a dataset with `images` and `messages` columns (`hub`), and/or
-    referring-segmentation records (`segmentation`): `path` may be left out when `segmentation` is given."""
+    """Stage 3: LLaVA JSON (`llava`) or a dataset with `images` and `messages` columns (`hub`), and/or image edits
+    (`editing`) and referring-segmentation records (`segmentation`): `path` may be left out when either is given."""
 
     path: str | list[str] | None = None
     format: Literal["llava", "hub", "webdataset"] = "llava"
@@ -185,6 +218,7 @@ class SFTDataConfig:
     )
     max_length: int | None = None
     segmentation: SegmentationDataConfig | None = None
+    editing: EditingDataConfig | None = None
 
 
 @dataclass

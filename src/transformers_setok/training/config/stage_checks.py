@@ -60,6 +60,11 @@ def _check_sft_stage(config: StageConfig, check_paths: bool):
                 "`model.mask_loss_weight` weighs the mask loss of `data.segmentation` records, and this config has "
                 "none: drop it (or set `data.segmentation`)."
             )
+    if data.editing is not None and not model.train_generation_head:
+        raise ConfigError(
+            "`data.editing` trains the generation head, which draws each edit's target: set "
+            "`model.train_generation_head: true` (the `model.init_from` Setokim must have a head, from stage 2)."
+        )
     if saved is None:  # without `check_paths`: what the checkpoint holds is not known
         return
     if data.segmentation is not None and not model.train_mask_decoder and not saved.has_mask_decoder:
