@@ -13,7 +13,7 @@ from pathlib import Path
 __all__ = ["METRICS", "load", "metric_path"]
 
 _HERE = Path(__file__).resolve().parent
-METRICS = ("referring_iou", "editing_distance")
+METRICS = ("referring_iou", "editing_distance", "edit_class_accuracy")
 
 
 def metric_path(name: str) -> str:
