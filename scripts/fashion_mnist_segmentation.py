@@ -243,6 +243,24 @@ def best_cluster(labels: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray,
     return clusters[int(np.argmax(ious))], len(clusters)
 
 
+def referred_share(prediction: np.ndarray, reference: np.ndarray, items: np.ndarray) -> float:
+    """Of a mask's pixels that lie on items (`items`: every item's pixels), the share on the referred item
+    (`reference`); 0 for a mask on no item. Segmenting the scene's items without reading the expression gives about
+    the referred item's share of all item pixels (one item in 2-4); reading it gives more. All `(H, W)` bool."""
+    on_items = prediction & items
+    return float((on_items & reference).sum() / on_items.sum()) if on_items.any() else 0.0
+
+
+def mean_by_kind(values, kinds) -> dict:
+    """The mean of per-sample `values` over all samples and by expression kind (None for a kind without samples)."""
+    return {
+        kind: (
+            float(np.mean(picked)) if (picked := [v for v, k in zip(values, kinds) if kind in ("all", k)]) else None
+        )
+        for kind in KINDS
+    }
+
+
 def score(metric, predictions, references, kinds) -> dict:
     """cIoU and gIoU of `predictions`, over all samples and by expression kind."""
     scores = {}
@@ -309,8 +327,15 @@ def evaluate(work: Path, data: dict[str, Path]) -> dict:
         predictions=[m.astype(np.uint8) for m in predictions], references=[r.astype(np.uint8) for r in references]
     )["per_sample_iou"]
     save_overlays(work / "overlays.png", images, expressions, references, predictions, per_sample, overlay_rows(kinds))
+    shares = {
+        method: mean_by_kind(
+            [referred_share(m, r, i) for m, r, i in zip(masks[method], references, masks["all_items"])], kinds
+        )
+        for method in ("model", "all_items")
+    }
     return {
         "results": results,
+        "referred_share": shares,
         "predicted_iou_mean": float(np.mean(predicted_ious)),
         "iou_mean": float(np.mean(per_sample)),
         "texts_written": sum(bool(text) for text in texts),
@@ -336,6 +361,16 @@ METHOD_NAMES = {
     "all_items": "baseline: every item's pixels (the canvas's non-black pixels)",
     "best_cluster": "baseline: SeTok's best-matching single cluster (oracle pick)",
 }
+
+
+def referred_share_sentence(shares: dict) -> str:
+    """Whether the masks follow the expression: the share of their on-item pixels that lie on the referred item."""
+    model, items = ({kind: "n/a" if v is None else f"{v:.0%}" for kind, v in shares[m].items()} for m in shares)
+    return (
+        f"Of the predicted pixels that lie on items, {model['all']} lie on the referred item ({model['class']} for "
+        f"expressions by class, {model['position']} by position); segmenting every item regardless of the expression "
+        f"would give {items['all']} (the referred item's share of the scene's item pixels)."
+    )
 
 
 def results_table(metrics: dict) -> str:
@@ -387,6 +422,8 @@ def write_report(work: Path, metrics: dict) -> str:
             f"SeTok clusters per held-out scene: {clusters['mean']:.2f} ({clusters['min']} - {clusters['max']}). "
             f"The model's mean per-sample IoU {evaluation['iou_mean']:.3f}, its IoU head's mean prediction "
             f"{evaluation['predicted_iou_mean']:.3f}.",
+            "",
+            referred_share_sentence(evaluation["referred_share"]),
             "",
             f"Wall time: data {metrics['data_seconds']:.0f} s, evaluation {metrics['eval_seconds']:.0f} s, total "
             f"{metrics['total_seconds'] / 60:.1f} min. Machine: {metrics['machine']}.",

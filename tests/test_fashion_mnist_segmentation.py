@@ -114,3 +114,20 @@ def test_fashion_mnist_segmentation_smoke(tmp_path):
     shown = min(kinds.count("class"), 4) + min(kinds.count("position"), 4)
     assert overlays.size == (shown * 224, 28 + 3 * 224)
     assert (work / "report.md").read_text().count("| **Setokim + mask decoder** (stage 3) |") == 1
+
+
+def test_the_referred_share_counts_only_the_predicted_pixels_on_items():
+    items = np.zeros((4, 4), dtype=bool)
+    items[0, :2] = items[3, :] = True  # two items: 2 and 4 pixels
+    reference = np.zeros_like(items)
+    reference[0, :2] = True
+    prediction = np.zeros_like(items)
+    prediction[0, 0] = prediction[3, 0] = prediction[1, 1] = (
+        True  # one on it, one on the other item, one on background
+    )
+    assert segmentation.referred_share(prediction, reference, items) == 0.5
+    assert segmentation.referred_share(items, reference, items) == 2 / 6  # every item: the referred item's share
+    assert segmentation.referred_share(np.zeros_like(items), reference, items) == 0.0
+    means = segmentation.mean_by_kind([1.0, 0.0, 0.5], ["class", "class", "position"])
+    assert means == {"all": 0.5, "class": 0.5, "position": 0.5}
+    assert segmentation.mean_by_kind([1.0], ["class"])["position"] is None

@@ -25,7 +25,7 @@ from test_attention_paths import emulated_flash_attention  # noqa: F401  (regist
 
 from transformers_setok import SetokImageProcessor, SetokimConfig, SetokimForConditionalGeneration
 from transformers_setok.modeling.losses_setok import dice_loss, mask_iou, mask_losses, sigmoid_focal_loss
-from transformers_setok.modeling.mask_decoder_setokim import SetokimMaskDecoder
+from transformers_setok.modeling.mask_decoder_setokim import SetokimMaskDecoder, SetokimPromptStandardization
 from transformers_setok.modeling.modeling_setokim import segmentation_prompt_lengths
 
 LLM_PROJECTIONS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -521,3 +521,74 @@ def test_remote_code_carries_the_decoder(model, pixels, tmp_path, monkeypatch):
         )
     torch.testing.assert_close(torch.tensor(result["masks"]), expected.pred_masks, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(result["iou"]), expected.iou_scores, atol=1e-6, rtol=1e-5)
+
+
+def test_prompt_standardization_tracks_the_real_slots_and_stays_fixed_in_eval():
+    norm = SetokimPromptStandardization(3, momentum=0.25)
+    first = torch.tensor([[[1.0, 2, 3], [3, 6, 9]], [[5, 4, 3], [100, 100, 100]]])
+    real = torch.tensor([[1, 1], [1, 0]])  # the last slot is padding: it must not count
+    states = first[real.bool()]
+    norm.train()
+    out = norm(first, real)
+    # The first batch sets the statistics, which standardise this very batch.
+    torch.testing.assert_close(norm.running_mean, states.mean(0))
+    torch.testing.assert_close(norm.running_var, states.var(0, correction=0))
+    torch.testing.assert_close(out, (first - states.mean(0)) / torch.sqrt(states.var(0, correction=0) + norm.eps))
+    second = torch.randn(2, 4, 3) * 3 + 7
+    norm(second, torch.ones(2, 4))
+    flat = second.reshape(-1, 3)
+    torch.testing.assert_close(norm.running_mean, 0.75 * states.mean(0) + 0.25 * flat.mean(0))
+    torch.testing.assert_close(norm.running_var, 0.75 * states.var(0, correction=0) + 0.25 * flat.var(0, correction=0))
+    assert int(norm.num_batches_tracked) == 2
+    norm(torch.zeros(0, 2, 3), torch.zeros(0, 2))  # no objects on this process: nothing moves
+    assert int(norm.num_batches_tracked) == 2
+    norm.eval()
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    alone = norm(second[:1], torch.ones(1, 4))
+    torch.testing.assert_close(alone, norm(second, torch.ones(2, 4))[:1])  # the batch plays no part
+    torch.testing.assert_close(alone, (second[:1] - mean) / torch.sqrt(var + norm.eps))
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+
+
+def _track_on_two_processes(rank, init_file, batches, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        norm = SetokimPromptStandardization(3).train()
+        for prompts, real in batches[rank]:
+            norm(prompts, real)
+        results[rank] = (norm.running_mean.clone(), norm.running_var.clone())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_prompt_statistics_are_those_of_the_global_batch_on_every_process(tmp_path):
+    torch.manual_seed(0)
+    steps = [(torch.randn(3, 2, 3) * 2 + 1, torch.randn(1, 4, 3) - 2) for _ in range(3)]
+    one_process = SetokimPromptStandardization(3).train()
+    for a, b in steps:  # rank 0's objects have 2 slots, rank 1's 4: one process pads them into one batch
+        both = torch.cat([torch.cat([a, torch.zeros(3, 2, 3)], 1), b])
+        one_process(both, torch.cat([torch.tensor([[1, 1, 0, 0]] * 3), torch.ones(1, 4)]))
+    batches = [[(a, torch.ones(3, 2)) for a, _ in steps], [(b, torch.ones(1, 4)) for _, b in steps]]
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(
+        _track_on_two_processes, args=(str(tmp_path / "store"), batches, results), nprocs=2, join=True
+    )
+    for rank in (0, 1):
+        mean, var = results[rank]
+        torch.testing.assert_close(mean, one_process.running_mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(var, one_process.running_var, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_without_prompt_statistics_loads_them_unset(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    saved = sorted(key for key in weights if "prompt_norm" in key)
+    assert saved == [f"mask_decoder.prompt_norm.{n}" for n in ("num_batches_tracked", "running_mean", "running_var")]
+    save_file({k: v for k, v in weights.items() if "prompt_norm" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    norm = SetokimForConditionalGeneration.from_pretrained(tmp_path).mask_decoder.prompt_norm
+    assert torch.equal(norm.running_mean, torch.zeros(norm.running_mean.shape))
+    assert torch.equal(norm.running_var, torch.ones(norm.running_var.shape))
+    assert int(norm.num_batches_tracked) == 0

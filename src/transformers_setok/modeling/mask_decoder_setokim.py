@@ -2,7 +2,8 @@
 hypernetwork over upsampled image features).
 
     prompt tokens (S, m, hidden_size)  the LLM's hidden states at the `<image>` slots it wrote for the referred object
-        -> MLP -> (S, m, D), after two learned output tokens [IoU, mask]                 tokens (S, 2 + m, D)
+        -> standardised per feature (running statistics, `SetokimPromptStandardization`) -> MLP -> (S, m, D),
+        after two learned output tokens [IoU, mask]                                        tokens (S, 2 + m, D)
     patch grid (S, g * g, C)  SeTok's encoder features of the object's image (the same forward's encoding)
         -> Linear -> LayerNorm -> (S, g * g, D), + fixed 2D sine-cosine position embedding (keys only)
     depth x two-way block: tokens self-attend, tokens -> image, MLP on tokens, image -> tokens
@@ -31,12 +32,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .clustering_setok import sincos_position_embedding_2d
 from .layers_setok import cross_attention_inputs, eager_attention_forward, padding_attention_kwargs
 
-__all__ = ["MASK_UPSCALE", "SetokimMaskDecoder", "resize_mask_logits"]
+__all__ = ["MASK_UPSCALE", "SetokimMaskDecoder", "SetokimPromptStandardization", "resize_mask_logits"]
 
 MASK_UPSCALE = 4  # mask side / patch grid side: two 2x transposed convolutions
 # SAM narrows the two cross-attentions to half the width: the image side is long (g * g keys or queries).
 CROSS_ATTENTION_DOWNSAMPLE = 2
 HYPERNETWORK_DIVISOR = 8  # channels of the upsampled features = width / 8, as in SAM
+# How far each training batch moves the prompts' running statistics (see SetokimPromptStandardization).
+PROMPT_STATISTICS_MOMENTUM = 0.05
 LAYER_NORM_EPS = 1e-6
 
 
@@ -112,6 +115,55 @@ class SetokimLayerNorm2d(nn.LayerNorm):
         return super().forward(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class SetokimPromptStandardization(nn.Module):
+    """Standardises each feature of the prompt tokens with running statistics: `(x - running_mean) / sqrt(running_var
+    + eps)`, `(S, m, hidden_size)` -> the same shape.
+
+    Why: the slot states share most of their value (every slot starts from the one `<image>` embedding) and what tells
+    two expressions apart lies in low-variance features. A fresh projection of raw states learns so slowly that the
+    decoder first settles on a mask that ignores the prompt, and the LLM then gets no useful gradient through it (on
+    the Fashion-MNIST scenes the decoder never left that state); standardised inputs remove the stall.
+
+    Unlike batch normalisation the output never uses the batch's own statistics, so a prompt's value does not depend
+    on the other objects of its batch: in training mode, each forward first folds the real (unpadded) slot states of
+    the batch into the running statistics (the first batch sets them, later ones move them by `momentum`; no
+    gradient), summed over all processes when torch.distributed runs, so every process and a single process on the
+    same global batch keep the same statistics; in eval mode, and while the decoder is frozen, nothing moves. The
+    buffers are saved with the model.
+    """
+
+    def __init__(self, hidden_size: int, momentum: float = PROMPT_STATISTICS_MOMENTUM, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(hidden_size))
+        self.register_buffer("running_var", torch.ones(hidden_size))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, track: bool | None = None) -> torch.Tensor:
+        """`track`: fold this batch into the statistics first (default: in training mode). The decoder passes False
+        while it is frozen, so that a decoder left out of training does not change at all."""
+        if self.training if track is None else track:
+            self._track(prompts[prompt_mask.bool()].detach().float())
+        mean, var = self.running_mean.to(prompts.dtype), self.running_var.to(prompts.dtype)
+        return (prompts - mean) / torch.sqrt(var + self.eps)
+
+    @torch.no_grad()
+    def _track(self, states: torch.Tensor):
+        """`states` `(M, hidden_size)`, this process's real slot states (M may be 0)."""
+        moments = torch.cat([states.new_tensor([states.shape[0]]), states.sum(0), states.pow(2).sum(0)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)  # every process runs the decoder in every training step
+        count, total, squares = moments[0], *moments[1:].view(2, -1)
+        if float(count) == 0:
+            return
+        mean = total / count
+        var = (squares / count - mean.pow(2)).clamp_min(0)
+        rate = 1.0 if int(self.num_batches_tracked) == 0 else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean), rate)
+        self.running_var.lerp_(var.to(self.running_var), rate)
+        self.num_batches_tracked += 1
+
+
 class SetokimTwoWayBlock(GradientCheckpointingLayer):
     """Post-norm block: the tokens attend to themselves and to the image, an MLP updates them, then the image attends
     to the tokens. Queries and keys get their position embeddings (the initial tokens for the tokens, the 2D sine-cosine
@@ -180,6 +232,7 @@ class SetokimMaskDecoder(nn.Module):
         hidden_size = config.text_config.hidden_size
         self.grid_size = config.vision_config.grid_size
         eps = LAYER_NORM_EPS
+        self.prompt_norm = SetokimPromptStandardization(hidden_size)
         self.prompt_proj = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, width))
         self.image_proj = nn.Linear(config.vision_config.vision_config.hidden_size, width)
         self.image_norm = nn.LayerNorm(width, eps=eps)
@@ -221,7 +274,9 @@ class SetokimMaskDecoder(nn.Module):
                 f"{tuple(patch_features.shape)}."
             )
         dtype = self.image_proj.weight.dtype
-        prompts = self.prompt_proj(prompt_tokens.to(dtype))
+        # The statistics move only while the decoder itself trains (a frozen decoder stays as it was).
+        track = self.training and self.prompt_proj[0].weight.requires_grad
+        prompts = self.prompt_proj(self.prompt_norm(prompt_tokens.to(dtype), prompt_mask, track))
         learned = self.output_tokens.weight[None].expand(num_objects, -1, -1)
         tokens = torch.cat([learned, prompts], dim=1)  # (S, 2 + m, D)
         token_mask = torch.cat([prompt_mask.new_ones(num_objects, 2), prompt_mask], dim=1).bool()

@@ -42,7 +42,7 @@ from .configuration_setokim import SetokimConfig
 from .diffusion_head_setokim import SetokimDiffusionHead, SetokimZeroInitLinear, repeat_noise_draws
 from .loading_setok import check_model_type, initialize_native_submodels
 from .losses_setok import MaskLossTerms, check_target_masks, mask_losses
-from .mask_decoder_setokim import SetokimMaskDecoder
+from .mask_decoder_setokim import SetokimMaskDecoder, SetokimPromptStandardization
 from .modeling_setok import SetokDetokenizer, SetokModel
 from .placeholders_setokim import expand_image_placeholders, image_blocks
 
@@ -191,6 +191,10 @@ class SetokimPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, SetokDetokenizer):
             init.normal_(module.query_embeddings, std=self.config.vision_config.initializer_range)
+        elif isinstance(module, SetokimPromptStandardization):  # buffers only: a checkpoint from before it had none
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
 
     def initialize_weights(self):
         # transformers' own init of the native sub-models (the LLM, SigLIP inside SeTok) first, as a freshly built
