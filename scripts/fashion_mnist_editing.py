@@ -42,16 +42,12 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fashion_mnist_e2e as e2e  # noqa: E402  (the e2e script's stage runner, LLM and tokenizer builders)
-import fashion_mnist_segmentation as segmentation  # noqa: E402  (its JSONL writer and stage runner)
+import fashion_mnist_segmentation as segmentation  # noqa: E402  (its data writers, stage runner, report helpers)
 
 from transformers_setok.scenes.fashion_mnist import (  # noqa: E402
-    CLASS_PHRASES,
     CLASSES,
-    DATA_DIR,
     EDIT_KINDS,
     INDEFINITE_PHRASES,
     ITEM_SIZE,
@@ -60,13 +56,10 @@ from transformers_setok.scenes.fashion_mnist import (  # noqa: E402
     load_split,
     scene_edits,
 )
-from transformers_setok.training.config import merge  # noqa: E402
 from transformers_setok.training.masks import encode_rle  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "fashion_mnist_editing"
-QUESTION = e2e.QUESTION  # "What is in the image?"
-STAGES = e2e.STAGES  # tokenizer, pretrain, sft
+EXAMPLES = segmentation.REPO / "examples" / "fashion_mnist_editing"
+QUESTION = segmentation.QUESTION  # "What is in the image?"
 EMPTY = -1  # the id `edit_class_accuracy` reads as "the region is (or should be) empty"
 CLASSIFIER_ITERATIONS = 300  # lbfgs iterations of the region classifier (about 30 s on 20000 items, one thread)
 
@@ -79,8 +72,7 @@ def caption(scene) -> str:
     """The scene's items from left to right with their articles: "a bag and a pair of trousers". The phrases are the
     editing instructions' own (`INDEFINITE_PHRASES`), so a class reads the same in a caption, a drawing prompt and an
     edit."""
-    names = [INDEFINITE_PHRASES[item.label] for item in sorted(scene.items, key=lambda item: (item.left, item.top))]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return segmentation.caption(scene, INDEFINITE_PHRASES)
 
 
 def edit_line(edit, source: str, target: str, images) -> dict:
@@ -106,7 +98,7 @@ def write_split(scenes, singles, images, labels, folder: Path, prefix: str, seed
     for number, scene in enumerate(scenes):
         name = f"images/{prefix}-{number:05d}.png"
         scene.image(images).save(folder / name)
-        rows.append(_scene_row(scene, name))
+        rows.append(segmentation.scene_row(scene, name, INDEFINITE_PHRASES))
     for edit_number, edit in enumerate(scene_edits(scenes, images, labels, seed=seed)):
         source = rows[numbers[id(edit.source)]]["image"]  # an edit holds its scene itself
         target = f"images/{prefix}-edit-{edit_number:05d}-{edit.kind}.png"
@@ -115,13 +107,8 @@ def write_split(scenes, singles, images, labels, folder: Path, prefix: str, seed
     for number, scene in enumerate(singles):
         name = f"images/{prefix}-single-{number:05d}.png"
         scene.image(images).save(folder / name)
-        single_rows.append({**_scene_row(scene, name), "label": scene.items[0].label})
+        single_rows.append({**segmentation.scene_row(scene, name, INDEFINITE_PHRASES), "label": scene.items[0].label})
     return rows, edits, single_rows
-
-
-def _scene_row(scene, name: str) -> dict:
-    concepts = sorted({CLASS_PHRASES[item.label] for item in scene.items})
-    return {"image": name, "caption": caption(scene), "concepts": concepts}
 
 
 def split_scenes(data_dir, split: str, count: int, singles: int, seed: int):
@@ -148,14 +135,9 @@ def prepare_data(data_dir, folder: Path, args):
         "heldout_edits": folder / "heldout_edits.jsonl",
         "heldout_singles": folder / "heldout_singles.jsonl",
     }
-    scenes = train_rows + train_singles
-    segmentation.write_jsonl(paths["stage1"], ({k: s[k] for k in ("image", "caption", "concepts")} for s in scenes))
-    segmentation.write_jsonl(paths["stage2"], ({"image": s["image"], "caption": s["caption"]} for s in scenes))
+    segmentation.write_caption_files(paths, train_rows + train_singles)
     segmentation.write_jsonl(paths["stage3_edits"], train_edits)
-    # "What is in the image?" on the first `qa_share` of the train scenes keeps the LLM reading scenes in stage 3.
-    asked = train_rows[: round(args.qa_share * len(train_rows))]
-    qa = [e2e.question_record(i, scene["image"], scene["caption"]) for i, scene in enumerate(asked)]
-    paths["stage3_qa"].write_text(json.dumps(qa))
+    qa = segmentation.write_questions(paths["stage3_qa"], train_rows, args.qa_share)  # the 2-4 item scenes only
     segmentation.write_jsonl(paths["heldout_edits"], heldout_edits)
     segmentation.write_jsonl(paths["heldout_singles"], heldout_singles)
     counts = {
@@ -183,49 +165,12 @@ def drawing_prompt(label: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The stages: example config + this run's paths and sizes -> <work-dir>/configs/STAGE.yaml -> `setok train`
+# The stages: example config + this run's paths and sizes -> <work-dir>/configs/STAGE.yaml -> `setok train` (the
+# segmentation script's `run_stages`, here with stage 3 on the edits and the generation head's loss reported)
 
 
 def read_example(stage: str) -> dict:
-    return yaml.safe_load((EXAMPLES / f"{stage}.yaml").read_text())
-
-
-def stage_overrides(stage: str, work: Path, data: dict[str, Path]) -> dict:
-    runs = work / "runs"
-    if stage == "tokenizer":
-        model, data_section = {"text_model": e2e.minilm_path()}, {"path": str(data["stage1"])}
-    elif stage == "pretrain":
-        model = {"setok": str(runs / "tokenizer" / "final"), "language_model": str(work / "llm")}
-        data_section = {"path": str(data["stage2"])}
-    else:
-        model = {"init_from": str(runs / "pretrain" / "final")}
-        editing = {"path": str(data["stage3_edits"]), "image_folder": str(data["stage3_edits"].parent)}
-        data_section = {"path": str(data["stage3_qa"]), "editing": editing}
-    return {"output_dir": str(runs / stage), "model": model, "data": data_section}
-
-
-def write_stage_config(stage: str, work: Path, data, steps, batch_size, seed: int) -> Path:
-    example = read_example(stage)
-    config = merge(example, stage_overrides(stage, work, data))
-    config = merge(config, e2e.training_overrides(example, steps, batch_size, seed))
-    path = work / "configs" / f"{stage}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def run_stage(stage: str, config_path: Path) -> dict:
-    """`setok train STAGE --config PATH` (the segmentation script's runner), with the head's loss added."""
-    result = segmentation.run_stage(stage, config_path)
-    output_dir = Path(yaml.safe_load(config_path.read_text())["output_dir"])
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    logged = [entry for entry in state["log_history"] if "diffusion_loss" in entry]
-    if logged:
-        result["first_diffusion_loss"], result["last_diffusion_loss"] = (
-            logged[0]["diffusion_loss"],
-            logged[-1]["diffusion_loss"],
-        )
-    return result
+    return segmentation.read_example(stage, EXAMPLES)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -550,22 +495,13 @@ def results_table(metrics: dict) -> str:
         f"{t2i['real_heldout_singles']:.1%} |",
         "| chance | 10.0% |",
         "",
-        "| stage | trains | data | steps x batch | wall time | loss first -> last |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
     stage_rows = [
         ("1 tokenizer", "tiny SigLIP-style encoder (from scratch), merger, detokenizer", "scenes + their item names"),
         ("2 pretrain", "projector + whole random Llama + generation head", "captions, text-to-image (10% no text)"),
         ("3 sft", "projector + whole LLM + generation head", "edits (5/5/5% dropped); What is in the image?"),
     ]
-    for (name, trains, data), stage in zip(stage_rows, STAGES):
-        row = metrics["stages"][stage]
-        loss = f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}"
-        for term, label in (("concept_loss", "concept"), ("diffusion_loss", "diffusion")):
-            if f"last_{term}" in row:
-                loss += f" ({label} {row[f'first_{term}']:.3f} -> {row[f'last_{term}']:.3f})"
-        steps = f"{row['steps']} x {row['batch_size']}"
-        lines.append(f"| {name} | {trains} | {data} | {steps} | {row['seconds']:.0f} s | {loss} |")
+    lines += segmentation.stage_table(metrics["stages"], stage_rows, {"diffusion_loss": "diffusion"})
     return "\n".join(lines)
 
 
@@ -616,19 +552,14 @@ def guidance_pair(text: str) -> tuple[float, float]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="fashion-mnist-editing", help="data, configs, models, report")
-    parser.add_argument("--data-dir", default=DATA_DIR, help="the four Fashion-MNIST idx .gz files")
+    segmentation.add_work_arguments(parser, "fashion-mnist-editing")
     parser.add_argument("--train-scenes", type=int, default=3000, help="2-4 item scenes from the train split")
     parser.add_argument("--train-singles", type=int, default=1000, help="one-item scenes from the train split")
     parser.add_argument("--heldout-scenes", type=int, default=40, help="2-4 item scenes from t10k, edited")
     parser.add_argument("--heldout-singles", type=int, default=200, help="one-item t10k scenes (scorer reference)")
     parser.add_argument("--qa-share", type=float, default=0.25, help="share of train scenes also asked about")
     parser.add_argument("--classifier-train", type=int, default=20000, help="train items for the classifier")
-    for stage in STAGES:
-        parser.add_argument(f"--{stage}-steps", type=int, default=None, help="default: the example config's")
-    parser.add_argument("--batch-size", type=int, default=None, help="every stage's; default: the configs'")
-    parser.add_argument("--llm-hidden-size", type=int, default=128)
-    parser.add_argument("--llm-layers", type=int, default=2)
+    segmentation.add_training_arguments(parser)
     parser.add_argument(
         "--edit-guidance",
         type=guidance_pair,
@@ -641,59 +572,40 @@ def parse_args(argv=None):
     parser.add_argument("--sampling-steps", type=int, default=50, help="denoising steps per token when drawing")
     parser.add_argument("--unmasking-rounds", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy 2-core machine)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="delete the work dir's earlier run first")
+    segmentation.add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from transformers import logging
-
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.set_verbosity_error()
-    work = e2e.fresh_work_dir(args.work_dir, args.overwrite)
+    work = segmentation.start_run(args)
     start = time.perf_counter()
 
     data, counts, texts = prepare_data(args.data_dir, work / "data", args)
     pretrain_data = read_example("pretrain")["data"]
     prompts = [QUESTION, pretrain_data["caption_prompt"], pretrain_data["text_to_image_template"], *texts]
-    e2e.write_language_model(work / "llm", prompts, args.llm_hidden_size, args.llm_layers, args.seed)
-    data_seconds = time.perf_counter() - start
-    print(f"Data: {counts} in {work / 'data'} ({data_seconds:.0f} s)", flush=True)
+    data_seconds = segmentation.write_llm(work, args, prompts, counts, start)
 
     classifier_start = time.perf_counter()
     classifier, classifier_info = train_classifier(args.data_dir, args.classifier_train, args.seed)
     classifier_seconds = time.perf_counter() - classifier_start
     print(f"Classifier: {classifier_info} ({classifier_seconds:.0f} s)", flush=True)
 
-    stages = {}
-    for stage in STAGES:
-        steps = getattr(args, f"{stage}_steps")
-        config_path = write_stage_config(stage, work, data, steps, args.batch_size, args.seed)
-        stages[stage] = run_stage(stage, config_path)
+    sft_data = {"editing": segmentation.task_data(data["stage3_edits"])}
+    stages = segmentation.run_stages(work, data, args, sft_data, {}, EXAMPLES, terms=("diffusion_loss",))
 
-    eval_start = time.perf_counter()
-    evaluation = evaluate(work, data, classifier, classifier_info, args)
-    eval_seconds = time.perf_counter() - eval_start
-    print(f"Evaluation: {eval_seconds:.0f} s wall time", flush=True)
-
-    metrics = {
-        "evaluation": evaluation,
-        "classifier": classifier_info,
-        "counts": counts,
-        "stages": stages,
-        "data_seconds": data_seconds,
-        "classifier_seconds": classifier_seconds,
-        "eval_seconds": eval_seconds,
-        "total_seconds": time.perf_counter() - start,
-        "machine": e2e.machine(),
-    }
-    (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(write_report(work, metrics))
-    print(f"\nReport: {work / 'report.md'}; metrics: {work / 'metrics.json'}; grid: {work / 'edits.png'}")
-    return metrics
+    return segmentation.finish_run(
+        work,
+        start,
+        lambda: evaluate(work, data, classifier, classifier_info, args),
+        write_report,
+        f"grid: {work / 'edits.png'}",
+        classifier=classifier_info,
+        counts=counts,
+        stages=stages,
+        data_seconds=data_seconds,
+        classifier_seconds=classifier_seconds,
+    )
 
 
 if __name__ == "__main__":

@@ -55,16 +55,25 @@ QUESTION = e2e.QUESTION  # "What is in the image?"
 STAGES = e2e.STAGES  # tokenizer, pretrain, sft
 METHODS = ("model", "whole_canvas", "all_items", "best_cluster")
 KINDS = ("all", "class", "position")
+A_PHRASES = tuple(f"a {phrase}" for phrase in CLASS_PHRASES)  # "a bag": how a caption names a class
+MASK_TERMS = ("mask_loss", "mask_dice_loss")  # the mask decoder's loss terms stage 3 logs
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Data: scenes -> PNGs and the files the real loaders read
 
 
-def caption(scene) -> str:
-    """The scene's items from left to right: "a bag and a sneaker", "a coat, a bag and a sneaker"."""
-    names = [f"a {CLASS_PHRASES[item.label]}" for item in sorted(scene.items, key=lambda item: (item.left, item.top))]
+def caption(scene, phrases=A_PHRASES) -> str:
+    """The scene's items from left to right, each by its class's phrase in `phrases`: "a bag and a sneaker", "a
+    coat, a bag and a sneaker"."""
+    names = [phrases[item.label] for item in sorted(scene.items, key=lambda item: (item.left, item.top))]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def scene_row(scene, name: str, phrases=A_PHRASES) -> dict:
+    """What stages 1 and 2 read of a scene saved as `name`: its image, caption and item names (its concepts)."""
+    concepts = sorted({CLASS_PHRASES[item.label] for item in scene.items})
+    return {"image": name, "caption": caption(scene, phrases), "concepts": concepts}
 
 
 def expression_kind(expression: str) -> str:
@@ -80,8 +89,7 @@ def write_scenes(scenes, images, folder: Path, prefix: str) -> list[dict]:
         name = f"images/{prefix}-{number:05d}.png"
         scene.image(images).save(folder / name)
         referred = [(expression, encode_rle(scene.mask(item, images))) for item, expression in scene.expressions()]
-        concepts = sorted({CLASS_PHRASES[item.label] for item in scene.items})
-        written.append({"image": name, "caption": caption(scene), "concepts": concepts, "referred": referred})
+        written.append({**scene_row(scene, name), "referred": referred})
     return written
 
 
@@ -100,6 +108,21 @@ def write_jsonl(path: Path, records):
             file.write(json.dumps(record) + "\n")
 
 
+def write_caption_files(paths: dict[str, Path], rows: list[dict]):
+    """Stage 1's lines (image, caption, concepts) and stage 2's (image, caption) of the `scene_row`s `rows`."""
+    write_jsonl(paths["stage1"], ({k: row[k] for k in ("image", "caption", "concepts")} for row in rows))
+    write_jsonl(paths["stage2"], ({"image": row["image"], "caption": row["caption"]} for row in rows))
+
+
+def write_questions(path: Path, rows: list[dict], share: float) -> list[dict]:
+    """ "What is in the image?" -> the caption, on the first `share` of the `scene_row`s `rows`: it keeps stage 2's
+    captioning alive in stage 3. Returns the records written."""
+    asked = rows[: round(share * len(rows))]
+    questions = [e2e.question_record(i, row["image"], row["caption"]) for i, row in enumerate(asked)]
+    path.write_text(json.dumps(questions))
+    return questions
+
+
 def prepare_data(data_dir, folder: Path, num_train: int, num_heldout: int, qa_share: float, seed: int):
     """The data files, each in the format its loader reads; returns their paths by use and the counts."""
     train, train_images = train_scenes(num_train, seed=seed, data_dir=data_dir)
@@ -113,14 +136,10 @@ def prepare_data(data_dir, folder: Path, num_train: int, num_heldout: int, qa_sh
         "stage3_qa": folder / "stage3_qa.json",
         "heldout": folder / "heldout_segmentation.jsonl",
     }
-    write_jsonl(paths["stage1"], ({k: s[k] for k in ("image", "caption", "concepts")} for s in train))
-    write_jsonl(paths["stage2"], ({"image": s["image"], "caption": s["caption"]} for s in train))
+    write_caption_files(paths, train)
     seg = segmentation_lines(train)
     write_jsonl(paths["stage3_segmentation"], seg)
-    # "What is in the image?" on the first `qa_share` of the train scenes keeps stage 2's captioning alive in stage 3.
-    asked = train[: round(qa_share * len(train))]
-    qa = [e2e.question_record(i, scene["image"], scene["caption"]) for i, scene in enumerate(asked)]
-    paths["stage3_qa"].write_text(json.dumps(qa))
+    qa = write_questions(paths["stage3_qa"], train, qa_share)
     write_jsonl(paths["heldout"], segmentation_lines(heldout))
     counts = {
         "train_scenes": len(train),
@@ -138,11 +157,18 @@ def prepare_data(data_dir, folder: Path, num_train: int, num_heldout: int, qa_sh
 # The stages: example config + this run's paths and sizes -> <work-dir>/configs/STAGE.yaml -> `setok train`
 
 
-def read_example(stage: str) -> dict:
-    return yaml.safe_load((EXAMPLES / f"{stage}.yaml").read_text())
+def read_example(stage: str, examples: Path = EXAMPLES) -> dict:
+    return yaml.safe_load((examples / f"{stage}.yaml").read_text())
 
 
-def stage_overrides(stage: str, work: Path, data: dict[str, Path], decoder: dict) -> dict:
+def task_data(path: Path) -> dict:
+    """A stage-3 task file's data section: the JSONL and the folder its image paths are relative to."""
+    return {"path": str(path), "image_folder": str(path.parent)}
+
+
+def stage_overrides(stage: str, work: Path, data: dict[str, Path], sft_data: dict, sft_model: dict) -> dict:
+    """This run's paths in a stage's config. Stage 3 asks the questions `data["stage3_qa"]` beside its task's own
+    data section(s) `sft_data` (here `{"segmentation": task_data(...)}`), its model gets the keys `sft_model`."""
     runs = work / "runs"
     if stage == "tokenizer":
         model, data_section = {"text_model": e2e.minilm_path()}, {"path": str(data["stage1"])}
@@ -150,36 +176,44 @@ def stage_overrides(stage: str, work: Path, data: dict[str, Path], decoder: dict
         model = {"setok": str(runs / "tokenizer" / "final"), "language_model": str(work / "llm")}
         data_section = {"path": str(data["stage2"])}
     else:
-        model = {"init_from": str(runs / "pretrain" / "final"), **decoder}
-        segmentation = {
-            "path": str(data["stage3_segmentation"]),
-            "image_folder": str(data["stage3_segmentation"].parent),
-        }
-        data_section = {"path": str(data["stage3_qa"]), "segmentation": segmentation}
+        model = {"init_from": str(runs / "pretrain" / "final"), **sft_model}
+        data_section = {"path": str(data["stage3_qa"]), **sft_data}
     return {"output_dir": str(runs / stage), "model": model, "data": data_section}
 
 
-def write_stage_config(stage: str, work: Path, data, steps, batch_size, seed: int, decoder: dict) -> Path:
-    example = read_example(stage)
-    config = merge(example, stage_overrides(stage, work, data, decoder))
-    config = merge(config, e2e.training_overrides(example, steps, batch_size, seed))
+def write_stage_config(stage: str, work: Path, data, args, sft_data: dict, sft_model: dict, examples: Path) -> Path:
+    """The example config `examples/STAGE.yaml` with this run's paths (`stage_overrides`) and its `args`' steps,
+    batch size and seed, as <work-dir>/configs/STAGE.yaml."""
+    example = read_example(stage, examples)
+    config = merge(example, stage_overrides(stage, work, data, sft_data, sft_model))
+    steps = getattr(args, f"{stage}_steps")
+    config = merge(config, e2e.training_overrides(example, steps, args.batch_size, args.seed))
     path = work / "configs" / f"{stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def run_stage(stage: str, config_path: Path) -> dict:
-    """`setok train STAGE --config PATH` (the e2e script's runner), with stage 3's mask-loss terms added."""
+def run_stage(stage: str, config_path: Path, terms=MASK_TERMS) -> dict:
+    """`setok train STAGE --config PATH` (the e2e script's runner), with the first and last logged value of each of
+    the loss terms `terms` the stage logs added."""
     result = e2e.run_stage(stage, config_path)
     output_dir = Path(yaml.safe_load(config_path.read_text())["output_dir"])
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    logged = [entry for entry in state["log_history"] if "mask_loss" in entry]
-    if logged:
-        for term in ("mask_loss", "mask_dice_loss"):
-            result[f"first_{term}"], result[f"last_{term}"] = logged[0][term], logged[-1][term]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    for term in terms:
+        if logged := [entry[term] for entry in history if term in entry]:
+            result[f"first_{term}"], result[f"last_{term}"] = logged[0], logged[-1]
     print(f"Stage {stage}: {result['seconds']:.0f} s wall time", flush=True)
     return result
+
+
+def run_stages(work: Path, data, args, sft_data: dict, sft_model: dict, examples: Path, terms=MASK_TERMS) -> dict:
+    """The three stages one after another, each from its `write_stage_config` config; their `run_stage` rows."""
+    stages = {}
+    for stage in STAGES:
+        config_path = write_stage_config(stage, work, data, args, sft_data, sft_model, examples)
+        stages[stage] = run_stage(stage, config_path, terms)
+    return stages
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -395,18 +429,28 @@ def results_table(metrics: dict) -> str:
         f"position) in {counts['heldout_scenes']} t10k scenes. Training: {counts['train_expressions']} expressions and "
         f"{counts['qa_records']} questions on {counts['train_scenes']} train-split scenes.",
         "",
+        *stage_table(metrics["stages"], stage_rows, {"mask_loss": "mask", "mask_dice_loss": "dice"}),
+    ]
+    return "\n".join(lines)
+
+
+def stage_table(stages: dict, stage_rows, terms: dict[str, str]) -> list[str]:
+    """The lines of the table of the stages: per stage its (name, what it trains, its data) row of `stage_rows`, its
+    steps, wall time and first -> last loss, and those of the loss terms it logged (stage 1's concept loss and the
+    `terms`, each under its label)."""
+    lines = [
         "| stage | trains | data | steps x batch | wall time | loss first -> last |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for (name, trains, data), stage in zip(stage_rows, STAGES):
-        row = metrics["stages"][stage]
+        row = stages[stage]
         loss = f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}"
-        for term, label in (("concept_loss", "concept"), ("mask_loss", "mask"), ("mask_dice_loss", "dice")):
+        for term, label in {"concept_loss": "concept", **terms}.items():
             if f"last_{term}" in row:
                 loss += f" ({label} {row[f'first_{term}']:.3f} -> {row[f'last_{term}']:.3f})"
         steps = f"{row['steps']} x {row['batch_size']}"
         lines.append(f"| {name} | {trains} | {data} | {steps} | {row['seconds']:.0f} s | {loss} |")
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(work: Path, metrics: dict) -> str:
@@ -439,67 +483,101 @@ def write_report(work: Path, metrics: dict) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="fashion-mnist-segmentation", help="data, configs, models, report")
+def add_work_arguments(parser: argparse.ArgumentParser, work_dir: str):
+    parser.add_argument("--work-dir", default=work_dir, help="data, configs, models, report")
     parser.add_argument("--data-dir", default=DATA_DIR, help="the four Fashion-MNIST idx .gz files")
-    parser.add_argument("--train-scenes", type=int, default=4000, help="scenes from the train split")
-    parser.add_argument("--heldout-scenes", type=int, default=200, help="scenes from the t10k split")
-    parser.add_argument("--qa-share", type=float, default=0.25, help="share of train scenes also asked about")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser):
     for stage in STAGES:
         parser.add_argument(f"--{stage}-steps", type=int, default=None, help="default: the example config's")
     parser.add_argument("--batch-size", type=int, default=None, help="every stage's; default: the configs'")
     parser.add_argument("--llm-hidden-size", type=int, default=128)
     parser.add_argument("--llm-layers", type=int, default=2)
-    parser.add_argument("--decoder-width", type=int, default=None, help="default: the sft config's")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="delete the work dir's earlier run first")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_work_arguments(parser, "fashion-mnist-segmentation")
+    parser.add_argument("--train-scenes", type=int, default=4000, help="scenes from the train split")
+    parser.add_argument("--heldout-scenes", type=int, default=200, help="scenes from the t10k split")
+    parser.add_argument("--qa-share", type=float, default=0.25, help="share of train scenes also asked about")
+    add_training_arguments(parser)
+    parser.add_argument("--decoder-width", type=int, default=None, help="default: the sft config's")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def start_run(args) -> Path:
+    """This process set up as `args` ask (torch threads, transformers' verbosity) and the run's fresh work dir."""
     from transformers import logging
 
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
-    work = e2e.fresh_work_dir(args.work_dir, args.overwrite)
-    start = time.perf_counter()
+    return e2e.fresh_work_dir(args.work_dir, args.overwrite)
 
-    data, counts, texts = prepare_data(
-        args.data_dir, work / "data", args.train_scenes, args.heldout_scenes, args.qa_share, args.seed
-    )
-    prompts = [QUESTION, read_example("pretrain")["data"]["caption_prompt"], *texts]
+
+def write_llm(work: Path, args, prompts: list[str], counts: dict, start: float) -> float:
+    """The random tiny Llama and its word-level tokenizer over `prompts`, in <work-dir>/llm; returns the seconds
+    since `start` (the data's wall time)."""
     e2e.write_language_model(work / "llm", prompts, args.llm_hidden_size, args.llm_layers, args.seed)
     data_seconds = time.perf_counter() - start
     print(f"Data: {counts} in {work / 'data'} ({data_seconds:.0f} s)", flush=True)
+    return data_seconds
 
-    decoder = {} if args.decoder_width is None else {"mask_decoder_width": args.decoder_width}
-    stages = {}
-    for stage in STAGES:
-        steps = getattr(args, f"{stage}_steps")
-        config_path = write_stage_config(stage, work, data, steps, args.batch_size, args.seed, decoder)
-        stages[stage] = run_stage(stage, config_path)
 
+def finish_run(work: Path, start: float, evaluate, write_report, figures: str, **metrics) -> dict:
+    """Runs `evaluate()`, then writes <work-dir>/metrics.json (its result, the run's `metrics`, wall times and
+    machine) and the report (`write_report(work, metrics)`, which returns the table printed); `figures` names the
+    figures the run saved. Returns the metrics."""
     eval_start = time.perf_counter()
-    evaluation = evaluate(work, data)
+    evaluation = evaluate()
     eval_seconds = time.perf_counter() - eval_start
     print(f"Evaluation: {eval_seconds:.0f} s wall time", flush=True)
-
     metrics = {
         "evaluation": evaluation,
-        "counts": counts,
-        "stages": stages,
-        "data_seconds": data_seconds,
+        **metrics,
         "eval_seconds": eval_seconds,
         "total_seconds": time.perf_counter() - start,
         "machine": e2e.machine(),
     }
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(write_report(work, metrics))
-    print(f"\nReport: {work / 'report.md'}; metrics: {work / 'metrics.json'}; overlays: {work / 'overlays.png'}")
+    print(f"\nReport: {work / 'report.md'}; metrics: {work / 'metrics.json'}; {figures}")
     return metrics
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    work = start_run(args)
+    start = time.perf_counter()
+
+    data, counts, texts = prepare_data(
+        args.data_dir, work / "data", args.train_scenes, args.heldout_scenes, args.qa_share, args.seed
+    )
+    prompts = [QUESTION, read_example("pretrain")["data"]["caption_prompt"], *texts]
+    data_seconds = write_llm(work, args, prompts, counts, start)
+
+    decoder = {} if args.decoder_width is None else {"mask_decoder_width": args.decoder_width}
+    sft_data = {"segmentation": task_data(data["stage3_segmentation"])}
+    stages = run_stages(work, data, args, sft_data, decoder, EXAMPLES)
+
+    return finish_run(
+        work,
+        start,
+        lambda: evaluate(work, data),
+        write_report,
+        f"overlays: {work / 'overlays.png'}",
+        counts=counts,
+        stages=stages,
+        data_seconds=data_seconds,
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ run goes through and that its baseline numbers are the ones its data imply is. P
 the captions, the emptiness rule of a region and the box a drawn item is looked for in."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import yaml
-from test_fashion_mnist_e2e import digits_as_idx
+from test_fashion_mnist_segmentation import run_smoke
 
 from transformers_setok.scenes import Scene, SceneItem
 from transformers_setok.training.config import load_config
@@ -82,26 +81,11 @@ def test_guidance_pairs_are_parsed_or_refused():
 @pytest.mark.slow
 def test_fashion_mnist_editing_smoke(tmp_path):
     work = tmp_path / "editing"
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--work-dir",
-        str(work),
-        "--data-dir",
-        str(digits_as_idx(tmp_path / "idx")),
-    ]
-    command += ["--train-scenes", "12", "--train-singles", "6", "--heldout-scenes", "4", "--heldout-singles", "5"]
-    command += ["--classifier-train", "400", "--batch-size", "4", "--qa-share", "0.5"]
-    command += ["--tokenizer-steps", "2", "--pretrain-steps", "2", "--sft-steps", "2"]
-    command += ["--edit-guidance", "1,1", "2,1.5", "--t2i-guidance", "1", "3", "--drawn-per-class", "1"]
-    command += ["--sampling-steps", "2", "--unmasking-rounds", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| **Setokim edit**, guidance text 2, image 1.5 |" in result.stdout  # the results table is printed
-    for stage in ("tokenizer", "pretrain", "sft"):
-        assert f"Stage {stage}: " in result.stdout  # the wall time per stage
-
-    metrics = json.loads((work / "metrics.json").read_text())
+    sizes = ["--train-scenes", "12", "--train-singles", "6", "--heldout-scenes", "4", "--heldout-singles", "5"]
+    sizes += ["--classifier-train", "400"]
+    sizes += ["--edit-guidance", "1,1", "2,1.5", "--t2i-guidance", "1", "3", "--drawn-per-class", "1"]
+    sizes += ["--sampling-steps", "2", "--unmasking-rounds", "2"]
+    metrics = run_smoke(SCRIPT, tmp_path, work, sizes, "| **Setokim edit**, guidance text 2, image 1.5 |")
     counts, evaluation = metrics["counts"], metrics["evaluation"]
     assert counts["train_scenes"] == 12 and counts["heldout_scenes"] == 4 and counts["qa_records"] == 6
 
@@ -146,11 +130,6 @@ def test_fashion_mnist_editing_smoke(tmp_path):
     assert set(t2i["per_scale"]) == {"1.0", "3.0"} and all(0.0 <= v <= 1.0 for v in t2i["per_scale"].values())
     assert 0.0 <= metrics["classifier"]["t10k_accuracy"] <= 1.0 and metrics["classifier"]["empty_level"] > 0
 
-    for stage, steps in (("tokenizer", 2), ("pretrain", 2), ("sft", 2)):
-        row = metrics["stages"][stage]
-        assert row["steps"] == steps and row["batch_size"] == 4 and row["seconds"] > 0
-        config = load_config(work / "configs" / f"{stage}.yaml", stage)  # what ran is a config `setok train` takes
-        assert Path(config.output_dir) == work / "runs" / stage
     assert "last_diffusion_loss" in metrics["stages"]["sft"] and "last_diffusion_loss" in metrics["stages"]["pretrain"]
     sft = yaml.safe_load((work / "configs" / "sft.yaml").read_text())
     assert sft["data"]["editing"]["path"] == str(work / "data" / "stage3_edits.jsonl")

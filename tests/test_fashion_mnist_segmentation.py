@@ -55,26 +55,39 @@ def test_the_best_cluster_is_the_one_with_the_highest_iou_at_the_image_size():
     assert count == 4 and np.array_equal(mask, expected)
 
 
-@pytest.mark.slow
-def test_fashion_mnist_segmentation_smoke(tmp_path):
-    work = tmp_path / "scenes"
+def run_smoke(script: Path, tmp_path: Path, work: Path, sizes: list[str], table_row: str) -> dict:
+    """Runs `script` (this one or the editing script) into `work` on the digits as idx files, at the smoke sizes
+    `sizes`, every stage 2 steps of 4 and questions on half the train scenes. Checks that it printed the results
+    table (its row `table_row`) and each stage's wall time, and that each stage ran its steps from a config `setok
+    train` takes; returns the run's metrics.json."""
     command = [
         sys.executable,
-        str(SCRIPT),
+        str(script),
         "--work-dir",
         str(work),
         "--data-dir",
         str(digits_as_idx(tmp_path / "idx")),
     ]
-    command += ["--train-scenes", "12", "--heldout-scenes", "4", "--batch-size", "4", "--qa-share", "0.5"]
+    command += [*sizes, "--batch-size", "4", "--qa-share", "0.5"]
     command += ["--tokenizer-steps", "2", "--pretrain-steps", "2", "--sft-steps", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| **Setokim + mask decoder** (stage 3) |" in result.stdout  # the results table is printed
-    for stage in ("tokenizer", "pretrain", "sft"):
-        assert f"Stage {stage}: " in result.stdout  # the wall time per stage
-
+    assert table_row in result.stdout
     metrics = json.loads((work / "metrics.json").read_text())
+    for stage in ("tokenizer", "pretrain", "sft"):
+        assert f"Stage {stage}: " in result.stdout
+        row = metrics["stages"][stage]
+        assert row["steps"] == 2 and row["batch_size"] == 4 and row["seconds"] > 0
+        config = load_config(work / "configs" / f"{stage}.yaml", stage)
+        assert Path(config.output_dir) == work / "runs" / stage
+    return metrics
+
+
+@pytest.mark.slow
+def test_fashion_mnist_segmentation_smoke(tmp_path):
+    work = tmp_path / "scenes"
+    sizes = ["--train-scenes", "12", "--heldout-scenes", "4"]
+    metrics = run_smoke(SCRIPT, tmp_path, work, sizes, "| **Setokim + mask decoder** (stage 3) |")
     counts = metrics["counts"]
     assert counts["train_scenes"] == 12 and counts["heldout_scenes"] == 4 and counts["qa_records"] == 6
 
@@ -100,11 +113,6 @@ def test_fashion_mnist_segmentation_smoke(tmp_path):
             assert (by_kind[kind] or {"samples": 0})["samples"] == kinds.count(kind)
         assert 0.0 <= by_kind["all"]["ciou"] <= 1.0 and 0.0 <= by_kind["all"]["giou"] <= 1.0
 
-    for stage, steps in (("tokenizer", 2), ("pretrain", 2), ("sft", 2)):
-        row = metrics["stages"][stage]
-        assert row["steps"] == steps and row["batch_size"] == 4 and row["seconds"] > 0
-        config = load_config(work / "configs" / f"{stage}.yaml", stage)  # what ran is a config `setok train` takes
-        assert Path(config.output_dir) == work / "runs" / stage
     assert "last_mask_loss" in metrics["stages"]["sft"] and "last_concept_loss" in metrics["stages"]["tokenizer"]
     sft = yaml.safe_load((work / "configs" / "sft.yaml").read_text())
     assert sft["model"]["train_mask_decoder"] is True
