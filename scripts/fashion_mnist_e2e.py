@@ -7,7 +7,8 @@
                                      and the generation head on the same pairs read as text-to-image
     stage 3   setok train sft        "What is in the image?" -> the class name, full fine-tuning
     eval      greedy answers on held-out images (t10k); exact match with the class name -> accuracy
-              images drawn by the stage-2 model for each class name, answered by the stage-3 model -> accuracy
+              images drawn by the stage-2 model for each class name, answered by the stage-3 model -> accuracy,
+              at each classifier-free guidance scale (--guidance-scales, the same seeds at every scale)
 
 Each stage runs from a YAML file in examples/fashion_mnist/ with the work dir's paths filled in, written to
 <work-dir>/configs/ and trained by `setok train` (the command a user runs), so the real loaders, checks and runners
@@ -32,6 +33,7 @@ import PIL.Image
 import torch
 import yaml
 
+from transformers_setok.generation.guidance import check_guidance_scale
 from transformers_setok.scenes.fashion_mnist import CLASSES, DATA_DIR, load_split
 from transformers_setok.training.config import merge
 
@@ -303,44 +305,79 @@ def answer_questions(model_dir: Path, images, questions, batch_size: int = 100) 
     return answers, counts
 
 
-@torch.no_grad()
-def generation_accuracy(work: Path, template: str, question: list[dict], per_class: int, seed: int) -> dict:
-    """The stage-2 model draws `per_class` images for each class name (the text-to-image prompt of its training);
-    the stage-3 model answers "What is in the image?" on them: the share answered with the prompted class. Also
-    saves a grid of the first 8 per class to <work>/generated.png."""
+def drawing_pipeline(pretrain_dir: Path):
+    """The stage-2 model as a text-to-image pipeline with the noise schedule its head was trained with."""
     from transformers import AutoProcessor
 
     from transformers_setok import SetokimForConditionalGeneration
     from transformers_setok.generation import noise_scheduler_for
     from transformers_setok.pipelines import SetokimTextToImagePipeline
 
-    pretrain_dir = work / "runs" / "pretrain" / "final"
     model = SetokimForConditionalGeneration.from_pretrained(pretrain_dir).eval()
     processor = AutoProcessor.from_pretrained(pretrain_dir)
     pipe = SetokimTextToImagePipeline(model=model, processor=processor, scheduler=noise_scheduler_for(model.config))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def token_counts(counts: list[int]) -> dict:
+    return {"mean": float(np.mean(counts)), "min": int(min(counts)), "max": int(max(counts))}
+
+
+@torch.no_grad()
+def generation_accuracy(
+    work: Path, template: str, question: list[dict], per_class: int, seed: int, guidance_scales=(1.0,)
+) -> dict:
+    """The stage-2 model draws `per_class` images for each class name (the text-to-image prompt of its training) at
+    each classifier-free guidance scale, every scale from the same seed, so the prompts, the sampled token counts and
+    the noise are the same and only the scale differs; the stage-3 model answers "What is in the image?" on them: the
+    share answered with the prompted class. The top-level keys are scale 1's (the sampler without guidance, which
+    `guidance_scales` must hold); `by_guidance_scale` has one row per scale. Also saves a grid of the first 8 per class
+    to <work>/generated.png (scale 1) and, beside them, those of the best other scale to <work>/generated_guidance.png."""
+    if 1.0 not in guidance_scales:
+        raise ValueError(f"`guidance_scales` must hold 1.0, the unguided baseline, got {list(guidance_scales)}.")
+    pipe = drawing_pipeline(work / "runs" / "pretrain" / "final")
     names = [name for name in CLASSES for _ in range(per_class)]
     prompts = [template.format(CAPTION.format(name)) for name in names]
-    output = pipe(prompts, generator=torch.Generator().manual_seed(seed))
-    images = [image.convert("RGB") for image in output.images]
-    answers, _ = answer_questions(work / "runs" / "sft" / "final", images, [question] * len(images))
-    save_grid(work / "generated.png", images, per_class)
-    counts = [len(tokens) for tokens in output.image_tokens]
+    drawn, seconds = {}, {}
+    for scale in guidance_scales:
+        start = time.perf_counter()
+        output = pipe(prompts, guidance_scale=scale, generator=torch.Generator().manual_seed(seed))
+        seconds[scale] = time.perf_counter() - start
+        drawn[scale] = ([image.convert("RGB") for image in output.images], [len(t) for t in output.image_tokens])
+    # One pass of the stage-3 model over every scale's images: the same answers as a pass per scale, one load.
+    everything = [image for images, _ in drawn.values() for image in images]
+    answers, _ = answer_questions(work / "runs" / "sft" / "final", everything, [question] * len(everything))
+    rows = []
+    for number, (scale, (_, counts)) in enumerate(drawn.items()):
+        scale_answers = answers[number * len(names) : (number + 1) * len(names)]
+        row = {"guidance_scale": scale, **score(scale_answers, names), "tokens_per_image": token_counts(counts)}
+        rows.append({**row, "seconds": seconds[scale]})
+    unguided = next(row for row in rows if row["guidance_scale"] == 1.0)
+    save_grid(work / "generated.png", [drawn[1.0][0]], per_class)
+    guided = [row for row in rows if row["guidance_scale"] != 1.0]
+    if guided:
+        best = max(guided, key=lambda row: row["accuracy"])["guidance_scale"]
+        save_grid(work / "generated_guidance.png", [drawn[1.0][0], drawn[best][0]], per_class)
     return {
-        **score(answers, names),
+        **{key: value for key, value in unguided.items() if key != "guidance_scale"},
         "per_class": per_class,
-        "tokens_per_image": {"mean": float(np.mean(counts)), "min": int(min(counts)), "max": int(max(counts))},
+        "by_guidance_scale": rows,
     }
 
 
-def save_grid(path: Path, images, per_class: int, columns: int = 8, size: int = 56):
-    """One row per class: its first `columns` images, upscaled to `size` pixels."""
+def save_grid(path: Path, blocks: list[list], per_class: int, columns: int = 8, size: int = 56):
+    """One row per class; per block (a list of images, `per_class` per class in class order), that class's first
+    `columns` images, upscaled to `size` pixels; blocks side by side, a quarter-image gap between them."""
     columns = min(columns, per_class)
-    grid = PIL.Image.new("RGB", (columns * size, len(CLASSES) * size), "white")
-    for row in range(len(CLASSES)):
-        for column in range(columns):
-            image = images[row * per_class + column].resize((size, size), PIL.Image.NEAREST)
-            grid.paste(image, (column * size, row * size))
+    gap = size // 4
+    block_width = columns * size + gap
+    grid = PIL.Image.new("RGB", (len(blocks) * block_width - gap, len(CLASSES) * size), "white")
+    for number, images in enumerate(blocks):
+        for row in range(len(CLASSES)):
+            for column in range(columns):
+                image = images[row * per_class + column].resize((size, size), PIL.Image.NEAREST)
+                grid.paste(image, (number * block_width + column * size, row * size))
     grid.save(path)
 
 
@@ -402,8 +439,33 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def guidance_table(generation: dict) -> str:
+    """One row per guidance scale: the share of drawn images named as their class (the best in bold), overall and
+    per class, the drawn images' token counts and the drawing's wall time."""
+    rows = generation["by_guidance_scale"]
+    best = max(row["accuracy"] for row in rows)
+    lines = [
+        "| guidance scale | named as their class | tokens per image, mean (min - max) | drawing time | "
+        + " | ".join(CLASSES)
+        + " |",
+        "| --- " * (4 + len(CLASSES)) + "|",
+    ]
+    for row in rows:
+        accuracy = f"{row['accuracy']:.1%}"
+        accuracy = f"**{accuracy}**" if row["accuracy"] == best else accuracy
+        tokens = row["tokens_per_image"]
+        per_class = " | ".join(f"{row['per_class_accuracy'][name]:.0%}" for name in CLASSES)
+        lines.append(
+            f"| {row['guidance_scale']:g} | {accuracy} | {tokens['mean']:.2f} ({tokens['min']} - {tokens['max']}) "
+            f"| {row['seconds']:.0f} s | {per_class} |"
+        )
+    return "\n".join(lines)
+
+
 def write_report(work: Path, metrics: dict) -> str:
     table = results_table(metrics)
+    guidance = guidance_table(metrics["generation"])
+    dropout = metrics["condition_text_dropout"]
     per_class = ", ".join(f"{name} {value:.0%}" for name, value in metrics["per_class_accuracy"].items())
     drawn = metrics["generation"]["per_class_accuracy"]
     drawn_per_class = ", ".join(f"{name} {value:.0%}" for name, value in drawn.items())
@@ -417,12 +479,21 @@ def write_report(work: Path, metrics: dict) -> str:
             "",
             f"Text-to-image, per class drawn: {drawn_per_class}. The first drawn images: `generated.png`.",
             "",
+            f"Classifier-free guidance (stage 2 dropped the prompt text of {dropout:.0%} of its drawing samples): the "
+            f"same {metrics['generation']['per_class']} prompts per class drawn from the same seed at each scale, so "
+            "with the same token counts and noise (scale 1: the sampler without guidance, the rows above), named by "
+            "the stage-3 model:",
+            "",
+            guidance,
+            "",
+            "Scale 1 (left) and the best other scale (right), the same seeds: `generated_guidance.png`.",
+            "",
             f"Machine: {metrics['machine']}. The configs that ran are in `configs/`, the models in `runs/*/final`.",
             "",
         ]
     )
     (work / "report.md").write_text(report)
-    return table
+    return table + "\n\n" + guidance
 
 
 def machine() -> str:
@@ -465,6 +536,13 @@ def parse_args(argv=None):
     parser.add_argument(
         "--generated-per-class", type=int, default=20, help="images the stage-2 model draws per class name"
     )
+    parser.add_argument(
+        "--guidance-scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0],
+        help="classifier-free guidance scales the drawn images are scored at; must hold 1 (no guidance)",
+    )
     parser.add_argument("--llm-hidden-size", type=int, default=128)
     parser.add_argument("--llm-layers", type=int, default=2)
     # On a 2-core machine whose other core is busy, two threads wait on each other: a stage-1 step took 5 s with 2
@@ -474,7 +552,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="delete the work dir's earlier run first")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked before any training: a bad scale would otherwise stop the run after its stages.
+    try:
+        args.guidance_scales = [check_guidance_scale(value, "--guidance-scales") for value in args.guidance_scales]
+    except ValueError as error:
+        parser.error(str(error))
+    if 1.0 not in args.guidance_scales or len(set(args.guidance_scales)) != len(args.guidance_scales):
+        parser.error(
+            f"--guidance-scales must hold 1 (the unguided baseline) and no scale twice, got {args.guidance_scales}"
+        )
+    return args
 
 
 def main(argv=None) -> dict:
@@ -509,7 +597,12 @@ def main(argv=None) -> dict:
     zero_shot = concept_zero_shot_accuracy(work / "runs" / "tokenizer" / "final", template, images, expected)
     predicted, counts = answer_questions(work / "runs" / "sft" / "final", images, questions)
     generation = generation_accuracy(
-        work, pretrain_data["text_to_image_template"], questions[0], args.generated_per_class, args.seed
+        work,
+        pretrain_data["text_to_image_template"],
+        questions[0],
+        args.generated_per_class,
+        args.seed,
+        args.guidance_scales,
     )
     eval_seconds = time.perf_counter() - eval_start
 
@@ -518,7 +611,11 @@ def main(argv=None) -> dict:
         "chance": 1 / len(CLASSES),
         "concept_zero_shot_accuracy": zero_shot,
         "generation": generation,
-        "tokens_per_image": {"mean": float(np.mean(counts)), "min": int(min(counts)), "max": int(max(counts))},
+        # The config that ran, whose `model` the script leaves as the example's apart from paths.
+        "condition_text_dropout": yaml.safe_load((work / "configs" / "pretrain.yaml").read_text())["model"].get(
+            "condition_text_dropout", 0.0
+        ),
+        "tokens_per_image": token_counts(counts),
         "num_train": num_train,
         "num_heldout": num_heldout,
         "heldout_split": args.heldout_split,

