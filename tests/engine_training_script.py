@@ -7,7 +7,8 @@ Usage: accelerate launch ... tests/engine_training_script.py OUT_DIR MODE[,MODE.
 Modes: `tokenizer` (stage 1: SeTok's reconstruction and concept contrast, no discriminator), `tokenizer_discriminator`
 (stage 1 with the PatchGAN discriminator: only builds the trainer, and reports the error that refuses it, or None),
 `sft_lora` (stage 3, LoRA), `sft_full` (stage 3, the whole LLM), `sft_full_tied` (the same with the LM head
-tied to the input embeddings), `generation` (stage 2 with the generation head), `generation_llm` (the same training
+tied to the input embeddings), `sft_segmentation` (stage 3 with the mask decoder, three steps of two records per process
+on `segmentation_records`, see there), `generation` (stage 2 with the generation head), `generation_llm` (the same training
 the whole LLM, as FSDP requires), `merge` (after `sft_lora`: `merge_adapters` on every process), `MODE_resume` (MODE
 twice: two steps saving a checkpoint after each, then step 2 again from checkpoint-1; `{mode}.pt` holds the
 uninterrupted run's parameters). The records are read in order (no shuffle), one per process and step, so with two
@@ -20,7 +21,8 @@ Each mode writes `{mode}.pt` (rank 0: the trained parameters in full, gathered u
 its `save_model` checkpoint, `tokenizer_final/`) and
 `{mode}.rank{R}.json` (the losses, the batches' image flags, a digest of that rank's full parameters and the modules
 FSDP made units of).
-One process with `per_device_train_batch_size=2` trains on the same two records per step.
+One process with `per_device_train_batch_size=2` trains on the same two records per step (4 for `sft_segmentation`,
+whose `{mode}.rank{R}.buffers.pt` also holds that rank's `mask_decoder.prompt_norm` statistics).
 """
 
 import hashlib
@@ -51,6 +53,8 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from transformers_setok import SetokForImageReconstruction, SetokImageProcessor
 from transformers_setok.training.collators import SetokimChatCollator
+from transformers_setok.training.data import SEGMENTATION_FEATURES
+from transformers_setok.training.masks import encode_rle
 from transformers_setok.training.runners import end_process_group
 from transformers_setok.training.setok_trainer import SetokImageTextCollator, SetokTrainer, SetokTrainingArguments
 from transformers_setok.training.setokim_trainer import SetokimPretrainTrainer
@@ -97,6 +101,54 @@ def generation_records() -> list[dict]:
     return [text_only, drawn(PHOTOS[0], "a cat"), read, drawn(PHOTOS[2], "the cat")]
 
 
+def segmentation_records() -> list[dict]:
+    """Twelve stage-3 records (`SEGMENTATION_FEATURES`), read in order by two processes of two records per step (rank 0
+    the first two of each four) or by one process of four, so that step by step the objects per process are
+        step 1: 0 (a text-only chat and a chat about an image) / 2
+        step 2: 1 (and a chat about an image) / 2
+        step 3: 2 / 0 (two text-only chats: this process has no image at all)
+    A process without objects still runs the mask decoder, whose prompt statistics are an all-reduce."""
+    horse = ~data.horse()
+    canvas = np.full((*horse.shape, 3), 40, dtype=np.uint8)
+    canvas[horse] = (200, 160, 90)
+
+    def segment(image, mask, expression):
+        return {"images": [image], "expression": expression, "messages": None, "mask": encode_rle(mask)}
+
+    def box(photo, rows, cols):  # a photo and the box (fractions of its sides) that stands for its object
+        image = _image(photo)
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask[
+            int(rows[0] * image.height) : int(rows[1] * image.height),
+            int(cols[0] * image.width) : int(cols[1] * image.width),
+        ] = True
+        return image, mask
+
+    def chat(images, question, answer):
+        parts = [None] * len(images) + [question]
+        return {"images": images, "expression": None, "messages": [user(*parts), assistant(answer)], "mask": None}
+
+    horse_object = (Image.fromarray(canvas), horse)
+    cat = box("chelsea", (0.1, 0.8), (0.2, 0.7))
+    cup = box("coffee", (0.2, 0.9), (0.0, 0.5))
+    man = box("astronaut", (0.0, 0.6), (0.3, 0.9))
+    text_only = chat([], "what is the cat ?", "the cat")
+    return [
+        text_only,
+        chat([_image("chelsea")], "what is in the image ?", "a cat"),
+        segment(*horse_object, "the horse"),
+        segment(*cat, "the cat"),
+        segment(*man, "the image"),
+        chat([_image("coffee")], "what is the image ?", "a cat"),
+        segment(*cup, "a cat"),
+        segment(*horse_object, "the image"),
+        segment(*cat, "a cat"),
+        segment(*cup, "the cat"),
+        text_only,
+        chat([], "what is the image ?", "a cat"),
+    ]
+
+
 # Stage 1, in the order the processes read them: step 1 rank 0 / rank 1 ("rocket" on both), step 2 rank 0 / rank 1.
 TOKENIZER_RECORDS = {"astronaut": ["man", "rocket"], "rocket": ["rocket"], "chelsea": ["cat"], "coffee": ["cup"]}
 
@@ -106,12 +158,13 @@ def tokenizer_records() -> list[dict]:
 
 
 class RecordingCollator(SetokimChatCollator):
-    """Notes whether each batch reads an image and whether it draws one."""
+    """Notes whether each batch reads an image, whether it draws one and how many objects it segments."""
 
     def __call__(self, examples):
         batch = super().__call__(examples)
-        draws = bool((batch["labels"] == self.processor.image_token_id).any())
-        self.seen = getattr(self, "seen", []) + [{"reads": "pixel_values" in batch, "draws": draws}]
+        draws = bool((batch["labels"] == self.processor.image_token_id).any()) and "target_masks" not in batch
+        seen = {"reads": "pixel_values" in batch, "draws": draws, "objects": len(batch.get("target_masks", []))}
+        self.seen = getattr(self, "seen", []) + [seen]
         return batch
 
 
@@ -182,6 +235,15 @@ def build_trainer(mode: str, out_dir: Path, processor, batch_size: int, **argume
             processing_class=processor,
             train_generation_head=True,
             train_language_model=mode == "generation_llm",
+        )
+    if mode == "sft_segmentation":
+        common = {"max_steps": 3, **common}
+        return OrderedSFTTrainer(
+            tiny_setokim(processor, use_mask_decoder=True),
+            tiny_training_arguments(out_dir / mode, factory=setokim_sft_config, **common, bf16=False),
+            data_collator=RecordingCollator(processor),
+            train_dataset=Dataset.from_list(segmentation_records(), features=SEGMENTATION_FEATURES),
+            processing_class=processor,
         )
     text = {"tie_word_embeddings": True} if mode.endswith("_tied") else {}
     return OrderedSFTTrainer(
@@ -258,7 +320,15 @@ def train(mode: str, out_dir: Path, batch_size: int = 1, resume_from_checkpoint=
         "digest": digest(params),
         "fsdp_units": fsdp_units(trainer.model),
     }
-    return {"trainer": trainer, "params": params, "report": report}
+    buffers = {  # the mask decoder's prompt statistics (none without a decoder)
+        name: buffer.detach().cpu().clone()
+        for name, buffer in trainer.model.named_buffers()
+        if name.startswith("mask_decoder.prompt_norm.")
+    }
+    return {"trainer": trainer, "params": params, "buffers": buffers, "report": report}
+
+
+PER_PROCESS_BATCH = {"sft_segmentation": 2}  # records per process and step; 1 for the other modes
 
 
 def main(out_dir: Path, modes: list[str]):
@@ -297,9 +367,11 @@ def main(out_dir: Path, modes: list[str]):
             if rank == 0:  # the uninterrupted run, to compare with another engine's
                 torch.save(whole["params"], out_dir / f"{mode}.pt")
             continue
-        run = train(mode, out_dir)
+        run = train(mode, out_dir, batch_size=PER_PROCESS_BATCH.get(mode, 1))
         rank = run["report"]["rank"]
         (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(run["report"]))
+        if run["buffers"]:
+            torch.save(run["buffers"], out_dir / f"{mode}.rank{rank}.buffers.pt")
         if rank == 0:
             torch.save(run["params"], out_dir / f"{mode}.pt")
         if mode == "sft_lora":

@@ -19,8 +19,11 @@ class LossTermsMixin:
             self._loss_terms_record = {"train": defaultdict(list), "eval": defaultdict(list)}
         return self._loss_terms_record
 
-    def record_loss_term(self, name: str, value: torch.Tensor, training: bool):
-        self._loss_terms["train" if training else "eval"][name].append(value.detach().float())
+    def record_loss_term(self, name: str, value: torch.Tensor, training: bool, weight=1.0):
+        """`value`: this micro-batch's mean of the term; `weight`: what it is a mean over (objects, target tokens), so
+        that the logged value is the mean over all of them on all processes rather than a mean of means."""
+        weight = torch.as_tensor(weight, dtype=torch.float32).detach().to(value.device)
+        self._loss_terms["train" if training else "eval"][name].append((value.detach().float() * weight, weight))
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -38,7 +41,8 @@ class LossTermsMixin:
         super().log(logs, *args, **kwargs)
 
     def _mean_loss_terms(self, split: str) -> dict[str, float]:
-        """Each recorded term averaged over its steps on all processes; the record is then cleared.
+        """Each recorded term averaged over its steps on all processes, weighted by what each value is a mean over;
+        the record is then cleared.
 
         Processes may have recorded different terms (a batch without images to draw has no diffusion loss), so they
         first agree on the names; then every process reduces a (sum, count) pair for each, in the same order."""
@@ -50,7 +54,7 @@ class LossTermsMixin:
         for name in names:
             values = record.get(name, [])
             stats = torch.tensor(
-                [float(torch.stack(values).sum()) if values else 0.0, len(values)],
+                [sum(float(v) for v, _ in values), sum(float(w) for _, w in values)],
                 dtype=torch.float64,
                 device=self.accelerator.device,
             )

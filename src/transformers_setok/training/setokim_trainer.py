@@ -190,7 +190,7 @@ class SetokimInputsMixin(LossTermsMixin):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = inputs if isinstance(inputs, SetokimStepInputs) else self.prepare_step(model, inputs)
         segments = "segmentation_prompts" in step.model_kwargs
-        if step.diffusion is None and not segments:
+        if step.diffusion is None and not segments and not self._has_heads(model):
             return super().compute_loss(
                 model, step.model_kwargs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -206,18 +206,29 @@ class SetokimInputsMixin(LossTermsMixin):
             errors = (outputs.diffusion_prediction.float() - targets.target.float()).pow(2).mean(-1)  # one per row
             error_sum = (targets.weights * errors).sum()  # each target token of this micro-batch counted once
             local_mean = error_sum / targets.weights.sum()
-            self.record_loss_term("diffusion_loss", local_mean, model.training)
+            self.record_loss_term("diffusion_loss", local_mean, model.training, weight=targets.weights.sum())
             loss = loss + self.diffusion_loss_weight * self._step_share(
                 local_mean, error_sum, targets.step_target_tokens, scaled
             )
         if segments and outputs.mask_loss is not None:
             for name in ("mask_loss", "mask_focal_loss", "mask_dice_loss", "mask_iou_loss"):
-                self.record_loss_term(name, getattr(outputs, name), model.training)
+                self.record_loss_term(name, getattr(outputs, name), model.training, weight=step.num_objects)
             mask_sum = outputs.mask_loss * step.num_objects
             loss = loss + self.mask_loss_weight * self._step_share(
                 outputs.mask_loss, mask_sum, step.step_objects, scaled
             )
         return (loss, outputs) if return_outputs else loss
+
+    def _has_heads(self, model) -> bool:
+        """Whether the model has a mask decoder or a generation head. Its steps then all take the model's own forward,
+        also those without objects or images to draw: the path must be the same on every process, since each runs
+        collectives (TRL's metric gathers on its path; the idle heads and the prompt statistics of the mask decoder
+        on the other), and a process with nothing for a head in a step may sit beside one that has."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return (
+            getattr(unwrapped, "mask_decoder", None) is not None
+            or getattr(unwrapped, "generation_head", None) is not None
+        )
 
     def _step_share(self, local_mean, local_sum, step_total, scaled: bool):
         """Like the LM loss: with the Trainer's accumulation scaling, this micro-batch's share of the mean over the
