@@ -2,14 +2,14 @@
 
     records {"images", "messages"} -> SetokimChatCollator (one `<image>` per image, labels on the answers only)
             -> SetokimInputsMixin.compute_loss: SeTok runs once, each `<image>` becomes `[Img]` n_i x `<image>` `[/Img]`
-            -> SFTTrainer.compute_loss (fused LM head, TRL's metrics)
+            -> SFTTrainer.compute_loss (fused LM head, TRL's metrics), or, for a model with a mask decoder or a
+               generation head, the model's own forward (which runs them) in every step, on every process
 
 What trains: the LLM (whole, or LoRA on its attention and MLP projections) and the projector; never SeTok, which
 stage 1 trained, nor its detokenizer (`image_decoder`). With `train_generation_head=True` also the generation head, on
 the chats that draw an image (an edit's target, a text-to-image answer): whole under LoRA too, as a
 `modules_to_save` copy that the adapter saves and `merge_adapters` folds back in. A referring-segmentation record
-trains the mask decoder (see `setokim_lora_config`). Steps that draw or segment run the model's own forward, which
-runs those heads. The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with the projector trained whole
+trains the mask decoder (see `setokim_lora_config`). The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with the projector trained whole
 (`setokim_lora_config`); QLoRA adds a 4-bit LLM that leaves SeTok, the projector and the LM head in full precision
 (`setokim_4bit_config`). `merge_adapters` / `merge_adapters_from` turn an adapter into a plain Setokim checkpoint.
 
