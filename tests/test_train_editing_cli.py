@@ -19,7 +19,9 @@ from test_train_cli import (
     REPO,
     Bad,
     Inputs,
+    _edits,
     _tree,
+    _update,
     sft_config,
     train,
     trainer_state,
@@ -317,25 +319,11 @@ def _editing_lines(*lines):
 
 
 def _model(**keys):
-    def edit(config, inputs):
-        config["model"].update(keys)
-
-    return edit
+    return _update("model", **keys)
 
 
 def _data_key(**keys):
-    def edit(config, inputs):
-        config["data"].update(keys)
-
-    return edit
-
-
-def _edits(*edits):
-    def edit(config, inputs):
-        for each in edits:
-            each(config, inputs)
-
-    return edit
+    return _update("data", **keys)
 
 
 GOOD_LINE = {"source": "astronaut.png", "instruction": "a cat", "target": "chelsea.png"}
