@@ -128,8 +128,8 @@ class SetokimPromptStandardization(nn.Module):
     on the other objects of its batch: in training mode, each forward first folds the real (unpadded) slot states of
     the batch into the running statistics (the first batch sets them, later ones move them by `momentum`; no
     gradient), summed over all processes when torch.distributed runs, so every process and a single process on the
-    same global batch keep the same statistics; in eval mode, and while the decoder is frozen, nothing moves. The
-    buffers are saved with the model.
+    same global batch keep the same statistics; in eval mode, without gradients, and while the decoder is frozen,
+    nothing moves. The buffers are saved with the model.
     """
 
     def __init__(self, hidden_size: int, momentum: float = PROMPT_STATISTICS_MOMENTUM, eps: float = 1e-5):
@@ -274,8 +274,10 @@ class SetokimMaskDecoder(nn.Module):
                 f"{tuple(patch_features.shape)}."
             )
         dtype = self.image_proj.weight.dtype
-        # The statistics move only while the decoder itself trains (a frozen decoder stays as it was).
-        track = self.training and self.prompt_proj[0].weight.requires_grad
+        # The statistics move only while the decoder itself trains (a frozen decoder stays as it was), under the
+        # condition on which the model runs an idle decoder on a process without objects: their all-reduce is
+        # collective, so every process must reach it.
+        track = self.training and torch.is_grad_enabled() and self.prompt_proj[0].weight.requires_grad
         prompts = self.prompt_proj(self.prompt_norm(prompt_tokens.to(dtype), prompt_mask, track))
         learned = self.output_tokens.weight[None].expand(num_objects, -1, -1)
         tokens = torch.cat([learned, prompts], dim=1)  # (S, 2 + m, D)
