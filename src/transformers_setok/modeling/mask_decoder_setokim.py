@@ -154,14 +154,16 @@ class SetokimPromptStandardization(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(moments)  # every process runs the decoder in every training step
         count, total, squares = moments[0], *moments[1:].view(2, -1)
-        if float(count) == 0:
-            return
-        mean = total / count
-        var = (squares / count - mean.pow(2)).clamp_min(0)
-        rate = 1.0 if int(self.num_batches_tracked) == 0 else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean), rate)
-        self.running_var.lerp_(var.to(self.running_var), rate)
-        self.num_batches_tracked += 1
+        # Tensor arithmetic only, no host read: this runs in every training forward, on an accelerator too. A batch
+        # without slot states on any process moves nothing (rate 0); the first that has some sets the statistics.
+        seen = (count > 0).to(moments.dtype)
+        first = (self.num_batches_tracked == 0).to(moments.dtype)
+        rate = (seen * (first + (1 - first) * self.momentum))[None]
+        mean = total / count.clamp_min(1)
+        var = (squares / count.clamp_min(1) - mean.pow(2)).clamp_min(0)
+        self.running_mean.lerp_(mean.to(self.running_mean), rate.to(self.running_mean))
+        self.running_var.lerp_(var.to(self.running_var), rate.to(self.running_var))
+        self.num_batches_tracked += seen.to(self.num_batches_tracked.dtype)
 
 
 class SetokimTwoWayBlock(GradientCheckpointingLayer):
