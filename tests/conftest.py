@@ -329,3 +329,19 @@ class HideSetok(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, HideSetok())
 """
+
+
+@pytest.fixture
+def trainers(monkeypatch) -> list:
+    """Each trainer `setok train` builds, from now on (the stage runners' `_train_and_save`, recorded)."""
+    from transformers_setok.training import runners
+
+    built = []
+    train_and_save = runners._train_and_save
+
+    def recording(trainer, *args, **kwargs):
+        built.append(trainer)
+        return train_and_save(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(runners, "_train_and_save", recording)
+    return built

@@ -93,20 +93,6 @@ def setokim_head_dir(tmp_path) -> Path:
     return save_head_model(tmp_path / "setokim-head", token_scale=1.0)
 
 
-@pytest.fixture
-def trainers(monkeypatch) -> list:
-    """Each trainer `setok train` builds, from now on."""
-    built = []
-    train_and_save = runners._train_and_save
-
-    def recording(trainer, *args, **kwargs):
-        built.append(trainer)
-        return train_and_save(trainer, *args, **kwargs)
-
-    monkeypatch.setattr(runners, "_train_and_save", recording)
-    return built
-
-
 def editing_config(tmp_path, init_from, editing_jsonl, path=None, **model) -> dict:
     """Stage 3 on the edits of `editing_jsonl` (and the conversations of `path`), in the keys
     scripts/fashion_mnist_editing.py writes."""

@@ -65,20 +65,6 @@ def added(monkeypatch) -> list:
     return states
 
 
-@pytest.fixture
-def trainers(monkeypatch) -> list:
-    """Each trainer `setok train` builds, from now on."""
-    built = []
-    train_and_save = runners._train_and_save
-
-    def recording(trainer, *args, **kwargs):
-        built.append(trainer)
-        return train_and_save(trainer, *args, **kwargs)
-
-    monkeypatch.setattr(runners, "_train_and_save", recording)
-    return built
-
-
 def segment(folder, image) -> dict:
     model = SetokimForConditionalGeneration.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
