@@ -164,10 +164,14 @@ def tiny_processor() -> SetokimProcessor:
 
 
 def tiny_setokim(
-    processor: SetokimProcessor, use_generation_head: bool = False, use_mask_decoder: bool = False, **text_overrides
+    processor: SetokimProcessor,
+    use_generation_head: bool = False,
+    use_mask_decoder: bool = False,
+    vision_config: SetokConfig | None = None,
+    **text_overrides,
 ) -> SetokimForConditionalGeneration:
     """A tiny Llama-based Setokim whose vocabulary and special ids match `processor` (with a tiny generation head
-    and a tiny mask decoder when asked)."""
+    and a tiny mask decoder when asked), around `vision_config` (default `tiny_config()`)."""
     text = dict(
         model_type="llama",
         hidden_size=32,
@@ -179,7 +183,7 @@ def tiny_setokim(
     )
     text.update(text_overrides)
     config = SetokimConfig(
-        vision_config=tiny_config(),
+        vision_config=vision_config or tiny_config(),
         text_config=text,
         image_token_id=processor.image_token_id,
         boi_token_id=processor.boi_token_id,

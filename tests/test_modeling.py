@@ -468,6 +468,9 @@ def test_generator_loss_without_discriminator_is_rejected():
         (dict(merger_num_attention_heads=0), "merger_num_attention_heads"),
         (dict(iterative_stop_mass=1.5), "iterative_stop_mass"),
         (dict(contrastive_temperature_init=0.0), "contrastive_temperature_init"),
+        (dict(footprint_loss_weight=-1.0), "footprint_loss_weight"),
+        (dict(concept_loss_weight=float("nan")), "concept_loss_weight"),
+        (dict(reconstruction_loss_weight="1"), "reconstruction_loss_weight"),
     ],
 )
 def test_config_validation_names_the_field(overrides, field):

@@ -1,6 +1,7 @@
 """Configuration of SeTok, the semantic-equivalent vision tokenizer (Wu et al., ICLR 2025)."""
 
 import copy
+import math
 import numbers
 import warnings
 from typing import Literal
@@ -74,6 +75,16 @@ class SetokConfig(PreTrainedConfig):
             Width, heads and FFN width of the detokenizer.
         detokenizer_num_query_layers (`int`): layers in which the query grid attends to itself and to the tokens.
         detokenizer_num_decoder_layers (`int`): self-attention layers of the pixel decoder.
+        detokenizer_token_footprint (`bool`, defaults to `False`):
+            Give the detokenizer a footprint head: a linear map from each token to a logit per output patch, whose
+            softmax over the image's tokens says which token covers the patch. Every query starts from that mixture
+            of the tokens (an unpooling, the merger's cluster mean run backwards) before it attends to them. Without
+            it (the paper's detokenizer) a query must learn through cross-attention alone which token holds its
+            place, and until it does sees the mean of all tokens: on scenes of several small objects that decodes
+            one flat shade for thousands of steps. Stage 1 supervises the footprint with the clustering.
+        footprint_loss_weight (`float`, defaults to 1.0):
+            Weight of the footprint term: the cross-entropy of each patch's footprint against the cluster it was
+            merged into (only with `detokenizer_token_footprint`).
         decoder_patch_size (`int`, *optional*):
             Pixels per side that each query decodes; defaults to the encoder's patch size. The reconstruction has
             `grid * decoder_patch_size` pixels per side and targets are resized to it when they differ.
@@ -132,6 +143,8 @@ class SetokConfig(PreTrainedConfig):
     detokenizer_intermediate_size: int = 3072
     detokenizer_num_query_layers: int = 6
     detokenizer_num_decoder_layers: int = 6
+    detokenizer_token_footprint: bool = False
+    footprint_loss_weight: float = 1.0
     decoder_patch_size: int | None = None
 
     reconstruction_loss: Literal["l1", "mse"] = "l1"
@@ -240,6 +253,15 @@ class SetokConfig(PreTrainedConfig):
         for name in ("iterative_bandwidth_scale", "contrastive_temperature_init", "contrastive_logit_scale_max"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}.")
+        for name in (
+            "reconstruction_loss_weight",
+            "perceptual_loss_weight",
+            "concept_loss_weight",
+            "footprint_loss_weight",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if not 0 < self.iterative_stop_mass < 1:
             raise ValueError(f"`iterative_stop_mass` must lie in (0, 1), got {self.iterative_stop_mass!r}.")
         for width, heads in (

@@ -73,6 +73,8 @@ class SetokReconstructionOutput(ModelOutput):
         training schedule, applied by the trainer ([`SetokTrainer`]).
     reconstruction_loss, perceptual_loss, generator_loss, concept_loss (`torch.FloatTensor`, *optional*):
         The unweighted stage-1 loss terms (spec 1.6), each present when computed.
+    footprint_loss (`torch.FloatTensor`, *optional*): with `config.detokenizer_token_footprint`, the cross-entropy
+        of the detokenizer's footprint against the cluster each patch was merged into (unweighted).
     reconstruction (`torch.FloatTensor` of shape `(batch_size, 3, size, size)`):
         Decoded pixels, normalised like the processor's output; `size = grid * decoder_patch_size`.
     last_hidden_state, attention_mask, num_tokens, cluster_assignment, hidden_states, attentions: as in
@@ -84,6 +86,7 @@ class SetokReconstructionOutput(ModelOutput):
     perceptual_loss: torch.FloatTensor | None = None
     generator_loss: torch.FloatTensor | None = None
     concept_loss: torch.FloatTensor | None = None
+    footprint_loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
     attention_mask: torch.LongTensor | None = None
@@ -350,6 +353,9 @@ class SetokDetokenizer(nn.Module):
             config.detokenizer_intermediate_size,
         )
         self.token_proj = nn.Linear(config.token_dim, width)
+        self.footprint_head = (
+            nn.Linear(config.token_dim, config.num_patches) if config.detokenizer_token_footprint else None
+        )
         self.query_embeddings = nn.Parameter(torch.empty(config.num_patches, width))
         self.query_layers = nn.ModuleList(
             [
@@ -363,12 +369,28 @@ class SetokDetokenizer(nn.Module):
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.pixel_head = nn.Linear(width, config.decoder_patch_size**2 * 3)
 
-    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """`tokens` `(B, L, token_dim)`, `token_mask` `(B, L)` -> pixels `(B, 3, g * p, g * p)`."""
+    def token_footprint(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor | None:
+        """Footprint logits `(B, L, g * g)`: how strongly token `l` claims output patch `n`, compared over the
+        image's tokens (padded ones at the dtype's minimum). `None` without a footprint head."""
+        if self.footprint_head is None:
+            return None
+        logits = self.footprint_head(tokens)
+        return logits.masked_fill(~token_mask.bool()[..., None], torch.finfo(logits.dtype).min)
+
+    def forward(
+        self, tokens: torch.Tensor, token_mask: torch.Tensor, footprint: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`tokens` `(B, L, token_dim)`, `token_mask` `(B, L)` -> pixels `(B, 3, g * p, g * p)`. `footprint` is
+        `token_footprint(tokens, token_mask)` when the caller already has it (stage 1 also scores it)."""
         grid, patch = self.config.grid_size, self.config.decoder_patch_size
         memory = self.token_proj(tokens)
         position = sincos_position_embedding_2d(grid, grid, memory.shape[-1], memory.device).to(memory.dtype)
         queries = (self.query_embeddings.to(memory.dtype) + position).expand(memory.shape[0], -1, -1)
+        if footprint is None:
+            footprint = self.token_footprint(tokens, token_mask)
+        if footprint is not None:
+            # Each patch's query starts from the tokens that cover it by the footprint: `(B, g * g, width)`.
+            queries = queries + footprint.softmax(dim=1).transpose(1, 2).to(memory.dtype) @ memory
         memory, cross_kwargs = cross_attention_inputs(
             memory, token_mask, queries.shape[1], self.config._attn_implementation
         )
@@ -472,7 +494,8 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
         encoded = self.model(
             pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
         )
-        reconstruction = self.detokenizer(encoded.last_hidden_state, encoded.attention_mask)
+        footprint = self.detokenizer.token_footprint(encoded.last_hidden_state, encoded.attention_mask)
+        reconstruction = self.detokenizer(encoded.last_hidden_state, encoded.attention_mask, footprint=footprint)
         terms = {}
         if return_loss:
             if target_pixel_values is not None and target_pixel_values.shape[:1] != pixel_values.shape[:1]:
@@ -484,6 +507,11 @@ class SetokForImageReconstruction(SetokPreTrainedModel):
             reconstruction_f = reconstruction.float()
             terms["reconstruction_loss"] = reconstruction_loss(reconstruction_f, target, config.reconstruction_loss)
             weighted = config.reconstruction_loss_weight * terms["reconstruction_loss"]
+            if footprint is not None:
+                # Which token each patch was merged into is the clustering's own answer: `(B, L, N)` vs `(B, N)`.
+                assignment = encoded.cluster_assignment.flatten(1)
+                terms["footprint_loss"] = nn.functional.cross_entropy(footprint.float(), assignment)
+                weighted = weighted + config.footprint_loss_weight * terms["footprint_loss"]
             if self._perceptual and config.perceptual_loss_weight > 0:
                 network = self._perceptual[0]
                 terms["perceptual_loss"] = nn.functional.mse_loss(network(reconstruction_f), network(target))

@@ -37,7 +37,7 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
-LOSS_TERMS = ("reconstruction_loss", "perceptual_loss", "generator_loss", "concept_loss")
+LOSS_TERMS = ("reconstruction_loss", "perceptual_loss", "generator_loss", "concept_loss", "footprint_loss")
 DISCRIMINATOR_OPTIMIZER_NAME = "discriminator_optimizer.pt"
 DEFAULT_DISC_START = 10000
 DEFAULT_DISC_WEIGHT = 0.8
