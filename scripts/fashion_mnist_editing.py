@@ -381,7 +381,9 @@ def evaluate(work: Path, data: dict[str, Path], classifier, classifier_info: dic
         name: score_edits(distance, accuracy, images, targets, meta, classifier, empty_level)
         for name, images in candidates.items()
     }
-    save_grid(work / "edits.png", sources, instructions, targets, edited, grid_rows(meta))
+    save_grid(
+        work / "edits.png", sources, instructions, edited, candidates["target_through_setok"], targets, grid_rows(meta)
+    )
 
     singles = [json.loads(line) for line in data["heldout_singles"].read_text().splitlines()]
     labels = [label for label in range(len(CLASSES)) for _ in range(args.drawn_per_class)]
@@ -416,11 +418,14 @@ def grid_rows(meta, per_kind: int = 2) -> list[int]:
     return [i for kind in EDIT_KINDS for i in [j for j, (k, _, _) in enumerate(meta) if k == kind][:per_kind]]
 
 
-def save_grid(path: Path, sources, instructions, targets, edited: dict, rows: list[int], scale: int = 2):
+def save_grid(
+    path: Path, sources, instructions, edited: dict, reconstructed, targets, rows: list[int], scale: int = 2
+):
     """One row per edit in `rows`: the instruction, the source, the model's output at each guidance setting, the
-    target, each `scale` times the scene's size, under a header naming the columns."""
+    target through SeTok (the best its detokenizer paints) and the target, each `scale` times the scene's size,
+    under a header naming the columns."""
     side, band = sources[0].size[0] * scale, 20
-    columns = ["instruction", "source", *(f"output ({t:g}, {i:g})" for t, i in edited), "target"]
+    columns = ["instruction", "source", *(f"output ({t:g}, {i:g})" for t, i in edited), "target via SeTok", "target"]
     sheet = PIL.Image.new("RGB", (len(columns) * side, band + len(rows) * side), "white")
     draw = PIL.ImageDraw.Draw(sheet)
     for number, title in enumerate(columns):
@@ -433,7 +438,7 @@ def save_grid(path: Path, sources, instructions, targets, edited: dict, rows: li
             while words and len(" ".join([text[-1], words[0]])) * 6 < side - 8:
                 text[-1] = f"{text[-1]} {words.pop(0)}"
         draw.multiline_text((4, top + 8), "\n".join(text), fill="black")
-        tiles = [sources[row], *(images[row] for images in edited.values()), targets[row]]
+        tiles = [sources[row], *(images[row] for images in edited.values()), reconstructed[row], targets[row]]
         for number, tile in enumerate(tiles, start=1):
             sheet.paste(tile.resize((side, side), PIL.Image.NEAREST), (number * side, top))
     sheet.save(path)

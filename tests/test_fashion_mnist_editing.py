@@ -136,5 +136,6 @@ def test_fashion_mnist_editing_smoke(tmp_path):
     assert json.loads((work / "runs" / "sft" / "final" / "config.json").read_text())["use_generation_head"] is True
 
     shown = min(kinds.count("remove"), 2) + min(kinds.count("replace"), 2) + min(kinds.count("add"), 2)
-    assert PIL.Image.open(work / "edits.png").size == (5 * 224, 20 + shown * 224)  # instruction, source, 2, target
+    # instruction, source, 2 outputs, target via SeTok, target
+    assert PIL.Image.open(work / "edits.png").size == (6 * 224, 20 + shown * 224)
     assert (work / "report.md").read_text().count("| baseline: the source returned unchanged |") == 1

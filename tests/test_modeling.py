@@ -527,16 +527,22 @@ def test_bf16_model_clusters_in_float32(pixels8, monkeypatch):
 
 def test_bf16_reconstruction_with_all_terms(pixels8):
     model = SetokForImageReconstruction(
-        tiny_config(text_config=TINY_TEXT_CONFIG, use_discriminator=True, discriminator_channels=8)
+        tiny_config(
+            text_config=TINY_TEXT_CONFIG,
+            use_discriminator=True,
+            discriminator_channels=8,
+            detokenizer_token_footprint=True,
+        )
     )
     model.to(torch.bfloat16).train()
     ids = torch.randint(1, 100, (4, 5))
     out = model(pixels8[:4].bfloat16(), concept_input_ids=ids)
     assert out.reconstruction.dtype == torch.bfloat16 and torch.isfinite(out.reconstruction.float()).all()
-    for name in ("loss", "reconstruction_loss", "generator_loss", "concept_loss"):
+    for name in ("loss", "reconstruction_loss", "generator_loss", "concept_loss", "footprint_loss"):
         assert out[name].dtype == torch.float32 and torch.isfinite(out[name]), name
     (out.loss + out.generator_loss).backward()
     assert model.detokenizer.pixel_head.weight.grad.abs().sum() > 0
+    assert model.detokenizer.footprint_head.weight.grad.abs().sum() > 0
     disc_loss = discriminator_loss(model, pixels8[:4], out.reconstruction)
     assert disc_loss.dtype == torch.float32 and torch.isfinite(disc_loss)
     with torch.no_grad():

@@ -389,8 +389,9 @@ class SetokDetokenizer(nn.Module):
         if footprint is None:
             footprint = self.token_footprint(tokens, token_mask)
         if footprint is not None:
-            # Each patch's query starts from the tokens that cover it by the footprint: `(B, g * g, width)`.
-            queries = queries + footprint.softmax(dim=1).transpose(1, 2).to(memory.dtype) @ memory
+            # Each patch's query starts from the tokens that cover it by the footprint: `(B, g * g, width)` (the
+            # softmax in float32, as in attention).
+            queries = queries + footprint.float().softmax(dim=1).transpose(1, 2).to(memory.dtype) @ memory
         memory, cross_kwargs = cross_attention_inputs(
             memory, token_mask, queries.shape[1], self.config._attn_implementation
         )
