@@ -4,8 +4,9 @@ real run.
     scenes    `transformers_setok.scenes`: 2-4 Fashion-MNIST items on a 112 px canvas, and one-item scenes; train
               scenes from the train split, held-out ones from t10k. Edits of a scene (`scene_edits`): "remove the X",
               "replace the X with a Y", "add a Y on the right", each target composed from the same items
-    stage 1   setok train tokenizer  a tiny SigLIP-style encoder, merger and detokenizer from scratch on the scenes;
-                                     the concept contrast against the names of each scene's items (all-MiniLM-L6-v2)
+    stage 1   setok train tokenizer  a tiny SigLIP-style encoder, merger and detokenizer (with the footprint head)
+                                     from scratch on the scenes; the concept contrast (weight 0.1) against the names
+                                     of each scene's items (all-MiniLM-L6-v2)
     stage 2   setok train pretrain   SeTok (frozen) + a random tiny Llama with a word-level tokenizer and a generation
                                      head, on captions of the scenes read both ways: captioning ("Describe the
                                      image.") and text-to-image ("Draw a bag"), the prompt dropped from 10% of the
@@ -536,7 +537,7 @@ def write_report(work: Path, metrics: dict) -> str:
             f"{metrics['machine']}.",
             "",
             "Edits (`edits.png`): per row the instruction, the source, the outputs at each guidance setting, the "
-            "target. Drawings (`drawn.png`): per guidance scale, one row per class.",
+            "target through SeTok and the target. Drawings (`drawn.png`): per guidance scale, one row per class.",
             "",
         ]
     )
