@@ -52,12 +52,10 @@ class LossTermsMixin:
             names = sorted(set().union(*gather_object([names])))
         means = {}
         for name in names:
-            values = record.get(name, [])
-            stats = torch.tensor(
-                [sum(float(v) for v, _ in values), sum(float(w) for _, w in values)],
-                dtype=torch.float64,
-                device=self.accelerator.device,
-            )
+            # One (weighted sum, weight) pair per term, summed on the device: a single read per term and log.
+            pairs = [torch.stack(pair) for pair in record.get(name, [])]
+            stats = torch.stack(pairs).double().sum(0) if pairs else torch.zeros(2, dtype=torch.float64)
+            stats = stats.to(self.accelerator.device)
             total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
             if count:
                 means[name] = round(total / count, 6)

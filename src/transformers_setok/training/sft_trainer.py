@@ -9,9 +9,10 @@ What trains: the LLM (whole, or LoRA on its attention and MLP projections) and t
 stage 1 trained, nor its detokenizer (`image_decoder`). With `train_generation_head=True` also the generation head, on
 the chats that draw an image (an edit's target, a text-to-image answer): whole under LoRA too, as a
 `modules_to_save` copy that the adapter saves and `merge_adapters` folds back in. A referring-segmentation record
-trains the mask decoder (see `setokim_lora_config`). The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with the projector trained whole
-(`setokim_lora_config`); QLoRA adds a 4-bit LLM that leaves SeTok, the projector and the LM head in full precision
-(`setokim_4bit_config`). `merge_adapters` / `merge_adapters_from` turn an adapter into a plain Setokim checkpoint.
+trains the mask decoder (see `setokim_lora_config`). The paper's recipe is LoRA r=128, alpha=256, dropout 0.05 with
+the projector trained whole (`setokim_lora_config`); QLoRA adds a 4-bit LLM that leaves SeTok, the projector and the
+LM head in full precision (`setokim_4bit_config`). `merge_adapters` / `merge_adapters_from` turn an adapter into a
+plain Setokim checkpoint.
 
 Why TRL's own data path is switched off: it would tokenize (and maybe truncate or pack) each sample before SeTok has
 decided how many tokens each image takes. Here nothing is prepared ahead of time, nothing is truncated, and the
@@ -71,7 +72,8 @@ GENERATION_HEAD = "generation_head"
 
 def setokim_lora_config(r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, **overrides) -> LoraConfig:
     """The paper's stage-3 LoRA: the LLM's attention and MLP projections get adapters, the projector and (for a model
-    that has one) the mask decoder are trained whole (`modules_to_save`), SeTok gets nothing. `overrides` go to `LoraConfig` (e.g. `trainable_token_indices`)."""
+    that has one) the mask decoder are trained whole (`modules_to_save`), SeTok gets nothing. `overrides` go to
+    `LoraConfig` (e.g. `trainable_token_indices`)."""
     kwargs = dict(
         r=r,
         lora_alpha=lora_alpha,
