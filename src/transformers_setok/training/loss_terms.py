@@ -23,7 +23,8 @@ class LossTermsMixin:
         """`value`: this micro-batch's mean of the term; `weight`: what it is a mean over (objects, target tokens), so
         that the logged value is the mean over all of them on all processes rather than a mean of means."""
         weight = torch.as_tensor(weight, dtype=torch.float32).detach().to(value.device)
-        self._loss_terms["train" if training else "eval"][name].append((value.detach().float() * weight, weight))
+        pair = torch.stack((value.detach().float() * weight, weight))  # (weighted value, weight)
+        self._loss_terms["train" if training else "eval"][name].append(pair)
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -45,19 +46,20 @@ class LossTermsMixin:
         the record is then cleared.
 
         Processes may have recorded different terms (a batch without images to draw has no diffusion loss), so they
-        first agree on the names; then every process reduces a (sum, count) pair for each, in the same order."""
+        first agree on the names; then every process reduces one `(terms, 2)` tensor of (sum, count) rows in that
+        order: one collective and one read per log."""
         record = self._loss_terms[split]
         names = sorted(record)
         if self.accelerator.num_processes > 1:
             names = sorted(set().union(*gather_object([names])))
         means = {}
-        for name in names:
-            # One (weighted sum, weight) pair per term, summed on the device: a single read per term and log.
-            pairs = [torch.stack(pair) for pair in record.get(name, [])]
-            stats = torch.stack(pairs).double().sum(0) if pairs else torch.zeros(2, dtype=torch.float64)
-            stats = stats.to(self.accelerator.device)
-            total, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-            if count:
-                means[name] = round(total / count, 6)
+        if names:
+            device = self.accelerator.device
+            none = torch.zeros(2, dtype=torch.float64, device=device)
+            stats = torch.stack(
+                [torch.stack(record[n]).double().sum(0).to(device) if n in record else none for n in names]
+            )
+            totals = self.accelerator.reduce(stats, reduction="sum").tolist()
+            means = {name: round(total / count, 6) for name, (total, count) in zip(names, totals) if count}
         record.clear()
         return means
